@@ -1,0 +1,1 @@
+"""The `medhub` command line."""

@@ -1,0 +1,24 @@
+"""Writing, checking and publishing medhub repos."""
+
+from .checksums import verify_checksums, write_checksums
+from .golden import check_golden, write_golden
+from .publish import install_in_cache, upload_to_hub
+from .repo import Provenance, export_repo, prepare_output_dir, weights_metadata
+from .resolve import resolve_repo, validate_repo_id
+from .verify import verify_repo
+
+__all__ = [
+    "Provenance",
+    "check_golden",
+    "export_repo",
+    "install_in_cache",
+    "prepare_output_dir",
+    "resolve_repo",
+    "upload_to_hub",
+    "validate_repo_id",
+    "verify_checksums",
+    "verify_repo",
+    "weights_metadata",
+    "write_checksums",
+    "write_golden",
+]

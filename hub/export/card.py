@@ -1,0 +1,88 @@
+"""Model cards: `model_cards/<family>/README.md` (YAML front matter + Jinja body) rendered per repo."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..errors import RepoError
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+
+MODALITY_NAMES = {"xray": "X-ray", "ct": "CT", "mri": "MRI", "pathology": "pathology", "text": "radiology report"}
+
+
+@dataclass
+class CardFacts:
+    """Everything a card says about one repo beyond the family template's constants."""
+
+    variant: str
+    repo_id: str
+    modality: str
+    license: str
+    source_text: str
+    training_data: str
+    base_model: str | None = None
+    eval_results: list[dict[str, Any]] = field(default_factory=list)
+
+
+def render_card(family: str, facts: CardFacts, config: Any, preprocessing: dict[str, Any], num_parameters: int) -> str:
+    """The README.md of a repo: merged front matter (valid for `ModelCard`) and the family's body."""
+    template_path = TEMPLATES_DIR / family / "README.md"
+    if not template_path.is_file():
+        raise RepoError(f"no model card template at {template_path}; medhub must be installed from its source tree")
+    _, front_text, body_template = template_path.read_text().split("---\n", 2)
+    front = yaml.safe_load(front_text)
+    front["tags"] = sorted(set(front["tags"]) | {facts.modality})
+    data = ModelCardData(
+        license=facts.license,
+        base_model=facts.base_model,
+        model_name=facts.variant,
+        eval_results=[EvalResult(**result) for result in facts.eval_results] or None,
+        **front,
+    )
+    body = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(body_template)
+    text = body.render(
+        variant=facts.variant,
+        repo_id=facts.repo_id,
+        modality_name=MODALITY_NAMES.get(facts.modality, facts.modality),
+        architecture=_architecture(config),
+        hidden_size=config.hidden_size,
+        pooling_text=f"{config.pooling} pooling of the last stage map",
+        input_text=_input_text(config, preprocessing),
+        num_channels=config.num_channels,
+        image_size=config.image_size,
+        num_parameters=f"{num_parameters:,}",
+        source_text=facts.source_text,
+        training_data=facts.training_data,
+        preprocessing_json=json.dumps(preprocessing, indent=2, sort_keys=True),
+        eval_table=_eval_table(facts.eval_results),
+    )
+    return f"---\n{data.to_yaml()}\n---\n{text}"
+
+
+def load_card(path: Path) -> ModelCard:
+    return ModelCard.load(path)
+
+
+def _architecture(config: Any) -> str:
+    depth = 2 + sum(config.depths) * (3 if config.block_type == "bottleneck" else 2)
+    return f"ResNet-{depth} layout, {config.block_type} blocks, widths {config.hidden_sizes}"
+
+
+def _input_text(config: Any, preprocessing: dict[str, Any]) -> str:
+    return f"{config.num_channels} x {config.image_size} x {config.image_size}, {preprocessing.get('modality', '?')} preprocessing"
+
+
+def _eval_table(results: list[dict[str, Any]]) -> str:
+    if not results:
+        return ""
+    rows = ["| task | dataset | metric | value |", "|---|---|---|---|"]
+    rows += [
+        f"| {r['task_type']} | {r['dataset_name']} | {r['metric_type']} | {r['metric_value']:.4g} |" for r in results
+    ]
+    return "\n".join(rows)

@@ -1,0 +1,106 @@
+"""The one exporter: writes a model as a medhub repo (ARCHITECTURE §4), whatever made it."""
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+from transformers.image_processing_base import ImageProcessingMixin
+
+from .. import __version__
+from ..errors import RepoError
+from ..models import get_family
+from .card import CardFacts, render_card
+from .checksums import write_checksums
+from .golden import write_golden
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class Provenance:
+    """Where the weights came from; recorded in the safetensors metadata and in the card.
+
+    kind: `random-init`, `trained` or `converted`; details: flat facts (seed, run dir, source file and sha256).
+    """
+
+    kind: str
+    description: str
+    license: str = "apache-2.0"
+    training_data: str = "None: the weights are randomly initialised."
+    base_model: str | None = None
+    details: dict[str, str] = field(default_factory=dict)
+
+
+def prepare_output_dir(out_dir: Path, overwrite: bool) -> Path:
+    """Create `out_dir`; refuse a non-empty one unless `overwrite`, which empties it first."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RepoError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise RepoError(f"output folder {out_dir} is not empty; pass --overwrite to replace its contents")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def export_repo(
+    model: PreTrainedModel,
+    out_dir: Path,
+    *,
+    variant: str,
+    provenance: Provenance,
+    processor: ImageProcessingMixin,
+    modality: str,
+    repo_id: str | None = None,
+    eval_results: list[dict[str, Any]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write config, weights with provenance metadata, preprocessing, card, remote code, golden and checksums."""
+    family = get_family(model.config.model_type)
+    out_dir = prepare_output_dir(out_dir, overwrite)
+    model.config.auto_map = family.auto_map()
+    model.save_pretrained(out_dir)
+    _add_weights_metadata(
+        out_dir / WEIGHTS_NAME,
+        {
+            "family": family.model_type,
+            "variant": variant,
+            "source": json.dumps(asdict(provenance), sort_keys=True),
+            "medhub_version": __version__,
+        },
+    )
+    for source_file in family.source_files:
+        shutil.copy2(source_file, out_dir / source_file.name)
+    processor.save_pretrained(out_dir)
+    encoder = family.encoder_class.from_pretrained(out_dir)
+    write_golden(encoder, family, out_dir)
+    facts = CardFacts(
+        variant=variant,
+        repo_id=repo_id or f"org/{variant}",
+        modality=modality,
+        license=provenance.license,
+        source_text=provenance.description,
+        training_data=provenance.training_data,
+        base_model=provenance.base_model,
+        eval_results=eval_results or [],
+    )
+    card = render_card(family.model_type, facts, encoder.config, processor.to_dict(), encoder.num_parameters())
+    (out_dir / "README.md").write_text(card)
+    write_checksums(out_dir)
+    return out_dir
+
+
+def weights_metadata(weights_path: Path) -> dict[str, str]:
+    with safe_open(weights_path, framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _add_weights_metadata(weights_path: Path, extra: dict[str, str]) -> None:
+    metadata = {**weights_metadata(weights_path), **extra}
+    save_file(load_file(weights_path), weights_path, metadata=metadata)

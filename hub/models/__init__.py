@@ -1,0 +1,19 @@
+"""The model families medhub ships, keyed by `model_type`."""
+
+from ..errors import RepoError
+from .family import Family
+from .muscle import FAMILY as MUSCLE
+
+FAMILIES: dict[str, Family] = {family.model_type: family for family in (MUSCLE,)}
+
+
+def get_family(model_type: str) -> Family:
+    """The family of a `model_type`, or a RepoError naming the known ones."""
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        known = ", ".join(sorted(FAMILIES))
+        raise RepoError(f"model_type {model_type!r} is not a medhub family (known: {known})") from None
+
+
+__all__ = ["FAMILIES", "Family", "get_family"]

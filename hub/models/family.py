@@ -1,0 +1,48 @@
+"""What the hub needs to know about a model family to register, export and verify it."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedConfig, PreTrainedModel
+
+ExampleInputs = Callable[[PreTrainedConfig, int, int], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its config, the model class behind each transformers auto class, and its sources.
+
+    `source_dir` holds `configuration_<family>.py` and `modeling_<family>.py`, which are copied into every
+    exported repo so that `trust_remote_code=True` works where medhub is not installed.
+    `example_inputs(config, batch_size, seed)` builds the deterministic input of the golden regression check.
+    """
+
+    model_type: str
+    config_class: type[PreTrainedConfig]
+    auto_classes: dict[str, type[PreTrainedModel]]
+    source_dir: Path
+    example_inputs: ExampleInputs
+
+    @property
+    def encoder_class(self) -> type[PreTrainedModel]:
+        return self.auto_classes["AutoModel"]
+
+    @property
+    def source_files(self) -> list[Path]:
+        return sorted(self.source_dir.glob(f"*_{self.model_type}.py"))
+
+    def auto_map(self) -> dict[str, str]:
+        """The `auto_map` of `config.json`: auto class -> `module.Class` inside the exported repo."""
+        entries = {"AutoConfig": f"configuration_{self.model_type}.{self.config_class.__name__}"}
+        for auto_name, model_class in self.auto_classes.items():
+            entries[auto_name] = f"modeling_{self.model_type}.{model_class.__name__}"
+        return entries
+
+
+def square_image_inputs(config: PreTrainedConfig, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded standard-normal `pixel_values` of shape (batch, num_channels, image_size, image_size)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch_size, config.num_channels, config.image_size, config.image_size)
+    return {"pixel_values": torch.randn(shape, generator=generator)}

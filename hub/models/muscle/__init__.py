@@ -1,0 +1,39 @@
+"""MUSCLE: multi-dataset MoCo then multi-task continual learning on X-rays (ResNet-18/50)."""
+
+from pathlib import Path
+
+from .configuration_muscle import MuscleConfig
+from .modeling_muscle import (
+    MuscleBackbone,
+    MuscleForImageClassification,
+    MuscleForObjectDetection,
+    MuscleForSemanticSegmentation,
+    MuscleModel,
+    MusclePreTrainedModel,
+)
+from ..family import Family, square_image_inputs
+
+FAMILY = Family(
+    model_type="muscle",
+    config_class=MuscleConfig,
+    auto_classes={
+        "AutoModel": MuscleModel,
+        "AutoModelForImageClassification": MuscleForImageClassification,
+        "AutoModelForSemanticSegmentation": MuscleForSemanticSegmentation,
+        "AutoModelForObjectDetection": MuscleForObjectDetection,
+        "AutoBackbone": MuscleBackbone,
+    },
+    source_dir=Path(__file__).parent,
+    example_inputs=square_image_inputs,
+)
+
+__all__ = [
+    "FAMILY",
+    "MuscleBackbone",
+    "MuscleConfig",
+    "MuscleForImageClassification",
+    "MuscleForObjectDetection",
+    "MuscleForSemanticSegmentation",
+    "MuscleModel",
+    "MusclePreTrainedModel",
+]

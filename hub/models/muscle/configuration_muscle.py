@@ -1,0 +1,97 @@
+"""MUSCLE model configuration.
+
+MUSCLE (Liao, Xiong et al., MICCAI 2022, arXiv 2310.02000) pretrains a torchvision-style ResNet-18/50 on many
+X-ray datasets with momentum contrast, then continues on labelled tasks with an FC classifier, a DeepLab-V3
+segmentation head and a Faster R-CNN detector. The paper body was not reachable, so the head settings below are
+torchvision's defaults for those heads; they are config fields so that a run can record other choices.
+"""
+
+from typing import ClassVar
+
+from huggingface_hub.dataclasses import strict
+from transformers.backbone_utils import BackboneConfigMixin
+from transformers.configuration_utils import PreTrainedConfig
+
+
+@strict
+class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
+    r"""
+    Configuration of a MUSCLE ResNet encoder and its task heads. Defaults describe `muscle-resnet50`.
+
+    num_channels (`int`, defaults to 3): input channels (grey radiographs are repeated to 3 by the processor).
+    stem_width (`int`, defaults to 64): channels of the 7x7 stem convolution.
+    hidden_sizes (`list[int]`): base width of each stage; a stage outputs `width * expansion` channels.
+    depths (`list[int]`): residual blocks per stage (ResNet-18: 2,2,2,2; ResNet-50: 3,4,6,3).
+    block_type (`str`): `"basic"` (expansion 1) or `"bottleneck"` (expansion 4).
+    output_stride (`int`): 32, 16 or 8; below 32 the last stages use dilation instead of stride (DeepLab-V3).
+    image_size (`int`): the square input side used for the golden example and export.
+    pooling (`str`): how `pooler_output` is made from the last stage map; only `"mean"` (global average pool).
+    aspp_channels / atrous_rates: DeepLab-V3 head (torchvision's defaults: 256 channels, rates 12/24/36).
+    fpn_channels / detection_min_size / detection_max_size: Faster R-CNN on an FPN over stages 1-4.
+    classifier_dropout (`float`): dropout before the FC classifier.
+    semantic_loss_ignore_index (`int`): label value ignored by the segmentation loss.
+
+    Example:
+    ```python
+    >>> from hub.models.muscle import MuscleConfig, MuscleModel
+    >>> model = MuscleModel(MuscleConfig(depths=[2, 2, 2, 2], block_type="basic"))  # ResNet-18 layout
+    ```
+    """
+
+    model_type = "muscle"
+    block_types: ClassVar[tuple[str, ...]] = ("basic", "bottleneck")
+    poolings: ClassVar[tuple[str, ...]] = ("mean",)
+
+    num_channels: int = 3
+    stem_width: int = 64
+    hidden_sizes: list[int] | tuple[int, ...] = (64, 128, 256, 512)
+    depths: list[int] | tuple[int, ...] = (3, 4, 6, 3)
+    block_type: str = "bottleneck"
+    output_stride: int = 32
+    image_size: int = 224
+    pooling: str = "mean"
+    aspp_channels: int = 256
+    atrous_rates: list[int] | tuple[int, ...] = (12, 24, 36)
+    fpn_channels: int = 256
+    detection_min_size: int = 512
+    detection_max_size: int = 1024
+    classifier_dropout: float = 0.0
+    semantic_loss_ignore_index: int = 255
+
+    def __post_init__(self, **kwargs):
+        self.hidden_sizes = list(self.hidden_sizes)
+        self.depths = list(self.depths)
+        self.atrous_rates = list(self.atrous_rates)
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Reject layouts the encoder cannot build, naming the field and the accepted values."""
+        if self.block_type not in self.block_types:
+            raise ValueError(f"block_type={self.block_type!r} is not one of {', '.join(self.block_types)}")
+        if self.pooling not in self.poolings:
+            raise ValueError(f"pooling={self.pooling!r} is not one of {', '.join(self.poolings)}")
+        if len(self.hidden_sizes) != len(self.depths) or len(self.depths) != 4:
+            raise ValueError(f"hidden_sizes and depths must both list 4 stages, got {self.hidden_sizes} and {self.depths}")
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride={self.output_stride} is not one of 8, 16, 32")
+
+    @property
+    def expansion(self) -> int:
+        return 4 if self.block_type == "bottleneck" else 1
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Output channels of the stem and of each stage, in `stage_names` order."""
+        return [self.stem_width] + [width * self.expansion for width in self.hidden_sizes]
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of `pooler_output`."""
+        return self.stage_channels[-1]
+
+
+__all__ = ["MuscleConfig"]
