@@ -57,14 +57,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.set_defaults(handler=cmd_verify)
 
     convert = subparsers.add_parser("convert", help="convert an upstream checkpoint into a repo")
-    convert.add_argument("source", choices=sorted(CONVERTERS), metavar="SOURCE", help=f"one of {', '.join(sorted(CONVERTERS))}")
-    convert.add_argument("checkpoint", type=Path)
-    convert.add_argument("--out", type=Path, required=True)
-    convert.add_argument("--repo-id")
-    convert.add_argument("--license", default="other", help="licence of the upstream weights (card front matter)")
-    convert.add_argument("--base-model", help="Hub id of the upstream model, for the card")
-    convert.add_argument("--overwrite", action="store_true")
-    convert.set_defaults(handler=cmd_convert)
+    sources = convert.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    for converter in CONVERTERS.values():
+        source = sources.add_parser(converter.name, help=converter.help)
+        source.add_argument("checkpoint", type=Path)
+        source.add_argument("--out", type=Path, required=True)
+        source.add_argument("--repo-id")
+        source.add_argument("--license", default=converter.default_license, help="licence of the upstream weights")
+        source.add_argument("--base-model", help="Hub id of the upstream model, for the card")
+        source.add_argument("--overwrite", action="store_true")
+        if converter.add_arguments is not None:
+            converter.add_arguments(source)
+        source.set_defaults(handler=cmd_convert, converter=converter)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -154,8 +158,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     if args.repo_id:
         validate_repo_id(args.repo_id)
-    out = CONVERTERS[args.source](
-        args.checkpoint, args.out, repo_id=args.repo_id, license=args.license, base_model=args.base_model, overwrite=args.overwrite
-    )
+    out = args.converter.run(args)
     print(f"converted {args.checkpoint} to {out}")
     return 0

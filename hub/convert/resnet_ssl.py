@@ -16,6 +16,7 @@ from ..export.checksums import sha256_file
 from ..export.repo import Provenance, export_repo
 from ..models.muscle import MuscleModel
 from .checkpoint import load_checkpoint, unwrap_state_dict
+from .registry import Converter
 
 WRAPPERS = ("state_dict", "model", "resnet")
 PREFIXES = ("module.encoder_q.", "module.encoder1.", "module.encoder.", "module.", "encoder_q.", "encoder.", "")
@@ -77,3 +78,14 @@ def convert_resnet50_ssl(
         model, out_dir, variant=VARIANT, provenance=provenance, processor=variant.build_processor(),
         modality=variant.modality, repo_id=repo_id, overwrite=overwrite,
     )
+
+
+CONVERTER = Converter(
+    name="resnet50-ssl",
+    help="ResNet-50 checkpoints of MoCo, PCL, SwAV, DeepCluster, SeLa, InsDis, PIRL, InfoMin, CMC, Barlow Twins, BTL",
+    default_license="other",
+    run=lambda args: convert_resnet50_ssl(
+        args.checkpoint, args.out, repo_id=args.repo_id, license=args.license, base_model=args.base_model,
+        overwrite=args.overwrite,
+    ),
+)

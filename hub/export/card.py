@@ -7,9 +7,10 @@ from typing import Any
 
 import jinja2
 import yaml
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCardData
 
 from ..errors import RepoError
+from ..models import Family
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_cards"
 
@@ -30,9 +31,9 @@ class CardFacts:
     eval_results: list[dict[str, Any]] = field(default_factory=list)
 
 
-def render_card(family: str, facts: CardFacts, config: Any, preprocessing: dict[str, Any], num_parameters: int) -> str:
+def render_card(family: Family, facts: CardFacts, config: Any, preprocessing: dict[str, Any], num_parameters: int) -> str:
     """The README.md of a repo: merged front matter (valid for `ModelCard`) and the family's body."""
-    template_path = TEMPLATES_DIR / family / "README.md"
+    template_path = TEMPLATES_DIR / family.model_type / "README.md"
     if not template_path.is_file():
         raise RepoError(f"no model card template at {template_path}; medhub must be installed from its source tree")
     _, front_text, body_template = template_path.read_text().split("---\n", 2)
@@ -50,32 +51,14 @@ def render_card(family: str, facts: CardFacts, config: Any, preprocessing: dict[
         variant=facts.variant,
         repo_id=facts.repo_id,
         modality_name=MODALITY_NAMES.get(facts.modality, facts.modality),
-        architecture=_architecture(config),
-        hidden_size=config.hidden_size,
-        pooling_text=f"{config.pooling} pooling of the last stage map",
-        input_text=_input_text(config, preprocessing),
-        num_channels=config.num_channels,
-        image_size=config.image_size,
         num_parameters=f"{num_parameters:,}",
         source_text=facts.source_text,
         training_data=facts.training_data,
         preprocessing_json=json.dumps(preprocessing, indent=2, sort_keys=True),
         eval_table=_eval_table(facts.eval_results),
+        **family.card_context(config),
     )
     return f"---\n{data.to_yaml()}\n---\n{text}"
-
-
-def load_card(path: Path) -> ModelCard:
-    return ModelCard.load(path)
-
-
-def _architecture(config: Any) -> str:
-    depth = 2 + sum(config.depths) * (3 if config.block_type == "bottleneck" else 2)
-    return f"ResNet-{depth} layout, {config.block_type} blocks, widths {config.hidden_sizes}"
-
-
-def _input_text(config: Any, preprocessing: dict[str, Any]) -> str:
-    return f"{config.num_channels} x {config.image_size} x {config.image_size}, {preprocessing.get('modality', '?')} preprocessing"
 
 
 def _eval_table(results: list[dict[str, Any]]) -> str:

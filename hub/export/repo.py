@@ -90,7 +90,7 @@ def export_repo(
         base_model=provenance.base_model,
         eval_results=eval_results or [],
     )
-    card = render_card(family.model_type, facts, encoder.config, processor.to_dict(), encoder.num_parameters())
+    card = render_card(family, facts, encoder.config, processor.to_dict(), encoder.num_parameters())
     (out_dir / "README.md").write_text(card)
     write_checksums(out_dir)
     return out_dir

@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
 ExampleInputs = Callable[[PreTrainedConfig, int, int], dict[str, torch.Tensor]]
+CardContext = Callable[[PreTrainedConfig], dict[str, object]]
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Family:
     `source_dir` holds `configuration_<family>.py` and `modeling_<family>.py`, which are copied into every
     exported repo so that `trust_remote_code=True` works where medhub is not installed.
     `example_inputs(config, batch_size, seed)` builds the deterministic input of the golden regression check.
+    `card_context(config)` gives the family-specific variables of its model card template.
     """
 
     model_type: str
@@ -24,6 +26,7 @@ class Family:
     auto_classes: dict[str, type[PreTrainedModel]]
     source_dir: Path
     example_inputs: ExampleInputs
+    card_context: CardContext
 
     @property
     def encoder_class(self) -> type[PreTrainedModel]:

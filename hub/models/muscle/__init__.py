@@ -13,6 +13,18 @@ from .modeling_muscle import (
 )
 from ..family import Family, square_image_inputs
 
+
+def card_context(config: MuscleConfig) -> dict[str, object]:
+    depth = 2 + sum(config.depths) * (3 if config.block_type == "bottleneck" else 2)
+    return {
+        "architecture": f"ResNet-{depth} layout, {config.block_type} blocks, widths {config.hidden_sizes}",
+        "hidden_size": config.hidden_size,
+        "pooling_text": f"{config.pooling} pooling of the last stage map",
+        "num_channels": config.num_channels,
+        "image_size": config.image_size,
+    }
+
+
 FAMILY = Family(
     model_type="muscle",
     config_class=MuscleConfig,
@@ -25,6 +37,7 @@ FAMILY = Family(
     },
     source_dir=Path(__file__).parent,
     example_inputs=square_image_inputs,
+    card_context=card_context,
 )
 
 __all__ = [
