@@ -1,33 +1,24 @@
 """The catalogue: every variant medhub can build, with its family, preset, modality and provenance."""
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedConfig
 
 from .errors import UnknownVariantError
 from .models import get_family
+from .processing.presets import preset
 from .processing.processor import MedicalImageProcessor
 
 MUSCLE_PAPER = "Liao et al., MUSCLE, MICCAI 2022 (arXiv:2310.02000)"
 MUSCLE_WEIGHTS = "none released upstream; medhub trains its own"
 
-# Grey radiographs scaled to [0, 1] by bit depth, copied to 3 channels, ImageNet mean/std (ResNet convention).
-XRAY_2D = {
-    "modality": "xray",
-    "spatial_dims": 2,
-    "in_channels": 3,
-    "channel_policy": "repeat",
-    "intensity": {"policy": "scale01"},
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-}
-
 
 @dataclass(frozen=True)
 class Variant:
-    """A buildable model: `config` overrides the family config's defaults; `preprocessing` is the processor spec."""
+    """A buildable model: `config` overrides the family config's defaults; `preprocessing` names a preset of
+    `hub.processing.presets` (the one definition of each family's preprocessing)."""
 
     id: str
     family: str
@@ -36,16 +27,22 @@ class Variant:
     spatial_dims: int
     paper: str
     upstream_weights: str
-    preprocessing: dict[str, Any] = field(default_factory=dict)
+    preprocessing: str
     tiny: bool = False
 
     def build_config(self, **overrides: Any) -> PreTrainedConfig:
         return get_family(self.family).config_class(**{**self.config, **overrides})
 
     def processor_spec(self) -> dict[str, Any]:
-        """The processor arguments, with the input size taken from the config preset."""
-        size = self.config.get("image_size", 224)
-        return {**self.preprocessing, "size": [size] * self.spatial_dims}
+        """The preset's processor arguments; a 2D `image_size` in the config rescales `size` (and `resize`)."""
+        spec = preset(self.preprocessing)
+        image_size = self.config.get("image_size")
+        if self.spatial_dims == 2 and image_size is not None and spec["size"] != [image_size] * 2:
+            scale = image_size / spec["size"][0]
+            spec["size"] = [image_size] * 2
+            if spec.get("resize"):
+                spec["resize"] = [round(side * scale) for side in spec["resize"]]
+        return spec
 
     def build_processor(self) -> MedicalImageProcessor:
         return MedicalImageProcessor(**self.processor_spec())
@@ -54,7 +51,7 @@ class Variant:
 def _muscle(variant_id: str, tiny: bool = False, **config: Any) -> Variant:
     return Variant(
         id=variant_id, family="muscle", config=config, modality="xray", spatial_dims=2, paper=MUSCLE_PAPER,
-        upstream_weights=MUSCLE_WEIGHTS, preprocessing=XRAY_2D, tiny=tiny,
+        upstream_weights=MUSCLE_WEIGHTS, preprocessing="muscle", tiny=tiny,
     )
 
 

@@ -1,13 +1,19 @@
 """Registers every medhub family with the transformers auto classes (runs once, at `import hub`)."""
 
 import transformers
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoImageProcessor
 
 from .models import FAMILIES
+from .processing import MedicalImageProcessor
 
 
 def register_families() -> None:
     for family in FAMILIES.values():
         AutoConfig.register(family.model_type, family.config_class, exist_ok=True)
+        AutoImageProcessor.register(
+            family.config_class,
+            image_processor_classes={"torchvision": MedicalImageProcessor, "pil": MedicalImageProcessor},
+            exist_ok=True,
+        )
         for auto_name, model_class in family.auto_classes.items():
             getattr(transformers, auto_name).register(family.config_class, model_class, exist_ok=True)

@@ -1,6 +1,7 @@
 """Model cards: `model_cards/<family>/README.md` (YAML front matter + Jinja body) rendered per repo."""
 
 import json
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,11 @@ from huggingface_hub import EvalResult, ModelCardData
 from ..errors import RepoError
 from ..models import Family
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+# The source tree (editable installs) first, then where a wheel installs the templates.
+TEMPLATE_ROOTS = (
+    Path(__file__).resolve().parents[2] / "model_cards",
+    Path(sysconfig.get_path("data")) / "share" / "medhub" / "model_cards",
+)
 
 MODALITY_NAMES = {"xray": "X-ray", "ct": "CT", "mri": "MRI", "pathology": "pathology", "text": "radiology report"}
 
@@ -33,9 +38,10 @@ class CardFacts:
 
 def render_card(family: Family, facts: CardFacts, config: Any, preprocessing: dict[str, Any], num_parameters: int) -> str:
     """The README.md of a repo: merged front matter (valid for `ModelCard`) and the family's body."""
-    template_path = TEMPLATES_DIR / family.model_type / "README.md"
-    if not template_path.is_file():
-        raise RepoError(f"no model card template at {template_path}; medhub must be installed from its source tree")
+    candidates = [root / family.model_type / "README.md" for root in TEMPLATE_ROOTS]
+    template_path = next((path for path in candidates if path.is_file()), None)
+    if template_path is None:
+        raise RepoError(f"no model card template for {family.model_type} in {' or '.join(map(str, TEMPLATE_ROOTS))}")
     _, front_text, body_template = template_path.read_text().split("---\n", 2)
     front = yaml.safe_load(front_text)
     front["tags"] = sorted(set(front["tags"]) | {facts.modality})

@@ -1,0 +1,130 @@
+"""DICOM files and series folders: header checked with pydicom, pixels decoded by SimpleITK (GDCM).
+
+Pixel policy (SimpleITK's, documented here because users compare against pydicom): rescale slope/intercept
+are applied (CT in HU, MR possibly float), and MONOCHROME1 data are inverted as ``(2**BitsStored - 1) - stored``
+so the returned array always has MONOCHROME2 meaning (bright = dense). The header's photometric
+interpretation is kept in ``meta["source_photometric"]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
+
+from hub.errors import CorruptFileError, InputError, UnsupportedFormatError
+from hub.io.image import MONOCHROME2, RGB, MedicalImage
+from hub.io.limits import ReadLimits
+
+# GDCM warnings can quote header values; they must not reach logs.
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+MODALITIES = {"CR": "xray", "DX": "xray", "RG": "xray", "MG": "xray", "XA": "xray", "RF": "xray", "PX": "xray",
+              "IO": "xray", "CT": "ct", "MR": "mri", "SM": "pathology"}
+_NOT_IMAGES = {"SEG": "a DICOM Segmentation", "RTSTRUCT": "an RT Structure Set", "SR": "a Structured Report",
+               "RTPLAN": "an RT Plan", "PR": "a Presentation State", "KO": "a Key Object Selection"}
+
+
+def _header(path: str, source: str) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptFileError(f"{source} is not a readable DICOM file: {exc}") from exc
+
+
+def _declared_shape(ds: pydicom.Dataset, source: str) -> tuple[int, int, int, int]:
+    """(frames, rows, columns, samples) as the header claims them, refusing non-image objects."""
+    modality = str(ds.get("Modality", ""))
+    if modality in _NOT_IMAGES:
+        raise UnsupportedFormatError(f"{source} is {_NOT_IMAGES[modality]} object, not an image")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise UnsupportedFormatError(f"{source} is a DICOM object without pixel data; expected an image")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        return frames, int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise CorruptFileError(f"{source} has an unreadable image size in its DICOM header: {exc}") from exc
+
+
+def _facts(ds: pydicom.Dataset, colour: bool, frames: int) -> dict:
+    photometric = str(ds.get("PhotometricInterpretation", MONOCHROME2))
+    dicom_modality = str(ds.get("Modality", ""))
+    bits = ds.get("BitsStored")
+    meta = {
+        "format": "dicom",
+        "dicom_modality": dicom_modality,
+        "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
+        "source_photometric": photometric,
+        "frames": frames,
+    }
+    for key, tag in (("rescale_slope", "RescaleSlope"), ("rescale_intercept", "RescaleIntercept")):
+        if tag in ds:
+            meta[key] = float(ds.get(tag))
+    return {
+        "modality": MODALITIES.get(dicom_modality),
+        "photometric": RGB if colour else MONOCHROME2,
+        "bit_depth": int(bits) if bits is not None else None,
+        "meta": meta,
+    }
+
+
+def _execute(reader: sitk.ImageFileReader | sitk.ImageSeriesReader, source: str) -> sitk.Image:
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise CorruptFileError(f"{source} could not be decoded as DICOM pixel data ({reason})") from exc
+
+
+def read_dicom_file(path: str, limits: ReadLimits, source: str) -> MedicalImage:
+    """Read one DICOM file (single or multi-frame) from disk."""
+    ds = _header(path, source)
+    frames, rows, cols, samples = _declared_shape(ds, source)
+    if frames == 1:
+        limits.check_pixels((rows, cols), source)
+    else:
+        limits.check_voxels((frames, rows, cols, samples), source)
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(path)
+    image = _execute(reader, source)
+    return MedicalImage.from_sitk(image, **_facts(ds, image.GetNumberOfComponentsPerPixel() > 1, frames))
+
+
+def series_files(folder: str | os.PathLike, limits: ReadLimits) -> list[str]:
+    """The files of the one DICOM series in ``folder``, sorted by slice position (GDCM's order)."""
+    source = f"DICOM folder {Path(folder).name!r}"
+    limits.check_files(sum(1 for entry in os.scandir(folder) if entry.is_file()), source)
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise UnsupportedFormatError(f"{source} holds no DICOM series; expected a folder of DICOM slices")
+    if len(series) > 1:
+        raise InputError(f"{source} holds {len(series)} DICOM series; expected a folder holding exactly one")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+
+
+def read_dicom_series(folder: str | os.PathLike, limits: ReadLimits) -> MedicalImage:
+    """Read a folder holding one DICOM series into a volume sorted by position."""
+    source = f"DICOM folder {Path(folder).name!r}"
+    files = series_files(folder, limits)
+    headers = [_header(f, source) for f in files]
+    shapes = {_declared_shape(ds, source) for ds in headers}
+    if len(shapes) != 1:
+        raise InputError(f"{source} mixes slices of different sizes {sorted(shapes)}; expected one series")
+    frames, rows, cols, samples = shapes.pop()
+    if frames != 1:
+        raise UnsupportedFormatError(f"{source} holds multi-frame files; pass each multi-frame file on its own")
+    limits.check_voxels((len(files), rows, cols, samples), source)
+    return _read_files(files, headers[0], source)
+
+
+def _read_files(files: Sequence[str], first: pydicom.Dataset, source: str) -> MedicalImage:
+    reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileNames(list(files))
+    image = _execute(reader, source)
+    return MedicalImage.from_sitk(image, **_facts(first, image.GetNumberOfComponentsPerPixel() > 1, 1))

@@ -1,0 +1,57 @@
+"""Budgets a reader checks against the header before it decodes (or allocates) anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hub.errors import LimitExceededError
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Upper bounds on one input.
+
+    ``max_pixels`` counts the height x width of a 2D image (channels not counted); ``max_voxels`` counts every
+    value of a volume (frames and channels included). The defaults admit a 10k x 10k pathology tile, a
+    1024 x 1024 x 512 CT (its float32 working copy is 2 GiB) and a 2 GiB file; a service should pass tighter
+    ones. Pillow refuses more than about 179 M pixels whatever ``max_pixels`` says.
+    """
+
+    max_bytes: int = 2 * 1024**3
+    max_pixels: int = 10000 * 10000
+    max_voxels: int = 1024 * 1024 * 512
+    max_files: int = 4096
+
+    def check_bytes(self, n: int, source: str) -> None:
+        if n > self.max_bytes:
+            raise LimitExceededError(f"{source} is {n} bytes, over the limit of {self.max_bytes} bytes")
+
+    def check_pixels(self, shape: tuple[int, ...], source: str) -> None:
+        """Check a 2D image's (height, width) as declared by its header."""
+        count = _product(shape)
+        if count > self.max_pixels:
+            raise LimitExceededError(
+                f"{source} declares {'x'.join(map(str, shape))} = {count} pixels, over the limit of {self.max_pixels}"
+            )
+
+    def check_voxels(self, shape: tuple[int, ...], source: str) -> None:
+        """Check a volume's declared shape (all axes, channels included)."""
+        count = _product(shape)
+        if count > self.max_voxels:
+            raise LimitExceededError(
+                f"{source} declares {'x'.join(map(str, shape))} = {count} voxels, over the limit of {self.max_voxels}"
+            )
+
+    def check_files(self, n: int, source: str) -> None:
+        if n > self.max_files:
+            raise LimitExceededError(f"{source} holds {n} files, over the limit of {self.max_files}")
+
+
+DEFAULT_LIMITS = ReadLimits()
+
+
+def _product(shape: tuple[int, ...]) -> int:
+    count = 1
+    for n in shape:
+        count *= int(n)
+    return count

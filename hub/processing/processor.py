@@ -1,0 +1,301 @@
+"""``MedicalImageProcessor``: the declarative preprocessing every medhub repo ships (ARCHITECTURE section 6).
+
+Pipeline per image: read (any :func:`hub.io.read_image` source) -> [3D: reorient, resample to
+``target_spacing``] -> MONOCHROME1 inversion -> intensity policy -> [``resize``] -> channel policy ->
+``image_mean``/``image_std`` -> centre crop/pad to ``size`` (padding is 0 after normalisation). Every spatial step is recorded so model outputs can be mapped
+back onto the input's grid (:meth:`restore`, :meth:`stitch`, :meth:`predict`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import numpy as np
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+from hub.errors import InputError
+from hub.io import MedicalImage, ReadLimits, read_image
+from hub.processing import channels, spatial, tiling
+from hub.processing import intensity as policies
+from hub.processing.spatial import Grid
+
+MODALITIES = ("xray", "ct", "mri", "pathology")
+_BOOKKEEPING = ("image_processor_type", "processor_class", "feature_extractor_type", "_from_auto")
+
+
+class MedicalImageProcessorKwargs(TypedDict, total=False):
+    modality: str
+    spatial_dims: int
+    in_channels: int
+    channel_policy: str
+    invert_monochrome1: bool
+    intensity: dict
+    image_mean: list
+    image_std: list
+    resize: list
+    size: list
+    target_spacing: list
+    orientation: str
+    tile_overlap: float
+    tile_weighting: str
+
+
+@dataclass
+class SpatialRecord:
+    """What the spatial steps did to one image, enough to map outputs back onto the input grid."""
+
+    input_shape: tuple[int, ...]
+    input_grid: Grid | None
+    """Input grid, set only when 3D resampling/reorientation changed it."""
+    processed_grid: Grid | None
+    base_shape: tuple[int, ...]
+    """Spatial shape after resampling, before resize."""
+    resized_shape: tuple[int, ...] | None
+    starts: tuple[int, ...]
+    """Start of the crop/pad window in the (resized) image."""
+    output_shape: tuple[int, ...]
+
+
+@dataclass
+class Prepared:
+    pixel_values: np.ndarray
+    """(C, *size) float32."""
+    record: SpatialRecord
+    image: MedicalImage
+    """The image as read, for writing results in its geometry."""
+
+
+@dataclass
+class Tiled:
+    tiles: np.ndarray
+    """(N, C, *size) float32."""
+    plan: tiling.TilingPlan
+    record: SpatialRecord
+    image: MedicalImage
+
+
+def _int_list(value: Sequence[int] | int | None, n: int, name: str) -> list[int] | None:
+    if value is None:
+        return None
+    values = [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
+    if len(values) != n or min(values) < 1:
+        raise ValueError(f"{name} must hold {n} positive integers (numpy order), got {value}")
+    return values
+
+
+def _float_list(value: Sequence[float] | float | None, n: set[int], name: str) -> list[float] | None:
+    if value is None:
+        return None
+    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) not in n:
+        raise ValueError(f"{name} must hold {' or '.join(map(str, sorted(set(n))))} values, got {value}")
+    return values
+
+
+class MedicalImageProcessor(BaseImageProcessor):
+    """Reads PNG/JPEG/DICOM/NIfTI (paths, bytes, PIL, numpy, SimpleITK) and returns ``pixel_values``.
+
+    All constructor arguments are plain JSON values and are saved verbatim in ``preprocessor_config.json``.
+    Sizes are in numpy order: ``size``/``resize`` as (H, W) or (D, H, W), ``target_spacing`` in mm as (z, y, x).
+    """
+
+    model_input_names = ["pixel_values"]
+    valid_kwargs = MedicalImageProcessorKwargs
+
+    def __init__(
+        self,
+        modality: str = "xray",
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        channel_policy: str = "repeat",
+        invert_monochrome1: bool = True,
+        intensity: dict[str, Any] | str | None = "scale01",
+        image_mean: Sequence[float] | float | None = None,
+        image_std: Sequence[float] | float | None = None,
+        resize: Sequence[int] | int | None = None,
+        size: Sequence[int] | int = 224,
+        target_spacing: Sequence[float] | float | None = None,
+        orientation: str | None = None,
+        tile_overlap: float = 0.5,
+        tile_weighting: str = "gaussian",
+        **kwargs: Any,
+    ) -> None:
+        auto_map = kwargs.pop("auto_map", None)
+        unknown = set(kwargs) - set(_BOOKKEEPING)
+        if unknown:
+            raise ValueError(f"MedicalImageProcessor got unknown setting(s) {sorted(unknown)}")
+        super().__init__()
+        if modality not in MODALITIES:
+            raise ValueError(f"modality {modality!r} is unknown; expected one of {MODALITIES}")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if channel_policy not in channels.POLICIES:
+            raise ValueError(f"channel_policy {channel_policy!r} is unknown; expected one of {channels.POLICIES}")
+        if channel_policy in ("rgb", "bgr") and in_channels != 3:
+            raise ValueError(f"channel_policy {channel_policy!r} needs in_channels=3, got {in_channels}")
+        if spatial_dims == 2 and (target_spacing is not None or orientation is not None):
+            raise ValueError("target_spacing and orientation apply to 3D processors only")
+        if (image_mean is None) != (image_std is None):
+            raise ValueError("image_mean and image_std must be given together")
+        if tile_weighting not in tiling.WEIGHTINGS:
+            raise ValueError(f"tile_weighting {tile_weighting!r} is unknown; expected one of {tiling.WEIGHTINGS}")
+        if not 0.0 <= float(tile_overlap) < 1.0:
+            raise ValueError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
+        self.modality = modality
+        self.spatial_dims = int(spatial_dims)
+        self.in_channels = int(in_channels)
+        self.channel_policy = channel_policy
+        self.invert_monochrome1 = bool(invert_monochrome1)
+        self.intensity = policies.normalize_spec(intensity)
+        self.image_mean = _float_list(image_mean, {1, self.in_channels}, "image_mean")
+        self.image_std = _float_list(image_std, {1, self.in_channels}, "image_std")
+        if self.image_std is not None and min(self.image_std) <= 0:
+            raise ValueError(f"image_std must be positive, got {self.image_std}")
+        self.resize = _int_list(resize, self.spatial_dims, "resize")
+        self.size = _int_list(size, self.spatial_dims, "size")
+        if isinstance(target_spacing, (int, float)):
+            target_spacing = [target_spacing] * 3
+        self.target_spacing = _float_list(target_spacing, {3}, "target_spacing")
+        self.orientation = orientation
+        self.tile_overlap = float(tile_overlap)
+        self.tile_weighting = tile_weighting
+        if auto_map is not None:
+            self.auto_map = auto_map
+
+    _FIELDS = ("modality", "spatial_dims", "in_channels", "channel_policy", "invert_monochrome1", "intensity",
+               "image_mean", "image_std", "resize", "size", "target_spacing", "orientation", "tile_overlap",
+               "tile_weighting")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Exactly the declarative settings (plus ``image_processor_type``), so save -> load is lossless."""
+        out = {name: copy.deepcopy(getattr(self, name)) for name in self._FIELDS}
+        out["image_processor_type"] = type(self).__name__
+        if getattr(self, "auto_map", None) is not None:
+            out["auto_map"] = copy.deepcopy(self.auto_map)
+        return out
+
+    # ----- per-image steps -------------------------------------------------------------------------------
+
+    def _read(self, source: Any, limits: ReadLimits | None) -> MedicalImage:
+        image = read_image(source, limits)
+        if image.spatial_dims != self.spatial_dims:
+            kind = "2D image" if image.spatial_dims == 2 else "3D volume"
+            raise InputError(f"this model takes {self.spatial_dims}D input but got a {kind} of shape {image.array.shape}")
+        return image
+
+    def _resampled(self, image: MedicalImage) -> tuple[MedicalImage, Grid | None, Grid | None]:
+        if self.spatial_dims == 2 or (self.target_spacing is None and self.orientation is None):
+            return image, None, None
+        source = image.to_sitk()
+        moved = spatial.resample_spacing(spatial.reorient(source, self.orientation), self.target_spacing)
+        after = MedicalImage.from_sitk(moved, modality=image.modality, photometric=image.photometric,
+                                       bit_depth=image.bit_depth, meta=dict(image.meta))
+        return after, Grid.of(source), Grid.of(moved)
+
+    def _values(self, image: MedicalImage) -> np.ndarray:
+        """Photometric and intensity steps: returns (source channels, *spatial) float32."""
+        bits = policies.bit_depth_of(image.array, image.bit_depth)
+        array = image.array
+        if self.invert_monochrome1:
+            array = policies.to_monochrome2(array, image.photometric, bits)
+        array = policies.apply_intensity(array, self.intensity, bits)
+        return channels.channels_first(array, self.spatial_dims)
+
+    def _model_channels(self, values: np.ndarray) -> np.ndarray:
+        """Channel policy, then ``image_mean``/``image_std``; done after resizing, on the fewest pixels."""
+        values = channels.apply_channels(values, self.channel_policy, self.in_channels)
+        if self.image_mean is not None:
+            shape = (-1,) + (1,) * self.spatial_dims
+            mean = np.asarray(self.image_mean, dtype=np.float32).reshape(shape)
+            std = np.asarray(self.image_std, dtype=np.float32).reshape(shape)
+            values = (values - mean) / std
+        return values
+
+    def prepare(self, source: Any, limits: ReadLimits | None = None) -> Prepared:
+        """Preprocess one input to the model's input size, recording how to map outputs back."""
+        image = self._read(source, limits)
+        moved, input_grid, processed_grid = self._resampled(image)
+        values = self._values(moved)
+        base = tuple(values.shape[1:])
+        resized = tuple(self.resize) if self.resize else None
+        if resized:
+            values = spatial.resize(values, resized)
+        values = self._model_channels(values)
+        starts = spatial.centre_window(tuple(values.shape[1:]), tuple(self.size))
+        values = spatial.crop_pad(values, tuple(self.size), starts)
+        record = SpatialRecord(image.spatial_shape, input_grid, processed_grid, base, resized, starts, tuple(self.size))
+        return Prepared(values, record, image)
+
+    def tile(self, source: Any, limits: ReadLimits | None = None) -> Tiled:
+        """Cut a (resampled, normalised) volume into overlapping ``size`` tiles for sliding-window inference."""
+        image = self._read(source, limits)
+        moved, input_grid, processed_grid = self._resampled(image)
+        values = self._model_channels(self._values(moved))
+        base = tuple(values.shape[1:])
+        plan = tiling.plan_tiles(base, tuple(self.size), self.tile_overlap)
+        record = SpatialRecord(image.spatial_shape, input_grid, processed_grid, base, None, (0,) * len(base), base)
+        return Tiled(tiling.extract_tiles(values, plan), plan, record, image)
+
+    def restore(self, outputs: np.ndarray, record: SpatialRecord) -> np.ndarray:
+        """Map per-voxel outputs (K, *output_shape), e.g. logits, back onto the input grid: (K, *input_shape).
+
+        Regions that the crop cut away come back as 0; outputs are interpolated linearly.
+        """
+        outputs = np.asarray(outputs, dtype=np.float32)
+        if tuple(outputs.shape[1:]) != record.output_shape:
+            raise InputError(f"outputs of shape {outputs.shape} do not match the model input {record.output_shape}")
+        values = spatial.uncrop_pad(outputs, record.resized_shape or record.base_shape, record.starts)
+        if record.resized_shape:
+            values = spatial.resize(values, record.base_shape)
+        if record.processed_grid is not None:
+            values = spatial.resample_channels(values, record.processed_grid, record.input_grid)
+        return values
+
+    def stitch(self, tile_outputs: np.ndarray, tiled: Tiled) -> np.ndarray:
+        """Blend per-tile outputs (N, K, *size) and map them back onto the input grid: (K, *input_shape)."""
+        blended = tiling.stitch_tiles(np.asarray(tile_outputs), tiled.plan, self.tile_weighting)
+        return self.restore(blended, tiled.record)
+
+    def predict(self, source: Any, model: Callable[[np.ndarray], np.ndarray], batch_size: int = 2,
+                limits: ReadLimits | None = None) -> tuple[np.ndarray, MedicalImage]:
+        """Run a dense model (B, C, *size) -> (B, K, *size) over ``source``; logits come back on the input grid.
+
+        3D volumes larger than ``size`` (and not resized) go through sliding-window tiling.
+        Returns (logits (K, *input_shape), the image as read).
+        """
+        if self.spatial_dims == 3 and self.resize is None:
+            tiled = self.tile(source, limits)
+            outputs = [model(tiled.tiles[i : i + batch_size]) for i in range(0, len(tiled.tiles), batch_size)]
+            return self.stitch(np.concatenate(outputs), tiled), tiled.image
+        prepared = self.prepare(source, limits)
+        return self.restore(model(prepared.pixel_values[None])[0], prepared.record), prepared.image
+
+    # ----- transformers entry points ---------------------------------------------------------------------
+
+    def preprocess(self, images: Any, return_tensors: str | None = "pt", return_geometry: bool = False,
+                   limits: ReadLimits | None = None, **kwargs: Any) -> BatchFeature:
+        """Preprocess one input or a list of inputs into ``pixel_values`` (B, C, *size) float32.
+
+        With ``return_geometry`` the result also holds ``records`` and ``images`` (one per input) for
+        :meth:`restore` and the mask writers.
+        """
+        if kwargs:
+            raise TypeError(f"MedicalImageProcessor got unexpected argument(s) {sorted(kwargs)}")
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise InputError("no images given; expected at least one")
+        prepared = [self.prepare(item, limits) for item in batch]
+        data: dict[str, Any] = {"pixel_values": np.stack([p.pixel_values for p in prepared])}
+        skip = None
+        if return_geometry:
+            data["records"] = [p.record for p in prepared]
+            data["images"] = [p.image for p in prepared]
+            skip = ["records", "images"]
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=skip)
+
+    def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+

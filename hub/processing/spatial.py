@@ -1,0 +1,105 @@
+"""Spatial steps of the processor and their inverses: resize, centre crop/pad, 3D resampling.
+
+Arrays are channels first: (C, H, W) or (C, D, H, W). Sizes and spacings given to the processor are in that
+numpy order too ((D, H, W), spacing in mm as (z, y, x)); SimpleITK's (x, y, z) order stays inside this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid in physical space, in SimpleITK order: size/spacing/origin (x, y, z), direction row-major."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Grid":
+        return cls(tuple(image.GetSize()), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    def to_dict(self) -> dict[str, list]:
+        return {k: list(getattr(self, k)) for k in ("size", "spacing", "origin", "direction")}
+
+
+def resize(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(Bi/tri)linear resize of the spatial axes (half-pixel centres); 2D downsampling is antialiased."""
+    if tuple(array.shape[1:]) == tuple(shape):
+        return array
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    if len(shape) == 2:
+        antialias = any(o < i for o, i in zip(shape, array.shape[1:]))
+        out = F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False, antialias=antialias)
+    else:
+        out = F.interpolate(tensor, size=tuple(shape), mode="trilinear", align_corners=False)
+    return out[0].numpy()
+
+
+def centre_window(shape: tuple[int, ...], out: tuple[int, ...]) -> tuple[int, ...]:
+    """Start of a centred ``out`` window in ``shape`` (negative where the window pads)."""
+    return tuple((s - o) // 2 for s, o in zip(shape, out))
+
+
+def _overlap(start: int, out: int, length: int) -> tuple[slice, slice]:
+    lo, hi = max(start, 0), min(start + out, length)
+    return slice(lo, hi), slice(lo - start, hi - start)
+
+
+def crop_pad(array: np.ndarray, out: tuple[int, ...], starts: tuple[int, ...], fill: float = 0.0) -> np.ndarray:
+    """Take the window of size ``out`` starting at ``starts`` from (C, *spatial); outside is ``fill``."""
+    result = np.full((array.shape[0], *out), fill, dtype=array.dtype)
+    src, dst = zip(*(_overlap(s, o, n) for s, o, n in zip(starts, out, array.shape[1:])))
+    result[(slice(None),) + dst] = array[(slice(None),) + src]
+    return result
+
+
+def uncrop_pad(array: np.ndarray, shape: tuple[int, ...], starts: tuple[int, ...], fill: float = 0.0) -> np.ndarray:
+    """Inverse of :func:`crop_pad`: put the window back into an array of spatial ``shape``."""
+    result = np.full((array.shape[0], *shape), fill, dtype=array.dtype)
+    src, dst = zip(*(_overlap(s, o, n) for s, o, n in zip(starts, array.shape[1:], shape)))
+    result[(slice(None),) + src] = array[(slice(None),) + dst]
+    return result
+
+
+def reorient(image: sitk.Image, orientation: str | None) -> sitk.Image:
+    """Permute/flip axes so the direction matches ``orientation`` (ITK's DICOMOrient code; 'LPS' = identity)."""
+    if not orientation:
+        return image
+    return sitk.DICOMOrient(image, orientation)
+
+
+def resample_spacing(image: sitk.Image, spacing_zyx: tuple[float, ...] | None) -> sitk.Image:
+    """Linear resampling to ``spacing_zyx`` (mm), keeping origin and direction; float32 output."""
+    image = sitk.Cast(image, sitk.sitkVectorFloat32 if image.GetNumberOfComponentsPerPixel() > 1 else sitk.sitkFloat32)
+    if not spacing_zyx:
+        return image
+    spacing = tuple(float(s) for s in reversed(spacing_zyx))
+    if np.allclose(spacing, image.GetSpacing()):
+        return image
+    size = [max(1, int(round(n * old / new))) for n, old, new in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
+                         image.GetDirection(), 0.0, sitk.sitkFloat32 if image.GetNumberOfComponentsPerPixel() == 1
+                         else sitk.sitkVectorFloat32)
+
+
+def resample_channels(array: np.ndarray, source: Grid, target: Grid, nearest: bool = False) -> np.ndarray:
+    """Resample (K, *spatial) values on ``source`` onto ``target`` (linear, or nearest for labels); 0 outside."""
+    image = sitk.GetImageFromArray(np.moveaxis(array.astype(np.float32, copy=False), 0, -1), isVector=True)
+    image.SetSpacing(source.spacing)
+    image.SetOrigin(source.origin)
+    image.SetDirection(source.direction)
+    out = sitk.Resample(image, list(target.size), sitk.Transform(), sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
+                        target.origin, target.spacing, target.direction, 0.0, sitk.sitkVectorFloat32)
+    result = sitk.GetArrayFromImage(out)
+    if result.ndim == array.ndim - 1:  # a one-component vector image comes back without its channel axis
+        result = result[..., None]
+    return np.ascontiguousarray(np.moveaxis(result, -1, 0))
