@@ -5,9 +5,10 @@ taking argparse's subparsers object. `hub` never imports them.
 """
 
 import argparse
-import os
 import sys
 from importlib.metadata import entry_points
+
+import transformers
 
 from ..errors import MedhubError
 
@@ -28,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers' load reports and per-call progress bars are noise on the command line
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,65 @@
+"""`medhub onnx` and `medhub serve` (contributed to the hub's CLI through the `medhub.commands` entry point)."""
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from hub.errors import MedhubError
+from hub.export.resolve import resolve_repo
+
+from .onnx_export import TASKS, export_onnx
+from .runtime import active_provider, create_session
+from .settings import ServeSettings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    onnx = subparsers.add_parser("onnx", help="export a repo's task graph to ONNX and check parity with torch")
+    onnx.add_argument("model", help="repo folder or ORG/NAME")
+    onnx.add_argument("--task", choices=sorted(TASKS), default="features")
+    onnx.add_argument("--out", type=Path, required=True, help="output folder (model.onnx is written there)")
+    onnx.set_defaults(handler=cmd_onnx)
+
+    serve = subparsers.add_parser("serve", help="serve models over HTTP (BentoML + ONNX Runtime)")
+    serve.add_argument("--model", action="append", required=True, help="repo folder or ORG/NAME; repeat for several")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=3000)
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument("--max-body-mb", type=int, default=ServeSettings.max_body_bytes // (1024 * 1024))
+    serve.add_argument("--max-concurrency", type=int, default=ServeSettings.max_concurrency)
+    serve.add_argument("--timeout", type=int, default=ServeSettings.timeout, help="seconds per request")
+    serve.set_defaults(handler=cmd_serve)
+
+
+def cmd_onnx(args: argparse.Namespace) -> int:
+    repo_dir = resolve_repo(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = export_onnx(repo_dir, args.task, args.out / "model.onnx", repo_id=args.model, revision=repo_dir.name)
+    provider = active_provider(create_session(result.path))
+    print(f"wrote {result.path} ({args.task}; outputs {', '.join(result.output_names)}); "
+          f"parity with torch: max abs diff {result.max_abs_diff:.2g}; runs on {provider}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    for model in args.model:
+        resolve_repo(model)  # fail here, in one line, rather than inside the server's worker
+    bentoml = shutil.which("bentoml", path=os.path.dirname(sys.executable)) or shutil.which("bentoml")
+    if bentoml is None:
+        raise MedhubError("the bentoml command is not installed in this environment")
+    env = {
+        **os.environ,
+        "MEDHUB_MODELS": ",".join(args.model),
+        "MEDHUB_DEVICE": args.device,
+        "MEDHUB_MAX_BODY_MB": str(args.max_body_mb),
+        "MEDHUB_MAX_CONCURRENCY": str(args.max_concurrency),
+        "MEDHUB_TIMEOUT": str(args.timeout),
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
+    root = Path(__file__).resolve().parents[1]
+    command = [bentoml, "serve", "serving.service:MedhubService", "--host", args.host, "--port", str(args.port),
+               "--working-dir", str(root)]
+    print(f"medhub serve: http://{args.host}:{args.port} ({', '.join(args.model)})", flush=True)
+    os.execve(bentoml, command, env)
+    return 0

@@ -1,0 +1,149 @@
+"""A served model: a repo's processor plus one ONNX Runtime session per task, exported once per revision."""
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from filelock import FileLock
+
+from hub.errors import InputError, RepoError
+from hub.export.resolve import read_config, resolve_repo
+from hub.io import ReadLimits, read_image
+from hub.io.image import MedicalImage
+from hub.processing import MedicalImageProcessor
+
+from .onnx_export import available_tasks, export_onnx
+from .runtime import active_provider, create_session
+
+
+class UnknownModelError(RepoError):
+    """A request naming a model the service did not load."""
+
+
+class TaskNotAvailableError(InputError):
+    """A request for a task the model has no head for."""
+
+
+class DimensionalityError(InputError):
+    """A 2D image sent to a 3D model, or the reverse."""
+
+
+def repo_revision(repo_dir: Path) -> str:
+    """The cache commit sha for a snapshot; else a digest of the repo's checksum list (same content, same id)."""
+    if repo_dir.parent.name == "snapshots" and len(repo_dir.name) == 40:
+        return repo_dir.name
+    return hashlib.sha256((repo_dir / "checksums.sha256").read_bytes()).hexdigest()[:40]
+
+
+@dataclass
+class ServedModel:
+    id: str
+    repo_dir: Path
+    revision: str
+    config: dict[str, Any]
+    processor: MedicalImageProcessor
+    sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+
+    @property
+    def provider(self) -> str:
+        return active_provider(next(iter(self.sessions.values())))
+
+    def describe(self) -> dict[str, Any]:
+        spec = self.processor.to_dict()
+        return {
+            "id": self.id,
+            "family": self.config["model_type"],
+            "tasks": sorted(self.sessions),
+            "modality": spec["modality"],
+            "input": {key: spec[key] for key in ("spatial_dims", "in_channels", "size", "intensity")},
+            "labels": self.labels,
+            "revision": self.revision,
+            "provider": self.provider,
+        }
+
+    @property
+    def labels(self) -> list[str]:
+        id2label = self.config.get("id2label") or {}
+        return [id2label[key] for key in sorted(id2label, key=int)]
+
+    def _session(self, task: str) -> ort.InferenceSession:
+        if task not in self.sessions:
+            raise TaskNotAvailableError(f"model {self.id} has no {task} head; it serves {', '.join(sorted(self.sessions))}")
+        return self.sessions[task]
+
+    def _image(self, data: bytes, limits: ReadLimits) -> MedicalImage:
+        image = read_image(data, limits)
+        wanted = self.processor.spatial_dims
+        if image.spatial_dims != wanted:
+            raise DimensionalityError(f"the upload is a {image.spatial_dims}D image but model {self.id} takes {wanted}D input")
+        return image
+
+    def embed(self, data: bytes, limits: ReadLimits, layers: list[int] | None = None) -> dict[str, Any]:
+        session = self._session("features")
+        pixel_values = self.processor.prepare(self._image(data, limits)).pixel_values[None]
+        outputs = session.run(None, {"pixel_values": pixel_values})
+        result: dict[str, Any] = {"embedding": outputs[0][0].tolist(), "dim": int(outputs[0].shape[1])}
+        if layers:
+            hidden = outputs[1:]
+            for layer in layers:
+                if not -len(hidden) <= layer < len(hidden):
+                    raise InputError(f"layer {layer} does not exist; model {self.id} has layers 0..{len(hidden) - 1}")
+            result["layers"] = {str(layer): hidden[layer][0].tolist() for layer in layers}
+        return result
+
+    def classify(self, data: bytes, limits: ReadLimits) -> list[dict[str, Any]]:
+        session = self._session("classification")
+        pixel_values = self.processor.prepare(self._image(data, limits)).pixel_values[None]
+        logits = session.run(None, {"pixel_values": pixel_values})[0][0].astype(np.float64)
+        if self.config.get("problem_type") == "multi_label_classification":
+            probabilities = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            shifted = np.exp(logits - logits.max())
+            probabilities = shifted / shifted.sum()
+        ranked = sorted(zip(self.labels, probabilities.tolist()), key=lambda pair: -pair[1])
+        return [{"label": label, "probability": probability} for label, probability in ranked]
+
+    def segment(self, data: bytes, limits: ReadLimits) -> tuple[np.ndarray, MedicalImage]:
+        """Labels on the input's grid: argmax over classes (foreground > 0 for a single-channel head)."""
+        session = self._session("segmentation")
+        image = self._image(data, limits)
+        logits, image = self.processor.predict(image, lambda batch: session.run(None, {"pixel_values": batch})[0])
+        mask = (logits[0] > 0).astype(np.uint8) if logits.shape[0] == 1 else logits.argmax(axis=0).astype(np.uint8)
+        return mask, image
+
+    def mask_summary(self, mask: np.ndarray, image: MedicalImage) -> dict[str, Any]:
+        voxel_ml = math.prod(image.spacing) / 1000.0
+        labels = self.labels or ["background", "foreground"]
+        counts = np.bincount(mask.ravel(), minlength=len(labels))
+        return {
+            "model": self.id,
+            "shape": list(mask.shape),
+            "spacing": list(image.spacing),
+            "labels": [
+                {"label": labels[index] if index < len(labels) else str(index), "voxels": int(count),
+                 "volume_ml": float(count) * voxel_ml}
+                for index, count in enumerate(counts)
+            ],
+        }
+
+
+def load_served_model(
+    model_id: str, onnx_cache: Path, device: str = "auto", threads: int | None = None
+) -> ServedModel:
+    """Resolve the repo, load its processor, and open (exporting on first use) a session per task."""
+    repo_dir = resolve_repo(model_id)
+    revision = repo_revision(repo_dir)
+    processor = MedicalImageProcessor.from_pretrained(repo_dir)
+    model = ServedModel(model_id, repo_dir, revision, read_config(repo_dir), processor)
+    for task in available_tasks(repo_dir):
+        path = onnx_cache / revision / f"{task}.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):  # several workers may start at once
+            if not path.is_file():
+                export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision)
+        model.sessions[task] = create_session(path, threads, device)
+    return model

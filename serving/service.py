@@ -1,0 +1,142 @@
+"""The BentoML service: /embed, /classify, /segment (POST, multipart `file` + `model`) and GET /models.
+
+Models, limits and the token come from the environment (see `serving.settings.ServeSettings`); `medhub serve`
+sets them from its flags. Preprocessing is each repo's `preprocessor_config.json`, applied by hub's processor.
+"""
+
+import logging
+import os
+from pathlib import Path
+from collections.abc import Callable
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+import bentoml  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse, Response  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+
+from hub.errors import CorruptFileError, InputError, LimitExceededError, MedhubError, UnsupportedFormatError  # noqa: E402
+
+from .middleware import RequestGuard  # noqa: E402
+from .models import DimensionalityError, ServedModel, TaskNotAvailableError, UnknownModelError, load_served_model  # noqa: E402
+from .settings import ServeSettings  # noqa: E402
+
+logger = logging.getLogger("medhub.serving")
+SETTINGS = ServeSettings.from_env()
+LOADED: dict[str, ServedModel] = {}  # this worker's models, shared with the /models route and the guard
+MASK_MEDIA = {"png": "image/png", "nifti": "application/gzip"}
+FORMS = {"/embed": {"file", "model", "layers"}, "/classify": {"file", "model"}, "/segment": {"file", "model", "format"}}
+
+
+def status_for(error: MedhubError) -> int:
+    """The HTTP status of a user error; the message is safe to return (no file names, no header values)."""
+    if isinstance(error, UnknownModelError):
+        return 404
+    if isinstance(error, LimitExceededError):
+        return 413
+    if isinstance(error, UnsupportedFormatError):
+        return 415
+    if isinstance(error, (CorruptFileError, DimensionalityError, TaskNotAvailableError)):
+        return 422
+    return 400
+
+
+def error_response(error: MedhubError) -> JSONResponse:
+    status = status_for(error)
+    logger.info("request refused with %d (%s)", status, type(error).__name__)
+    return JSONResponse({"error": str(error)}, status_code=status)
+
+
+def providers() -> str:
+    return ",".join(sorted({model.provider for model in LOADED.values()})) or "none"
+
+
+async def list_models(request: Request) -> JSONResponse:
+    return JSONResponse({"models": [model.describe() for model in LOADED.values()]})
+
+
+models_app = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
+
+
+@bentoml.service(
+    name="medhub",
+    workers=1,
+    threads=4,
+    traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
+)
+class MedhubService:
+    """Feature extraction, classification and segmentation of PNG, JPEG, DICOM and NIfTI uploads."""
+
+    def __init__(self) -> None:
+        if not SETTINGS.models:
+            raise RuntimeError("no models to serve: set MEDHUB_MODELS or pass --model to `medhub serve`")
+        for model_id in SETTINGS.models:
+            LOADED[model_id] = load_served_model(model_id, SETTINGS.onnx_cache, SETTINGS.device, SETTINGS.threads or None)
+            logger.info("serving %s on %s", model_id, LOADED[model_id].provider)
+
+    def __is_ready__(self) -> bool:
+        return len(LOADED) == len(SETTINGS.models)
+
+    @bentoml.api(route="/embed")
+    def embed(self, file: Path, model: str = "", layers: str = "") -> dict:
+        """Pooled embedding (`pooler_output`) of the upload; `layers` = comma-separated hidden-state indices."""
+
+        def run(served: ServedModel, data: bytes) -> Response:
+            wanted = [int(item) for item in layers.split(",") if item.strip()] if layers else None
+            result = served.embed(data, SETTINGS.read_limits(), wanted)
+            return JSONResponse({"model": served.id, **result, "provider": served.provider})
+
+        return _handle(file, model, run)
+
+    @bentoml.api(route="/classify")
+    def classify(self, file: Path, model: str = "") -> dict:
+        """Label probabilities (softmax, or per-label sigmoid for multi-label models), most likely first."""
+
+        def run(served: ServedModel, data: bytes) -> Response:
+            labels = served.classify(data, SETTINGS.read_limits())
+            return JSONResponse({"model": served.id, "labels": labels, "provider": served.provider})
+
+        return _handle(file, model, run)
+
+    @bentoml.api(route="/segment")
+    def segment(self, file: Path, model: str = "", format: str = "") -> dict:
+        """A label mask in the input's geometry: `png` (2D), `nifti` (3D, .nii.gz) or a `json` summary."""
+
+        def run(served: ServedModel, data: bytes) -> Response:
+            mask, image = served.segment(data, SETTINGS.read_limits())
+            wanted = format or ("png" if image.spatial_dims == 2 else "nifti")
+            if wanted == "json":
+                return JSONResponse(served.mask_summary(mask, image))
+            if wanted not in MASK_MEDIA:
+                raise InputError(f"format {wanted!r} is unknown; expected png, nifti or json")
+            from hub.io import encode_mask
+
+            return Response(encode_mask(mask, image, wanted), media_type=MASK_MEDIA[wanted])
+
+        return _handle(file, model, run)
+
+
+def _handle(file: Path, model: str, run: Callable[[ServedModel, bytes], Response]) -> Response:
+    try:
+        if not isinstance(file, Path):  # the guard admits only multipart uploads; never open a client string
+            raise InputError("field 'file' must be a multipart upload of a PNG, JPEG, DICOM or NIfTI file")
+        if not model:
+            raise InputError(f"missing field 'model'; this service has {', '.join(LOADED)}")
+        if model not in LOADED:
+            raise UnknownModelError(f"model {model!r} is not loaded; this service has {', '.join(LOADED)}")
+        data = file.read_bytes()
+        if not data:
+            raise InputError("the uploaded file is empty")
+        return run(LOADED[model], data)
+    except MedhubError as error:
+        return error_response(error)
+    except ValueError as error:  # malformed form values, e.g. a non-integer layer index
+        return error_response(InputError(f"bad request field: {error}"))
+
+
+MedhubService.mount_asgi_app(models_app, path="/")  # BentoML mounts match only their own routes
+MedhubService.add_asgi_middleware(
+    RequestGuard, max_body_bytes=SETTINGS.max_body_bytes, token=SETTINGS.token, provider=providers, forms=FORMS
+)

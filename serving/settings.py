@@ -1,0 +1,58 @@
+"""Service settings, read from the environment once per process (`medhub serve` sets them from its flags)."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hub.io import ReadLimits
+
+MIB = 1024 * 1024
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """`MEDHUB_MODELS`: comma-separated repo ids or folders. Limits: `MEDHUB_MAX_BODY_MB` (413 above it),
+    `MEDHUB_MAX_PIXELS` / `MEDHUB_MAX_VOXELS` (reader budgets), `MEDHUB_MAX_CONCURRENCY` (429 above it),
+    `MEDHUB_TIMEOUT` (seconds), `MEDHUB_API_TOKEN` (bearer token; unset = open), `MEDHUB_DEVICE`
+    (auto|cpu|cuda), `MEDHUB_THREADS` (ORT intra-op threads, 0 = all cores), `MEDHUB_ONNX_CACHE`."""
+
+    models: tuple[str, ...] = ()
+    max_body_bytes: int = 64 * MIB
+    max_pixels: int = 50_000_000
+    max_voxels: int = 512 * 512 * 1024
+    max_concurrency: int = 32
+    timeout: int = 120
+    token: str | None = None
+    device: str = "auto"
+    threads: int = 0
+    onnx_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "medhub" / "onnx")
+
+    @classmethod
+    def from_env(cls) -> "ServeSettings":
+        models = tuple(item.strip() for item in os.environ.get("MEDHUB_MODELS", "").split(",") if item.strip())
+        cache = os.environ.get("MEDHUB_ONNX_CACHE")
+        return cls(
+            models=models,
+            max_body_bytes=_int("MEDHUB_MAX_BODY_MB", 64) * MIB,
+            max_pixels=_int("MEDHUB_MAX_PIXELS", cls.max_pixels),
+            max_voxels=_int("MEDHUB_MAX_VOXELS", cls.max_voxels),
+            max_concurrency=_int("MEDHUB_MAX_CONCURRENCY", cls.max_concurrency),
+            timeout=_int("MEDHUB_TIMEOUT", cls.timeout),
+            token=os.environ.get("MEDHUB_API_TOKEN") or None,
+            device=os.environ.get("MEDHUB_DEVICE", "auto"),
+            threads=_int("MEDHUB_THREADS", 0),
+            onnx_cache=Path(cache) if cache else Path.home() / ".cache" / "medhub" / "onnx",
+        )
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(max_bytes=self.max_body_bytes, max_pixels=self.max_pixels, max_voxels=self.max_voxels)

@@ -1,0 +1,248 @@
+"""The HTTP service, as a real `bentoml serve` process on 127.0.0.1, called over HTTP."""
+
+import concurrent.futures
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+from hub.catalogue import get_variant
+from hub.export import Provenance, export_repo
+from hub.models.muscle import MuscleForImageClassification, MuscleForSemanticSegmentation
+
+from io_fixtures import dicom_file
+
+pytestmark = pytest.mark.slow
+httpx = pytest.importorskip("httpx")
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_head_repo(out: Path, head_class, labels: list[str]) -> Path:
+    variant = get_variant("muscle-resnet18-tiny")
+    config = variant.build_config(
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)}
+    )
+    torch.manual_seed(0)
+    return export_repo(head_class(config), out, variant=variant.id, provenance=Provenance("trained", "test"),
+                       processor=variant.build_processor(), modality="xray")
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serving")
+    return {
+        "classifier": tiny_head_repo(root / "classifier", MuscleForImageClassification, ["normal", "nodule"]),
+        "segmenter": tiny_head_repo(root / "segmenter", MuscleForSemanticSegmentation, ["background", "lung"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(repos, tmp_path_factory):
+    """One server for the module: token on, 12 MiB body limit, at most 2 requests in flight."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log = open(root / "server.log", "w+")
+    env = {
+        **os.environ,
+        "MEDHUB_MODELS": f"{repos['classifier']},{repos['segmenter']}",
+        "MEDHUB_ONNX_CACHE": str(root / "onnx"),
+        "MEDHUB_API_TOKEN": TOKEN,
+        "MEDHUB_MAX_BODY_MB": "12",
+        "MEDHUB_MAX_CONCURRENCY": "2",
+        "MEDHUB_THREADS": "1",
+    }
+    bentoml = Path(sys.executable).parent / "bentoml"
+    process = subprocess.Popen(
+        [str(bentoml), "serve", "serving.service:MedhubService", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"server exited early:\n{log.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    else:
+        process.kill()
+        pytest.fail("server did not become ready in 240 s")
+    yield {"url": url, "log": root / "server.log", "repos": repos}
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def post(server, route: str, data: bytes, model: str, headers=AUTH, **fields) -> "httpx.Response":
+    files = {"file": ("upload.bin", data, "application/octet-stream")}
+    return httpx.post(f"{server['url']}/{route}", files=files, data={"model": model, **fields}, headers=headers, timeout=60)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def radiograph() -> bytes:
+    rng = np.random.default_rng(0)
+    return png_bytes((rng.random((90, 110)) * 65535).astype(np.uint16))
+
+
+def in_process_embedding(repo: Path, source) -> np.ndarray:
+    processor = AutoImageProcessor.from_pretrained(repo)
+    model = AutoModel.from_pretrained(repo).eval()
+    with torch.no_grad():
+        return model(**processor(source)).pooler_output[0].numpy()
+
+
+def test_readyz_reports_provider_and_models_lists_both(server):
+    ready = httpx.get(f"{server['url']}/readyz")
+    assert ready.status_code == 200 and ready.headers["x-medhub-provider"] == "CPUExecutionProvider"
+    models = httpx.get(f"{server['url']}/models", headers=AUTH).json()["models"]
+    by_id = {model["id"]: model for model in models}
+    classifier = by_id[str(server["repos"]["classifier"])]
+    assert classifier["family"] == "muscle" and classifier["tasks"] == ["classification", "features"]
+    assert classifier["labels"] == ["normal", "nodule"] and classifier["input"]["size"] == [64, 64]
+
+
+def test_embed_png_equals_in_process_model(server, radiograph):
+    repo = server["repos"]["classifier"]
+    response = post(server, "embed", radiograph, str(repo), layers="0,4")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["dim"] == 64 and body["provider"] == "CPUExecutionProvider"
+    expected = in_process_embedding(repo, radiograph)
+    assert np.abs(np.array(body["embedding"]) - expected).max() <= 1e-4
+    assert len(body["layers"]["0"]) == 8 and len(body["layers"]["4"]) == 64
+
+
+def test_embed_dicom_equals_in_process_model(server):
+    repo = server["repos"]["classifier"]
+    data = dicom_file("RG1_UNCI.dcm").read_bytes()
+    response = post(server, "embed", data, str(repo))
+    assert response.status_code == 200, response.text
+    expected = in_process_embedding(repo, dicom_file("RG1_UNCI.dcm"))
+    assert np.abs(np.array(response.json()["embedding"]) - expected).max() <= 1e-4
+
+
+def test_classify_probabilities_sum_to_one(server, radiograph):
+    response = post(server, "classify", radiograph, str(server["repos"]["classifier"]))
+    assert response.status_code == 200, response.text
+    labels = response.json()["labels"]
+    assert {item["label"] for item in labels} == {"normal", "nodule"}
+    assert abs(sum(item["probability"] for item in labels) - 1.0) < 1e-9
+    assert labels[0]["probability"] >= labels[1]["probability"]
+
+
+def test_segment_returns_png_mask_of_input_size_and_json_summary(server, radiograph):
+    repo = str(server["repos"]["segmenter"])
+    response = post(server, "segment", radiograph, repo)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    mask = np.array(Image.open(io.BytesIO(response.content)))
+    assert mask.shape == (90, 110) and set(np.unique(mask)) <= {0, 1}
+    summary = post(server, "segment", radiograph, repo, format="json").json()
+    assert summary["shape"] == [90, 110]
+    assert sum(label["voxels"] for label in summary["labels"]) == 90 * 110
+    assert [label["voxels"] for label in summary["labels"]] == [int((mask == 0).sum()), int((mask == 1).sum())]
+
+
+def nifti_bytes(tmp_path: Path) -> bytes:
+    image = sitk.GetImageFromArray(np.zeros((8, 16, 16), dtype=np.int16))
+    sitk.WriteImage(image, str(tmp_path / "v.nii.gz"))
+    return (tmp_path / "v.nii.gz").read_bytes()
+
+
+def bomb_png() -> bytes:
+    data = bytearray(png_bytes(np.zeros((4, 4), dtype=np.uint8)))
+    data[16:24] = (40000).to_bytes(4, "big") * 2  # IHDR width and height; the CRC no longer matters to the check
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "fragment"),
+    [
+        ("unknown model", 404, "is not loaded"),
+        ("corrupt file", 422, ""),
+        ("empty file", 400, "empty"),
+        ("png bomb", 413, "40000"),
+        ("volume to 2D model", 422, "3D image"),
+        ("wrong field", 400, "unknown form field"),
+        ("json body", 415, "multipart"),
+        ("oversize body", 413, "over the limit"),
+        ("no token", 401, "bearer token"),
+        ("wrong token", 401, "bearer token"),
+    ],
+)
+def test_bad_requests_get_a_4xx_json_error(server, radiograph, tmp_path, case, status, fragment):
+    model = str(server["repos"]["classifier"])
+    url = f"{server['url']}/embed"
+    if case == "unknown model":
+        response = post(server, "embed", radiograph, "org/not-served")
+    elif case == "corrupt file":
+        response = post(server, "embed", radiograph[:40] + b"\x00" * 200, model)
+    elif case == "empty file":
+        response = post(server, "embed", b"", model)
+    elif case == "png bomb":
+        response = post(server, "embed", bomb_png(), model)
+    elif case == "volume to 2D model":
+        response = post(server, "embed", nifti_bytes(tmp_path), model)
+    elif case == "wrong field":
+        response = httpx.post(url, files={"image": ("x.png", radiograph)}, data={"model": model}, headers=AUTH)
+    elif case == "json body":
+        response = httpx.post(url, json={"file": "/etc/passwd", "model": model}, headers=AUTH)
+    elif case == "oversize body":
+        response = post(server, "embed", os.urandom(13 * 1024 * 1024), model)
+    elif case == "no token":
+        response = post(server, "embed", radiograph, model, headers={})
+    else:
+        response = post(server, "embed", radiograph, model, headers={"Authorization": "Bearer wrong"})
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]
+    assert httpx.get(f"{server['url']}/readyz").status_code == 200
+
+
+def test_more_concurrent_requests_than_allowed_get_429(server):
+    rng = np.random.default_rng(1)
+    big = png_bytes((rng.random((1200, 1200)) * 65535).astype(np.uint16))
+    model = str(server["repos"]["classifier"])
+    with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+        codes = list(pool.map(lambda _: post(server, "embed", big, model).status_code, range(10)))
+    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+    assert httpx.get(f"{server['url']}/readyz").status_code == 200
+
+
+def test_patient_name_never_reaches_the_log(server, tmp_path):
+    dataset = pydicom.dcmread(dicom_file("RG1_UNCI.dcm"))
+    dataset.PatientName = "Zebulon^Quixote"
+    dataset.PatientID = "MRN-99887766"
+    dataset.save_as(tmp_path / "named.dcm")
+    data = (tmp_path / "named.dcm").read_bytes()
+    assert post(server, "embed", data, str(server["repos"]["classifier"])).status_code == 200
+    assert post(server, "embed", data[: len(data) // 3], str(server["repos"]["classifier"])).status_code in (413, 415, 422)
+    log = server["log"].read_text()
+    assert "Zebulon" not in log and "Quixote" not in log and "99887766" not in log
