@@ -2,9 +2,12 @@
 
 from ..errors import RepoError
 from .family import Family
+from .macl import FAMILY as MACL
+from .medcoss import FAMILY as MEDCOSS
 from .muscle import FAMILY as MUSCLE
+from .umedpt import FAMILY as UMEDPT
 
-FAMILIES: dict[str, Family] = {family.model_type: family for family in (MUSCLE,)}
+FAMILIES: dict[str, Family] = {family.model_type: family for family in (MUSCLE, MEDCOSS, MACL, UMEDPT)}
 
 
 def get_family(model_type: str) -> Family:

@@ -1,0 +1,525 @@
+"""UMedPT models: a Swin V2 encoder with the 1x1 squeezer, and the classification, U-Net segmentation and FCOS
+detection heads of its multi-task pre-training.
+
+Paper: "Overcoming data scarcity in biomedical imaging with a foundational multi-task model" (Schäfer et al.,
+Nat. Comput. Sci. 2024). The encoder keeps torchvision's `swin_v2_t` module names (`features.*`, `norm.*`) and is
+built from torchvision's Swin V2 blocks; stage maps are taken without the final `norm` (as upstream, which keeps
+`norm` only in its state dict, so this model keeps it for strict loading). Shared blocks use GroupNorm(1, C) where
+the authors' framework replaced BatchNorm. This file only imports torch, torchvision and transformers, so it also
+runs as remote code from an exported repo.
+"""
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOS
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.swin_transformer import PatchMergingV2, ShiftedWindowAttentionV2, SwinTransformerBlockV2
+from torchvision.ops import FeaturePyramidNetwork, sigmoid_focal_loss
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import Permute
+from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_outputs import (
+    BackboneOutput,
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    SemanticSegmenterOutput,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_umedpt import UmedptConfig
+
+
+def _swin_features(config: UmedptConfig) -> nn.Sequential:
+    """torchvision's `SwinTransformer.features` for Swin V2: stem, then stages with patch merging between them."""
+    norm_layer = partial(nn.LayerNorm, eps=config.layer_norm_eps)
+    window = [config.window_size] * 2
+    layers: list[nn.Module] = [
+        nn.Sequential(
+            nn.Conv2d(config.num_channels, config.embed_dim, config.patch_size, stride=config.patch_size),
+            Permute([0, 2, 3, 1]),
+            norm_layer(config.embed_dim),
+        )
+    ]
+    total, block_id = sum(config.depths), 0
+    for index, (depth, heads, width) in enumerate(zip(config.depths, config.num_heads, config.stage_channels)):
+        blocks = []
+        for position in range(depth):
+            blocks.append(
+                SwinTransformerBlockV2(
+                    width, heads, window_size=window,
+                    shift_size=[0 if position % 2 == 0 else w // 2 for w in window],
+                    mlp_ratio=config.mlp_ratio, dropout=config.dropout, attention_dropout=config.attention_dropout,
+                    stochastic_depth_prob=config.stochastic_depth_prob * block_id / max(total - 1, 1),
+                    norm_layer=norm_layer,
+                )
+            )
+            block_id += 1
+        layers.append(nn.Sequential(*blocks))
+        if index < len(config.depths) - 1:
+            layers.append(PatchMergingV2(width, norm_layer))
+    return nn.Sequential(*layers)
+
+
+class UmedptSqueezer(nn.Module):
+    """1x1 conv, GroupNorm(1, C), GELU: gives the latent map (dense tasks) and the pooled hidden vector."""
+
+    def __init__(self, config: UmedptConfig):
+        super().__init__()
+        in_channels = config.stage_channels[-1]
+        self.conv = (
+            nn.Conv2d(in_channels, config.squeezer_channels, 1, bias=config.squeezer_bias)
+            if config.squeezer_channels else None
+        )
+        self.norm = nn.GroupNorm(1, config.hidden_size)
+        self.activation = nn.GELU()
+
+    def _squeeze(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.conv is not None:
+            hidden_states = self.conv(hidden_states)
+        return self.activation(self.norm(hidden_states))
+
+    def forward(self, last_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._squeeze(last_map), self._squeeze(last_map.mean(dim=(2, 3), keepdim=True)).flatten(1)
+
+
+class UmedptPreTrainedModel(PreTrainedModel):
+    config: UmedptConfig
+    config_class = UmedptConfig
+    base_model_prefix = "umedpt"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["SwinTransformerBlockV2", "PatchMergingV2"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """torchvision's Swin init (truncated-normal Linear), He-normal convs, unit norms; FCOS's prior bias."""
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, ShiftedWindowAttentionV2):
+            init.constant_(module.logit_scale, math.log(10))
+        elif isinstance(module, UmedptFCOSHead):
+            init.ones_(module.scales)
+            init.normal_(module.cls_logits.weight, std=0.01)
+            init.constant_(module.cls_logits.bias, -math.log((1 - 0.01) / 0.01))
+
+
+class UmedptModel(UmedptPreTrainedModel):
+    """The frozen-encoder view: the squeezed last map, the pooled hidden vector (`pooler_output`), stage maps."""
+
+    def __init__(self, config: UmedptConfig):
+        super().__init__(config)
+        self.features = _swin_features(config)
+        self.norm = nn.LayerNorm(config.stage_channels[-1], eps=config.layer_norm_eps)
+        self.squeezer = UmedptSqueezer(config)
+        self.post_init()
+
+    def stage_maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The four Swin stage outputs as (batch, C, H/s, W/s) maps, s = 4, 8, 16, 32, without the final norm."""
+        config = self.config
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != config.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {config.num_channels}, height, width), got {tuple(pixel_values.shape)}"
+            )
+        if any(side % config.input_multiple for side in pixel_values.shape[2:]):
+            raise ValueError(
+                f"pixel_values height and width must be multiples of {config.input_multiple} (Swin patch and window "
+                f"grid), got {tuple(pixel_values.shape[2:])}"
+            )
+        hidden_states, maps = self.features[0](pixel_values), []
+        for index, layer in enumerate(self.features[1:], start=1):
+            hidden_states = layer(hidden_states)
+            if index % 2 == 1:
+                maps.append(hidden_states.permute(0, 3, 1, 2))
+        return maps
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        maps = self.stage_maps(pixel_values)
+        latent, pooled = self.squeezer(maps[-1])
+        hidden_states = tuple(maps) if output_hidden_states else None
+        if not return_dict:
+            return tuple(value for value in (latent, pooled, hidden_states) if value is not None)
+        return BaseModelOutputWithPooling(last_hidden_state=latent, pooler_output=pooled, hidden_states=hidden_states)
+
+
+def _inverse_log_classes(num_classes: int) -> float:
+    """UMedPT divides task losses by ln C so that tasks with different class counts weigh alike (1 for C < 2)."""
+    return 1.0 / math.log(num_classes) if num_classes > 1 else 1.0
+
+
+class UmedptForImageClassification(UmedptPreTrainedModel):
+    """Dropout, ReLU, Linear on the pooled hidden vector; cross-entropy / ln C (BCE / ln 2 for multi-label)."""
+
+    def __init__(self, config: UmedptConfig):
+        super().__init__(config)
+        self.umedpt = UmedptModel(config)
+        self.classifier = nn.Sequential(
+            nn.Dropout(config.classifier_dropout), nn.ReLU(), nn.Linear(config.hidden_size, config.num_labels)
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.umedpt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None if labels is None else classification_loss(self.config, logits, labels)
+        if not return_dict:
+            return tuple(value for value in (loss, logits, outputs.hidden_states) if value is not None)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+def classification_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    problem_type = config.problem_type
+    if problem_type is None:
+        if config.num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits, labels.view(-1)) * _inverse_log_classes(config.num_labels)
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype)) / math.log(2)
+
+
+def _conv_norm_act(in_channels: int, out_channels: int, activation: type[nn.Module]) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.GroupNorm(1, out_channels), activation()
+    )
+
+
+class UmedptDecoderBlock(nn.Module):
+    """Nearest x2 upsampling, concatenation with the skip, two conv3x3-GroupNorm(1, C)-ReLU."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = _conv_norm_act(in_channels + skip_channels, out_channels, nn.ReLU)
+        self.conv2 = _conv_norm_act(out_channels, out_channels, nn.ReLU)
+
+    def forward(self, hidden_states: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
+        if skip is not None:
+            hidden_states = torch.cat([hidden_states, skip], dim=1)
+        return self.conv2(self.conv1(hidden_states))
+
+
+class UmedptPixelDecoder(nn.Module):
+    """The shared U-Net decoder: squeezed map at stride 32 up to stride 2 with skips at 16, 8 and 4, then a
+    conv3x3-GroupNorm-GELU pixel embedding."""
+
+    def __init__(self, config: UmedptConfig):
+        super().__init__()
+        widths = config.decoder_channels
+        in_channels = [config.hidden_size] + widths[:-1]
+        skip_channels = config.stage_channels[-2::-1] + [0]
+        self.blocks = nn.ModuleList(
+            UmedptDecoderBlock(cin, skip, cout) for cin, skip, cout in zip(in_channels, skip_channels, widths)
+        )
+        self.final_conv = nn.Sequential(
+            nn.Conv2d(widths[-1], widths[-1], 3, padding=1), nn.GroupNorm(1, widths[-1]), nn.GELU()
+        )
+
+    def forward(self, maps: list[torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
+        skips = maps[-2::-1] + [None]
+        hidden_states = latent
+        for block, skip in zip(self.blocks, skips):
+            hidden_states = block(hidden_states, skip)
+        return self.final_conv(hidden_states)
+
+
+class UmedptForSemanticSegmentation(UmedptPreTrainedModel):
+    """Encoder, squeezer, U-Net decoder and a conv3x3 task head at half resolution.
+
+    The loss is Dice + focal / ln C against labels nearest-downsampled to the logits (as upstream); the returned
+    `logits` are upsampled bilinearly to the input size.
+    """
+
+    def __init__(self, config: UmedptConfig):
+        super().__init__(config)
+        self.umedpt = UmedptModel(config)
+        self.decoder = UmedptPixelDecoder(config)
+        self.dropout = nn.Dropout2d(config.segmentation_dropout)
+        self.head = nn.Conv2d(config.decoder_channels[-1], config.num_labels, 3, padding=1)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        """`labels`: (batch, H, W) class indices, `semantic_loss_ignore_index` where unknown."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        maps = self.umedpt.stage_maps(pixel_values)
+        latent, _ = self.umedpt.squeezer(maps[-1])
+        half = self.head(self.dropout(self.decoder(maps, latent)))
+        loss = None
+        if labels is not None:
+            if labels.shape != (pixel_values.shape[0],) + pixel_values.shape[2:]:
+                raise ValueError(f"labels must have shape (batch, height, width) of the input, got {tuple(labels.shape)}")
+            small = F.interpolate(labels[:, None].float(), size=half.shape[2:], mode="nearest")[:, 0].long()
+            loss = segmentation_loss(self.config, half, small)
+        logits = F.interpolate(half, size=pixel_values.shape[2:], mode="bilinear", align_corners=False)
+        hidden_states = tuple(maps) if output_hidden_states else None
+        if not return_dict:
+            return tuple(value for value in (loss, logits, hidden_states) if value is not None)
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+def segmentation_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multiclass soft Dice (classes absent from the batch skipped) + per-class sigmoid focal loss / ln C."""
+    num_classes = logits.shape[1]
+    valid = labels != config.semantic_loss_ignore_index
+    one_hot = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).to(logits.dtype)
+    one_hot = one_hot * valid[:, None]
+    probabilities = logits.softmax(dim=1) * valid[:, None]
+    dims = (0, 2, 3)
+    intersection = (probabilities * one_hot).sum(dims)
+    cardinality = (probabilities + one_hot).sum(dims)
+    dice = 1 - 2 * intersection / cardinality.clamp_min(1e-7)
+    present = one_hot.sum(dims) > 0
+    dice_loss = (dice * present).mean()
+    focal = sigmoid_focal_loss(
+        logits.permute(0, 2, 3, 1)[valid], one_hot.permute(0, 2, 3, 1)[valid], alpha=-1, gamma=config.focal_gamma,
+        reduction="sum",
+    ) / valid.sum().clamp_min(1)
+    return dice_loss + focal * _inverse_log_classes(num_classes)
+
+
+class UmedptFCOSHead(nn.Module):
+    """Shared classification and regression towers (3x3 conv, GroupNorm(32), GELU) over every pyramid level, then
+    FCOS predictors: class logits, distances to the box sides (scaled per level, ReLU, in stride units) and
+    centerness on the regression branch."""
+
+    def __init__(self, config: UmedptConfig, num_levels: int):
+        super().__init__()
+        width = config.fpn_channels
+
+        def tower() -> nn.Sequential:
+            layers = []
+            for _ in range(config.detection_num_convs):
+                layers += [nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(32, width), nn.GELU()]
+            return nn.Sequential(*layers)
+
+        self.cls_tower, self.reg_tower = tower(), tower()
+        self.cls_logits = nn.Conv2d(width, config.num_labels, 3, padding=1)
+        self.bbox_reg = nn.Conv2d(width, 4, 3, padding=1)
+        self.ctrness = nn.Conv2d(width, 1, 3, padding=1)
+        self.scales = nn.Parameter(torch.ones(num_levels))
+        self.config = config
+
+    @staticmethod
+    def _flatten(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.permute(0, 2, 3, 1).flatten(1, 2)
+
+    def forward(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits, boxes, centerness = [], [], []
+        for level, feature in enumerate(features):
+            cls_features, reg_features = self.cls_tower(feature), self.reg_tower(feature)
+            logits.append(self._flatten(self.cls_logits(cls_features)))
+            boxes.append(self._flatten(F.relu(self.bbox_reg(reg_features) * self.scales[level])))
+            centerness.append(self._flatten(self.ctrness(reg_features)))
+        return {"cls_logits": torch.cat(logits, 1), "bbox_regression": torch.cat(boxes, 1), "bbox_ctrness": torch.cat(centerness, 1)}
+
+    def compute_loss(
+        self,
+        targets: list[dict[str, torch.Tensor]],
+        head_outputs: dict[str, torch.Tensor],
+        anchors: list[torch.Tensor],
+        matched_idxs: list[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Focal / ln C over all points, -log IoU weighted by the centerness targets, centerness BCE x 0.2."""
+        config = self.config
+        classes, boxes = [], []
+        for target, matched in zip(targets, matched_idxs):
+            index = matched.clip(min=0)
+            if target["labels"].numel():
+                classes.append(torch.where(matched >= 0, target["labels"][index], -1))
+                boxes.append(target["boxes"][index])
+            else:
+                classes.append(torch.full_like(matched, -1))
+                boxes.append(torch.zeros(len(matched), 4, device=matched.device))
+        classes, boxes, anchors = torch.stack(classes), torch.stack(boxes), torch.stack(anchors)
+        foreground = classes >= 0
+        num_foreground = max(1, int(foreground.sum()))
+        logits = head_outputs["cls_logits"]
+        class_targets = torch.zeros_like(logits)
+        class_targets[foreground, classes[foreground]] = 1.0
+        loss_cls = sigmoid_focal_loss(
+            logits, class_targets, alpha=config.detection_focal_alpha, gamma=config.focal_gamma, reduction="sum"
+        ) / num_foreground * _inverse_log_classes(config.num_labels)
+        coder = det_utils.BoxLinearCoder(normalize_by_size=True)
+        predicted = coder.decode(head_outputs["bbox_regression"][foreground], anchors[foreground])
+        distances = coder.encode(anchors[foreground], boxes[foreground])
+        left_right, top_bottom = distances[:, [0, 2]], distances[:, [1, 3]]
+        centerness = torch.sqrt(
+            (left_right.min(-1).values / left_right.max(-1).values) * (top_bottom.min(-1).values / top_bottom.max(-1).values)
+        )
+        iou = _paired_iou(predicted, boxes[foreground])
+        loss_iou = (-(iou.clamp_min(1e-6).log()) * centerness).sum() / centerness.sum().clamp_min(1e-6)
+        loss_ctr = F.binary_cross_entropy_with_logits(
+            head_outputs["bbox_ctrness"][foreground][:, 0], centerness, reduction="sum"
+        ) / num_foreground
+        return {
+            "classification": loss_cls,
+            "bbox_regression": loss_iou * config.detection_iou_weight,
+            "bbox_ctrness": loss_ctr * config.detection_centerness_weight,
+        }
+
+
+def _paired_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """IoU of row-aligned xyxy boxes."""
+    top_left = torch.maximum(first[:, :2], second[:, :2])
+    bottom_right = torch.minimum(first[:, 2:], second[:, 2:])
+    intersection = (bottom_right - top_left).clamp_min(0).prod(-1)
+    area = lambda boxes: (boxes[:, 2:] - boxes[:, :2]).clamp_min(0).prod(-1)  # noqa: E731
+    return intersection / (area(first) + area(second) - intersection).clamp_min(1e-6)
+
+
+@dataclass
+class UmedptObjectDetectionOutput(ModelOutput):
+    """
+    loss: sum of the FCOS losses (when labels are given).
+    loss_dict: `classification`, `bbox_regression`, `bbox_ctrness`.
+    detections: in eval mode, per image `boxes` (N, 4) xyxy in input pixels, `scores` (N,), `labels` (N,).
+    """
+
+    loss: torch.Tensor | None = None
+    loss_dict: dict[str, torch.Tensor] | None = None
+    detections: list[dict[str, torch.Tensor]] | None = None
+
+
+class UmedptForObjectDetection(UmedptPreTrainedModel):
+    """FCOS on an FPN (P3-P7, strides 8-128) over stages 2-3 and the squeezed last map.
+
+    Point matching and post-processing are torchvision's (`FCOS.compute_loss`, `FCOS.postprocess_detections`, which
+    read only the attributes set here); points are anchors of one stride-sized box per location. `labels`: one
+    dict per image with `class_labels` (N,) in `0..num_labels-1` and `boxes` (N, 4) as absolute xyxy pixels.
+    """
+
+    def __init__(self, config: UmedptConfig):
+        super().__init__(config)
+        self.umedpt = UmedptModel(config)
+        channels = config.fpn_channels
+        in_channels = config.stage_channels[1:3] + [config.hidden_size]
+        self.fpn = FeaturePyramidNetwork(in_channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
+        strides = (8, 16, 32, 64, 128)
+        self.head = UmedptFCOSHead(config, len(strides))
+        self.anchor_generator = AnchorGenerator(tuple((stride,) for stride in strides), ((1.0,),) * len(strides))
+        self.box_coder = det_utils.BoxLinearCoder(normalize_by_size=True)
+        self.center_sampling_radius = 1.5 if config.detection_center_sampling else float("inf")
+        self.score_thresh = config.detection_score_threshold
+        self.nms_thresh = config.detection_nms_threshold
+        self.topk_candidates = config.detection_topk
+        self.detections_per_img = config.detections_per_image
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: list[dict[str, torch.Tensor]] | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> UmedptObjectDetectionOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        maps = self.umedpt.stage_maps(pixel_values)
+        latent, _ = self.umedpt.squeezer(maps[-1])
+        pyramid = self.fpn(OrderedDict(zip(("p3", "p4", "p5"), [maps[1], maps[2], latent])))
+        features = list(pyramid.values())
+        head_outputs = self.head(features)
+        images = ImageList(pixel_values, [tuple(pixel_values.shape[2:])] * pixel_values.shape[0])
+        anchors = self.anchor_generator(images, features)
+        per_level = [feature.shape[2] * feature.shape[3] for feature in features]
+        loss, loss_dict, detections = None, None, None
+        if labels is not None:
+            if len(labels) != pixel_values.shape[0]:
+                raise ValueError(f"labels must hold one dict per image ({pixel_values.shape[0]}), got {len(labels)}")
+            targets = [{"boxes": t["boxes"].float(), "labels": t["class_labels"].long()} for t in labels]
+            loss_dict = FCOS.compute_loss(self, targets, head_outputs, anchors, per_level)
+            loss = sum(loss_dict.values())
+        if not self.training:
+            split = {name: list(value.split(per_level, dim=1)) for name, value in head_outputs.items()}
+            split_anchors = [list(anchor.split(per_level)) for anchor in anchors]
+            detections = FCOS.postprocess_detections(self, split, split_anchors, images.image_sizes)
+        if not return_dict:
+            return tuple(value for value in (loss, loss_dict, detections) if value is not None)
+        return UmedptObjectDetectionOutput(loss=loss, loss_dict=loss_dict, detections=detections)
+
+
+class UmedptBackbone(BackboneMixin, UmedptModel):
+    """Swin stage maps (strides 4-32, before the squeezer) for dense heads (`AutoBackbone`); encoder key names."""
+
+    has_attentions = False
+
+    def __init__(self, config: UmedptConfig):
+        super().__init__(config)
+        self.num_features = config.stage_channels
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        maps = self.stage_maps(pixel_values)
+        by_name = dict(zip(self.stage_names, maps))
+        feature_maps = tuple(by_name[name] for name in self.out_features)
+        hidden_states = tuple(maps) if output_hidden_states else None
+        if not return_dict:
+            return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
+
+
+__all__ = [
+    "UmedptBackbone",
+    "UmedptForImageClassification",
+    "UmedptForObjectDetection",
+    "UmedptForSemanticSegmentation",
+    "UmedptModel",
+    "UmedptObjectDetectionOutput",
+    "UmedptPreTrainedModel",
+]
