@@ -40,12 +40,13 @@ class Variant:
         return get_family(self.family).config_class(**{**self.config, **overrides})
 
     def processor_spec(self) -> dict[str, Any]:
-        """The preset's processor arguments; a 2D `image_size` in the config rescales `size` (and `resize`)."""
+        """The preset's processor arguments; the config's `image_size` sets the model input `size` (a cube for 3D)
+        and rescales a 2D `resize` by the same factor, so the processor always feeds the exported input shape."""
         spec = preset(self.preprocessing)
         image_size = self.config.get("image_size")
-        if self.spatial_dims == 2 and image_size is not None and spec["size"] != [image_size] * 2:
-            scale = image_size / spec["size"][0]
-            spec["size"] = [image_size] * 2
+        if image_size is not None and spec["size"] != [image_size] * self.spatial_dims:
+            scale = image_size / spec["size"][-1]
+            spec["size"] = [image_size] * self.spatial_dims
             if spec.get("resize"):
                 spec["resize"] = [round(side * scale) for side in spec["resize"]]
         return spec
@@ -102,6 +103,7 @@ VARIANTS: dict[str, Variant] = {
         _macl("macl-unet2d", image_size=256),
         _macl("macl-unet3d", spatial_dims=3, image_size=64),
         _macl("macl-tiny", tiny=True, base_filters=4, projection_dim=16, image_size=64),
+        _macl("macl-unet3d-tiny", spatial_dims=3, tiny=True, base_filters=4, projection_dim=16, image_size=32),
         _umedpt("umedpt-swinv2-t", image_size=256),
         _umedpt(
             "umedpt-tiny", tiny=True, embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4,

@@ -20,9 +20,10 @@ from transformers import AutoImageProcessor, AutoModel
 
 from hub.catalogue import get_variant
 from hub.export import Provenance, export_repo
+from hub.models.macl import MaclForSemanticSegmentation
 from hub.models.muscle import MuscleForImageClassification, MuscleForSemanticSegmentation
 
-from io_fixtures import dicom_file
+from io_fixtures import MNI_T1, dicom_file
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
@@ -36,14 +37,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tiny_head_repo(out: Path, head_class, labels: list[str]) -> Path:
-    variant = get_variant("muscle-resnet18-tiny")
+def tiny_head_repo(out: Path, head_class, labels: list[str], variant_id: str = "muscle-resnet18-tiny") -> Path:
+    variant = get_variant(variant_id)
     config = variant.build_config(
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)}
     )
     torch.manual_seed(0)
     return export_repo(head_class(config), out, variant=variant.id, provenance=Provenance("trained", "test"),
-                       processor=variant.build_processor(), modality="xray")
+                       processor=variant.build_processor(), modality=variant.modality)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,7 @@ def repos(tmp_path_factory) -> dict[str, Path]:
     return {
         "classifier": tiny_head_repo(root / "classifier", MuscleForImageClassification, ["normal", "nodule"]),
         "segmenter": tiny_head_repo(root / "segmenter", MuscleForSemanticSegmentation, ["background", "lung"]),
+        "volume": tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["background", "liver"], "macl-unet3d-tiny"),
     }
 
 
@@ -63,7 +65,7 @@ def server(repos, tmp_path_factory):
     log = open(root / "server.log", "w+")
     env = {
         **os.environ,
-        "MEDHUB_MODELS": f"{repos['classifier']},{repos['segmenter']}",
+        "MEDHUB_MODELS": ",".join(str(repo) for repo in repos.values()),
         "MEDHUB_ONNX_CACHE": str(root / "onnx"),
         "MEDHUB_API_TOKEN": TOKEN,
         "MEDHUB_MAX_BODY_MB": "12",
@@ -171,10 +173,40 @@ def test_segment_returns_png_mask_of_input_size_and_json_summary(server, radiogr
     assert [label["voxels"] for label in summary["labels"]] == [int((mask == 0).sum()), int((mask == 1).sum())]
 
 
+def ct_volume(path: Path) -> Path:
+    """A 20x40x36 int16 volume with non-trivial spacing, origin and direction."""
+    rng = np.random.default_rng(2)
+    image = sitk.GetImageFromArray((rng.random((20, 40, 36)) * 2000 - 1000).astype(np.int16))
+    image.SetSpacing((0.8, 0.7, 2.5))
+    image.SetOrigin((-12.5, 30.0, 7.25))
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_embed_nifti_equals_in_process_model(server):
+    repo = server["repos"]["volume"]
+    response = post(server, "embed", MNI_T1.read_bytes(), str(repo))
+    assert response.status_code == 200, response.text
+    expected = in_process_embedding(repo, MNI_T1)
+    assert np.abs(np.array(response.json()["embedding"]) - expected).max() <= 1e-4
+
+
+def test_segment_nifti_mask_has_the_input_geometry(server, tmp_path):
+    volume = ct_volume(tmp_path / "ct.nii.gz")
+    response = post(server, "segment", volume.read_bytes(), str(server["repos"]["volume"]))
+    assert response.status_code == 200, response.text
+    (tmp_path / "mask.nii.gz").write_bytes(response.content)
+    mask, source = sitk.ReadImage(str(tmp_path / "mask.nii.gz")), sitk.ReadImage(str(volume))
+    assert mask.GetSize() == source.GetSize() == (36, 40, 20)
+    np.testing.assert_allclose(mask.GetSpacing(), source.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(mask.GetOrigin(), source.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(mask.GetDirection(), source.GetDirection(), atol=1e-6)
+    assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
+
+
 def nifti_bytes(tmp_path: Path) -> bytes:
-    image = sitk.GetImageFromArray(np.zeros((8, 16, 16), dtype=np.int16))
-    sitk.WriteImage(image, str(tmp_path / "v.nii.gz"))
-    return (tmp_path / "v.nii.gz").read_bytes()
+    return ct_volume(tmp_path / "v.nii.gz").read_bytes()
 
 
 def bomb_png() -> bytes:
@@ -191,6 +223,7 @@ def bomb_png() -> bytes:
         ("empty file", 400, "empty"),
         ("png bomb", 413, "40000"),
         ("volume to 2D model", 422, "3D image"),
+        ("image to 3D model", 422, "takes 3D input"),
         ("wrong field", 400, "unknown form field"),
         ("json body", 415, "multipart"),
         ("oversize body", 413, "over the limit"),
@@ -211,6 +244,8 @@ def test_bad_requests_get_a_4xx_json_error(server, radiograph, tmp_path, case, s
         response = post(server, "embed", bomb_png(), model)
     elif case == "volume to 2D model":
         response = post(server, "embed", nifti_bytes(tmp_path), model)
+    elif case == "image to 3D model":
+        response = post(server, "embed", radiograph, str(server["repos"]["volume"]))
     elif case == "wrong field":
         response = httpx.post(url, files={"image": ("x.png", radiograph)}, data={"model": model}, headers=AUTH)
     elif case == "json body":
