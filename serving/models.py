@@ -16,6 +16,7 @@ from hub.io import ReadLimits, read_image
 from hub.io.image import MedicalImage
 from hub.processing import MedicalImageProcessor
 
+from .batching import MicroBatcher
 from .onnx_export import available_tasks, export_onnx
 from .runtime import active_provider, create_session
 
@@ -47,6 +48,7 @@ class ServedModel:
     config: dict[str, Any]
     processor: MedicalImageProcessor
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    batchers: dict[str, MicroBatcher] = field(default_factory=dict)
 
     @property
     def provider(self) -> str:
@@ -70,10 +72,13 @@ class ServedModel:
         id2label = self.config.get("id2label") or {}
         return [id2label[key] for key in sorted(id2label, key=int)]
 
-    def _session(self, task: str) -> ort.InferenceSession:
+    def _run(self, task: str, pixel_values: np.ndarray) -> list[np.ndarray]:
+        """All outputs of `task` for a batch; 2D single images go through the task's micro-batcher."""
         if task not in self.sessions:
             raise TaskNotAvailableError(f"model {self.id} has no {task} head; it serves {', '.join(sorted(self.sessions))}")
-        return self.sessions[task]
+        if task in self.batchers and len(pixel_values) == 1:
+            return [output[None] for output in self.batchers[task].submit(pixel_values[0])]
+        return self.sessions[task].run(None, {"pixel_values": pixel_values})
 
     def _image(self, data: bytes, limits: ReadLimits) -> MedicalImage:
         image = read_image(data, limits)
@@ -83,9 +88,8 @@ class ServedModel:
         return image
 
     def embed(self, data: bytes, limits: ReadLimits, layers: list[int] | None = None) -> dict[str, Any]:
-        session = self._session("features")
         pixel_values = self.processor.prepare(self._image(data, limits)).pixel_values[None]
-        outputs = session.run(None, {"pixel_values": pixel_values})
+        outputs = self._run("features", pixel_values)
         result: dict[str, Any] = {"embedding": outputs[0][0].tolist(), "dim": int(outputs[0].shape[1])}
         if layers:
             hidden = outputs[1:]
@@ -96,9 +100,8 @@ class ServedModel:
         return result
 
     def classify(self, data: bytes, limits: ReadLimits) -> list[dict[str, Any]]:
-        session = self._session("classification")
         pixel_values = self.processor.prepare(self._image(data, limits)).pixel_values[None]
-        logits = session.run(None, {"pixel_values": pixel_values})[0][0].astype(np.float64)
+        logits = self._run("classification", pixel_values)[0][0].astype(np.float64)
         if self.config.get("problem_type") == "multi_label_classification":
             probabilities = 1.0 / (1.0 + np.exp(-logits))
         else:
@@ -109,9 +112,8 @@ class ServedModel:
 
     def segment(self, data: bytes, limits: ReadLimits) -> tuple[np.ndarray, MedicalImage]:
         """Labels on the input's grid: argmax over classes (foreground > 0 for a single-channel head)."""
-        session = self._session("segmentation")
         image = self._image(data, limits)
-        logits, image = self.processor.predict(image, lambda batch: session.run(None, {"pixel_values": batch})[0])
+        logits, image = self.processor.predict(image, lambda batch: self._run("segmentation", batch)[0])
         mask = (logits[0] > 0).astype(np.uint8) if logits.shape[0] == 1 else logits.argmax(axis=0).astype(np.uint8)
         return mask, image
 
@@ -146,4 +148,7 @@ def load_served_model(
             if not path.is_file():
                 export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision)
         model.sessions[task] = create_session(path, threads, device)
+        if processor.spatial_dims == 2:
+            session = model.sessions[task]
+            model.batchers[task] = MicroBatcher(lambda batch, session=session: session.run(None, {"pixel_values": batch}))
     return model

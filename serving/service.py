@@ -19,6 +19,7 @@ from starlette.routing import Route  # noqa: E402
 
 from hub.errors import CorruptFileError, InputError, LimitExceededError, MedhubError, UnsupportedFormatError  # noqa: E402
 
+from .batching import ServiceOverloaded  # noqa: E402
 from .middleware import RequestGuard  # noqa: E402
 from .models import DimensionalityError, ServedModel, TaskNotAvailableError, UnknownModelError, load_served_model  # noqa: E402
 from .settings import ServeSettings  # noqa: E402
@@ -36,6 +37,8 @@ def status_for(error: MedhubError) -> int:
         return 404
     if isinstance(error, LimitExceededError):
         return 413
+    if isinstance(error, ServiceOverloaded):
+        return 503
     if isinstance(error, UnsupportedFormatError):
         return 415
     if isinstance(error, (CorruptFileError, DimensionalityError, TaskNotAvailableError)):
@@ -63,7 +66,7 @@ models_app = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
 @bentoml.service(
     name="medhub",
     workers=1,
-    threads=4,
+    threads=SETTINGS.max_concurrency,  # request threads mostly wait on the micro-batcher
     traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
 )
 class MedhubService:

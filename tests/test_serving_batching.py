@@ -1,0 +1,50 @@
+"""The micro-batcher: concurrent items share runs, each caller gets its own rows, the queue is bounded."""
+
+import concurrent.futures
+import threading
+
+import numpy as np
+import pytest
+
+from serving.batching import MicroBatcher, ServiceOverloaded
+
+
+def test_concurrent_items_are_batched_and_answered_with_their_own_rows():
+    sizes = []
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        sizes.append(len(batch))
+        return [batch * 2, batch.sum(axis=1)]
+
+    batcher = MicroBatcher(run, max_batch_size=4, max_latency_ms=50)
+    items = [np.full(3, float(i)) for i in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(batcher.submit, items))
+    for i, (doubled, total) in enumerate(results):
+        np.testing.assert_array_equal(doubled, np.full(3, 2.0 * i))
+        assert total == 3.0 * i
+    assert sum(sizes) == 12 and max(sizes) <= 4 and len(sizes) < 12
+
+
+def test_full_queue_is_refused_and_errors_reach_every_caller():
+    release = threading.Event()
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        release.wait(5)
+        raise RuntimeError("session failed")
+
+    batcher = MicroBatcher(run, max_batch_size=1, max_latency_ms=1, max_queue=1)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batcher.submit, np.zeros(2))  # taken by the loop, blocks in run
+        for _ in range(100):
+            if batcher.queue.empty():
+                break
+            threading.Event().wait(0.01)
+        second = pool.submit(batcher.submit, np.zeros(2))  # waits in the queue
+        threading.Event().wait(0.05)
+        with pytest.raises(ServiceOverloaded):
+            batcher.submit(np.zeros(2))
+        release.set()
+        for future in (first, second):
+            with pytest.raises(RuntimeError, match="session failed"):
+                future.result(timeout=10)
