@@ -156,8 +156,10 @@ def test_publish_to_hub_creates_repo_and_uploads_folder(tiny_repo, monkeypatch, 
 
 
 @pytest.mark.slow
-def test_published_repo_loads_by_id_offline_with_and_without_medhub(tiny_repo, hf_cache, cli, run_python):
-    assert cli("publish", tiny_repo, "--repo-id", "org/muscle-resnet18", "--cache").code == 0
+def test_published_repo_loads_by_id_offline_with_and_without_medhub(tmp_path, hf_cache, cli, run_python):
+    """The issue's acceptance line, at paper scale: init muscle-resnet18, publish to the cache, load by id."""
+    assert cli("init", "muscle-resnet18", "--out", tmp_path / "R").code == 0
+    assert cli("publish", tmp_path / "R", "--repo-id", "org/muscle-resnet18", "--cache").code == 0
     check_golden = """
 import torch
 from huggingface_hub import snapshot_download

@@ -20,6 +20,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 from hub.catalogue import get_variant
 from hub.export import Provenance, export_repo
+from hub.models import get_family
 from hub.models.macl import MaclForSemanticSegmentation
 from hub.models.muscle import MuscleForImageClassification, MuscleForSemanticSegmentation
 
@@ -28,6 +29,7 @@ from io_fixtures import MNI_T1, dicom_file
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
 TOKEN = "s3cret-token"
+ENCODERS_2D = ("umedpt-tiny", "medcoss-tiny", "macl-tiny")  # one per 2D family besides the MUSCLE classifier
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -47,10 +49,19 @@ def tiny_head_repo(out: Path, head_class, labels: list[str], variant_id: str = "
                        processor=variant.build_processor(), modality=variant.modality)
 
 
+def tiny_encoder_repo(out: Path, variant_id: str) -> Path:
+    variant = get_variant(variant_id)
+    torch.manual_seed(0)
+    model = get_family(variant.family).encoder_class(variant.build_config())
+    return export_repo(model, out, variant=variant.id, provenance=Provenance("random-init", "test"),
+                       processor=variant.build_processor(), modality=variant.modality)
+
+
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serving")
     return {
+        **{variant: tiny_encoder_repo(root / variant, variant) for variant in ENCODERS_2D},
         "classifier": tiny_head_repo(root / "classifier", MuscleForImageClassification, ["normal", "nodule"]),
         "segmenter": tiny_head_repo(root / "segmenter", MuscleForSemanticSegmentation, ["background", "lung"]),
         "volume": tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["background", "liver"], "macl-unet3d-tiny"),
@@ -132,15 +143,23 @@ def test_readyz_reports_provider_and_models_lists_both(server):
     assert classifier["labels"] == ["normal", "nodule"] and classifier["input"]["size"] == [64, 64]
 
 
-def test_embed_png_equals_in_process_model(server, radiograph):
+def test_embed_png_with_layers(server, radiograph):
     repo = server["repos"]["classifier"]
     response = post(server, "embed", radiograph, str(repo), layers="0,4")
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["dim"] == 64 and body["provider"] == "CPUExecutionProvider"
-    expected = in_process_embedding(repo, radiograph)
-    assert np.abs(np.array(body["embedding"]) - expected).max() <= 1e-4
     assert len(body["layers"]["0"]) == 8 and len(body["layers"]["4"]) == 64
+    assert post(server, "embed", radiograph, str(repo), layers="9").status_code == 400
+
+
+@pytest.mark.parametrize("name", ["classifier", *ENCODERS_2D])
+def test_embed_png_equals_in_process_model_for_each_2d_family(server, radiograph, name):
+    repo = server["repos"][name]
+    response = post(server, "embed", radiograph, str(repo))
+    assert response.status_code == 200, response.text
+    expected = in_process_embedding(repo, radiograph)
+    assert np.abs(np.array(response.json()["embedding"]) - expected).max() <= 1e-4
 
 
 def test_embed_dicom_equals_in_process_model(server):
