@@ -1,0 +1,30 @@
+"""Shared helpers of the training tests: phantom X-ray manifests and a very small MUSCLE configuration."""
+
+from pathlib import Path
+
+import yaml
+
+from hub.data.phantoms import generate
+
+# 3 MoCo steps, then 2 rounds x 2 tasks x 2 steps: the smallest run that crosses a stage and task visits.
+MICRO_MUSCLE = {
+    "engine": {"checkpoint_every": 100, "log_every": 1, "progress": False},
+    "moco": {"steps": 3, "queue_size": 8, "optim": {"batch_size": 2}},
+    "continual": {
+        "rounds": 2, "steps_per_task": 2, "optim": {"batch_size": 2},
+        "tasks": [
+            {"name": "nodule", "kind": "classification", "label": "nodule", "class_names": ["no nodule", "nodule"]},
+            {"name": "lungs", "kind": "segmentation", "class_names": ["background", "lung", "nodule"],
+             "head": {"aspp_channels": 8}},
+        ],
+    },
+}
+
+
+def xray_manifest(folder: Path, n_xray: int = 8) -> Path:
+    return generate(folder, seed=0, n_xray=n_xray, n_ct=0, n_mri=0, n_pathology=0, progress=False)
+
+
+def write_config(path: Path, settings: dict) -> Path:
+    path.write_text(yaml.safe_dump(settings))
+    return path

@@ -1,0 +1,36 @@
+"""Pretraining recipes by name: each has a settings dataclass, a YAML file of presets and a builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..distributed import DistInfo
+from ..engine import Recipe
+from ..errors import TrainingConfigError
+from . import muscle
+
+
+@dataclass(frozen=True)
+class RecipeEntry:
+    name: str
+    help: str
+    settings_class: type
+    build: Callable[[Any, list[Path], DistInfo], Recipe]
+
+
+RECIPES: dict[str, RecipeEntry] = {
+    entry.name: entry
+    for entry in (
+        RecipeEntry("muscle", "MUSCLE: multi-dataset MoCo, then multi-task continual learning (L2-SP, reshuffled rounds)",
+                    muscle.MuscleSettings, muscle.MuscleRecipe),
+    )
+}
+
+
+def get_recipe(name: str) -> RecipeEntry:
+    if name not in RECIPES:
+        raise TrainingConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
