@@ -8,8 +8,10 @@ from pathlib import Path
 
 from hub.errors import MedhubError
 from hub.export.resolve import resolve_repo
+from hub.io import read_image
+from hub.processing import MedicalImageProcessor
 
-from .onnx_export import TASKS, export_onnx
+from .onnx_export import TASKS, available_tasks, export_onnx
 from .runtime import active_provider, create_session
 from .settings import ServeSettings
 
@@ -29,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-body-mb", type=int, default=ServeSettings.max_body_bytes // (1024 * 1024))
     serve.add_argument("--max-concurrency", type=int, default=ServeSettings.max_concurrency)
     serve.add_argument("--timeout", type=int, default=ServeSettings.timeout, help="seconds per request")
+    serve.add_argument("--example", action="append", type=Path, default=[],
+                       help="an image or volume to use in the printed curl examples (2D and 3D picked by content)")
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -40,6 +44,24 @@ def cmd_onnx(args: argparse.Namespace) -> int:
     print(f"wrote {result.path} ({args.task}; outputs {', '.join(result.output_names)}); "
           f"parity with torch: max abs diff {result.max_abs_diff:.2g}; runs on {provider}")
     return 0
+
+
+ROUTE_TASKS = {"embed": "features", "classify": "classification", "segment": "segmentation"}
+
+
+def curl_examples(models: list[str], url: str, examples: list[Path]) -> list[str]:
+    """One curl command per route, each with a served model that has the route's task and takes the example."""
+    by_dims = {read_image(path).spatial_dims: path for path in examples}
+    lines = []
+    for route, task in ROUTE_TASKS.items():
+        for model in models:
+            repo_dir = resolve_repo(model)
+            dims = MedicalImageProcessor.from_pretrained(repo_dir).spatial_dims
+            if task in available_tasks(repo_dir):
+                example = by_dims.get(dims, Path("image.png" if dims == 2 else "volume.nii.gz"))
+                lines.append(f"curl -F file=@{example} -F model={model} {url}/{route}")
+                break
+    return lines + [f"curl {url}/models"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -60,6 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parents[1]
     command = [bentoml, "serve", "serving.service:MedhubService", "--host", args.host, "--port", str(args.port),
                "--working-dir", str(root)]
-    print(f"medhub serve: http://{args.host}:{args.port} ({', '.join(args.model)})", flush=True)
+    url = f"http://{args.host}:{args.port}"
+    print(f"medhub serve: {url} ({', '.join(args.model)}); once /readyz answers 200, try:", flush=True)
+    for line in curl_examples(args.model, url, args.example):
+        print(f"  {line}", flush=True)
     os.execve(bentoml, command, env)
     return 0

@@ -1,0 +1,144 @@
+"""Serving throughput: torch eager vs ONNX Runtime in process vs HTTP /embed with 1, 8 and 32 clients.
+
+For muscle-resnet50 and medcoss-vitb (random weights; speed does not depend on them) at 224 px on this machine.
+Prints images/s, p50/p99 latency of HTTP requests and the service's resident memory, side by side.
+Goals (issue #8): ORT/eager >= 1.5 for ResNet-50; HTTP with 8+ clients >= 0.85 of ORT in process.
+"""
+
+import concurrent.futures
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+import hub  # noqa: F401
+from hub.catalogue import VARIANTS, get_variant
+from hub.export import Provenance, export_repo
+from hub.models import get_family
+from serving.models import repo_revision
+from serving.onnx_export import export_onnx
+from serving.runtime import create_session
+
+MODELS = [name for name in ("muscle-resnet50", "medcoss-vitb") if name in VARIANTS]
+BATCH, SECONDS, CLIENTS = 8, 8.0, (1, 8, 32)
+
+
+def build_repo(variant_id: str, root: Path) -> Path:
+    variant = get_variant(variant_id)
+    torch.manual_seed(0)
+    model = get_family(variant.family).encoder_class(variant.build_config())
+    return export_repo(model, root / variant_id, variant=variant_id, provenance=Provenance("random-init", "benchmark"),
+                       processor=variant.build_processor(), modality=variant.modality)
+
+
+def images_per_second(run, batch: int) -> float:
+    run()  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < SECONDS:
+        run()
+        count += batch
+    return count / (time.perf_counter() - start)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(repos: list[Path], cache: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "MEDHUB_MODELS": ",".join(map(str, repos)), "MEDHUB_ONNX_CACHE": str(cache),
+           "MEDHUB_MAX_CONCURRENCY": "64", "BENTOML_DO_NOT_TRACK": "True"}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:MedhubService", "--host",
+         "127.0.0.1", "--port", str(port)], cwd=Path(__file__).resolve().parents[1], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError("the service did not become ready")
+
+
+def http_load(url: str, model: str, png: bytes, clients: int) -> tuple[float, float, float]:
+    """Images/s, p50 and p99 latency (ms) with `clients` concurrent clients for SECONDS."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + SECONDS
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as session:
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                response = session.post(f"{url}/embed", files={"file": ("x.png", png)}, data={"model": model})
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(lambda _: client(), range(clients)))
+    elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return len(latencies) / elapsed, float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def service_rss_mib(process: subprocess.Popen) -> float:
+    parent = psutil.Process(process.pid)
+    return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2**20
+
+
+def main() -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray((rng.random((224, 224)) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        repos = {name: build_repo(name, root) for name in MODELS}
+        rows = []
+        for name, repo in repos.items():
+            model = get_family(get_variant(name).family).encoder_class.from_pretrained(repo).eval()
+            pixels = torch.randn(BATCH, 3, 224, 224)
+            with torch.no_grad():
+                eager = images_per_second(lambda: model(pixel_values=pixels), BATCH)
+            onnx_path = root / "onnx-cache" / repo_revision(repo) / "features.onnx"  # where the service looks
+            export_onnx(repo, "features", onnx_path, repo_id=str(repo), revision=repo_revision(repo))
+            session = create_session(onnx_path)
+            ort_ips = images_per_second(lambda: session.run(None, {"pixel_values": pixels.numpy()}), BATCH)
+            rows.append([name, eager, ort_ips])
+            del model, session
+        process, url = start_server(list(repos.values()), root / "onnx-cache")
+        try:
+            print(f"{'model':<16}{'eager img/s':>12}{'ORT img/s':>11}{'ORT/eager':>10}"
+                  + "".join(f"{f'HTTP c={c} img/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'/ORT':>6}" for c in CLIENTS))
+            for name, eager, ort_ips in rows:
+                line = f"{name:<16}{eager:>12.1f}{ort_ips:>11.1f}{ort_ips / eager:>10.2f}"
+                for clients in CLIENTS:
+                    ips, p50, p99 = http_load(url, str(repos[name]), png, clients)
+                    line += f"{ips:>17.1f}{p50:>8.0f}{p99:>8.0f}{ips / ort_ips:>6.2f}"
+                print(line, flush=True)
+            print(f"service resident memory: {service_rss_mib(process):.0f} MiB ({len(repos)} models)")
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
