@@ -30,6 +30,7 @@ class OptimSettings:
     optimizer: str = "sgd"
     lr: float = 0.03
     momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
@@ -39,6 +40,8 @@ class OptimSettings:
             raise TrainingConfigError(f"optimizer {self.optimizer!r} is not one of sgd, adam, adamw")
         if self.batch_size < 1 or self.lr <= 0:
             raise TrainingConfigError(f"batch_size and lr must be positive, got {self.batch_size} and {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise TrainingConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
 
 
 @dataclass

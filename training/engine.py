@@ -45,9 +45,17 @@ class Stage(ABC):
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this stage's optimiser updates."""
 
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups of the optimiser (e.g. no weight decay on biases); default: one group of `parameters()`."""
+        return [{"params": self.parameters()}]
+
     @abstractmethod
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Read the batch of `step` and return the loss to minimise plus scalars to log."""
+
+    def start(self) -> None:
+        """Work when the stage begins at its first step (never when a run resumes inside it), e.g. snapshots of the
+        previous stage's model; runs after the optimiser is built and outside autocast."""
 
     def after_step(self, step: int) -> None:
         """Work after the optimiser step (momentum encoders, queues)."""
@@ -96,12 +104,14 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
     return factor
 
 
-def make_optimizer(parameters: list[nn.Parameter], optim: OptimSettings) -> torch.optim.Optimizer:
+def make_optimizer(parameters: list[nn.Parameter] | list[dict[str, Any]], optim: OptimSettings) -> torch.optim.Optimizer:
+    """`parameters`: a list of parameters or of parameter groups (a group's own settings override `optim`)."""
     if optim.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    betas = tuple(optim.betas)
     if optim.optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
-    return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.Adam(parameters, lr=optim.lr, betas=betas, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(parameters, lr=optim.lr, betas=betas, weight_decay=optim.weight_decay)
 
 
 def convert_sync_batchnorm(network: nn.Module) -> None:
@@ -172,7 +182,7 @@ class Engine:
         try:
             for index in range(start_stage, len(stages)):
                 stage = stages[index]
-                optimizer = make_optimizer(stage.parameters(), stage.optim)
+                optimizer = make_optimizer(stage.optimizer_groups(), stage.optim)
                 scheduler = torch.optim.lr_scheduler.LambdaLR(
                     optimizer, warmup_cosine(stage.num_steps, stage.optim.warmup_steps, stage.optim.min_lr_ratio)
                 )
@@ -186,6 +196,8 @@ class Engine:
                     rng = state["rng"]
                     checkpoint.set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world else rng[0])
                     state = None
+                if first == 0:
+                    stage.start()
                 tick, samples = time.perf_counter(), 0
                 for step in range(first, stage.num_steps):
                     metrics = self._step(recipe, stage, step, optimizer, scheduler, scaler)

@@ -10,7 +10,7 @@ from typing import Any
 from ..distributed import DistInfo
 from ..engine import Recipe
 from ..errors import TrainingConfigError
-from . import muscle
+from . import macl, medcoss, muscle
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ RECIPES: dict[str, RecipeEntry] = {
     for entry in (
         RecipeEntry("muscle", "MUSCLE: multi-dataset MoCo, then multi-task continual learning (L2-SP, reshuffled rounds)",
                     muscle.MuscleSettings, muscle.MuscleRecipe),
+        RecipeEntry("macl", "MACL: asymmetric global/dense slice-position contrastive U-Net pretraining on CT/MRI slices",
+                    macl.MaclSettings, macl.MaclRecipe),
+        RecipeEntry("medcoss", "MedCoSS: modality-by-modality MAE/MLM with k-means rehearsal, mixup and feature distillation",
+                    medcoss.MedcossSettings, medcoss.MedcossRecipe),
     )
 }
 

@@ -1,0 +1,153 @@
+"""The MACL recipe: multi-level asymmetric contrastive pretraining of the 2D U-Net on CT/MRI slices.
+
+Every slice of the `--data` volumes (modality `ct` or `mri`, train split) yields four views (`training.slices`);
+`MaclForPreTraining` computes the global and dense supervised-contrastive losses with positives |p_i - p_j| <
+`slice_threshold` over the local batch (negatives are per rank, as upstream) and the L1 equivariance term. SGD
+with a per-step cosine to 0. The export is the whole pretraining network (encoder, decoder, projectors), so
+`AutoModel` gives the encoder and `AutoModelForSemanticSegmentation` the U-Net with a new 1x1 head.
+
+Where the released code and the paper differ (reference §2.13) the config chooses and the default is the code's:
+learning rate 0.01 (paper 0.1), photometric views with jitter and blur (paper: identity), elastic deformation
+(paper: none), the temperature / base_temperature factor 0.1 / 0.07 (paper: none; set base_temperature to 0.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset
+
+from hub.catalogue import get_variant
+from hub.export import Provenance, export_repo
+from hub.models.macl import MaclForPreTraining
+
+from ..config import EngineSettings, OptimSettings
+from ..data import IndexStream, StepLoader, read_split, sample_generator
+from ..distributed import DistInfo
+from ..engine import Recipe, Stage
+from ..errors import TrainingConfigError
+from ..slices import SliceDataset, ViewSettings, macl_views
+
+VOLUME_MODALITIES = ("ct", "mri")
+
+
+@dataclass
+class LossSettings:
+    """Written into the model config (`MaclConfig`), which computes the losses."""
+
+    slice_threshold: float = 0.1
+    temperature: float = 0.1
+    base_temperature: float = 0.07
+    global_weight: float = 1.0
+    dense_weight: float = 0.5
+    equivariance_weight: float = 1.0
+
+
+@dataclass
+class MaclSettings:
+    variant: str = "macl-unet2d"
+    modality: str = "ct"
+    seed: int = 1234
+    steps: int = 1000
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    views: ViewSettings = field(default_factory=ViewSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+
+
+class MaclStage(Stage):
+    def __init__(self, model: MaclForPreTraining, dataset: SliceDataset, settings: MaclSettings, dist: DistInfo):
+        self.name, self.num_steps, self.optim = "macl", settings.steps, settings.optim
+        self.samples_per_step = settings.optim.batch_size * dist.world
+        self.model, self.dataset, self.settings, self.device = model, dataset, settings, dist.device
+        self.stream = IndexStream([len(dataset)], settings.optim.batch_size, settings.seed, dist.rank, dist.world)
+        self.loader = StepLoader(self.batch, settings.steps, settings.engine.num_workers)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The four view tensors (batch, 1, H, W) and the slice positions of `step`."""
+        views: list[list[torch.Tensor]] = [[], [], [], []]
+        positions = []
+        for index, epoch in self.stream.batch(step):
+            pixels, position = self.dataset[index]
+            generators = [sample_generator(self.settings.seed, epoch, index, view) for view in range(4)]
+            for bucket, view in zip(views, macl_views(pixels, self.settings.views, generators)):
+                bucket.append(view)
+            positions.append(position)
+        names = ("pixel_values", "dominant_pixel_values", "spatial_pixel_values", "dominant_spatial_pixel_values")
+        batch = {name: torch.stack(bucket) for name, bucket in zip(names, views)}
+        batch["slice_positions"] = torch.tensor(positions, dtype=torch.float32)
+        return batch
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        self.model.train()
+        batch = {name: value.to(self.device, non_blocking=True) for name, value in self.loader.get(step).items()}
+        output = self.model(**batch)
+        positives = (batch["slice_positions"][:, None] - batch["slice_positions"][None]).abs() < self.model.config.slice_threshold
+        metrics = {
+            "loss_global": float(output.loss_global.detach()), "loss_dense": float(output.loss_dense.detach()),
+            "loss_equivariance": float(output.loss_equivariance.detach()),
+            "positives_per_slice": float(positives.sum(1).float().mean()),
+        }
+        return output.loss, metrics
+
+
+class MaclRecipe(Recipe):
+    name = "macl"
+
+    def __init__(self, settings: MaclSettings, manifests: list[Path], dist: DistInfo):
+        if not manifests:
+            raise TrainingConfigError("the macl recipe needs at least one --data manifest of CT or MRI volumes")
+        if settings.modality not in VOLUME_MODALITIES:
+            raise TrainingConfigError(f"modality {settings.modality!r} is not a volume modality ({', '.join(VOLUME_MODALITIES)})")
+        self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
+        self.variant = get_variant(settings.variant)
+        if self.variant.family != "macl" or self.variant.spatial_dims != 2:
+            raise TrainingConfigError(f"variant {settings.variant!r} is not a 2D MACL variant (e.g. macl-unet2d, macl-tiny)")
+        self.processor = self.variant.build_processor()
+        datasets = [SliceDataset(read_split(m, "train", settings.modality), self.processor) for m in self.manifests]
+        self.dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+        if len(self.dataset) < 2:
+            raise TrainingConfigError("contrastive pretraining needs at least 2 slices")
+        loss = settings.loss
+        config = self.variant.build_config(
+            slice_threshold=loss.slice_threshold, temperature=loss.temperature, base_temperature=loss.base_temperature,
+            global_loss_weight=loss.global_weight, dense_loss_weight=loss.dense_weight,
+            equivariance_loss_weight=loss.equivariance_weight,
+        )
+        self.network = MaclForPreTraining(config)
+
+    def signature(self) -> dict[str, Any]:
+        settings = asdict(self.settings)
+        settings.pop("engine")
+        return {"recipe": self.name, "settings": settings, "data": [m.name for m in self.manifests]}
+
+    def stages(self) -> list[Stage]:
+        return [MaclStage(self.network, self.dataset, self.settings, self.dist)]
+
+    def _provenance(self) -> Provenance:
+        s = self.settings
+        description = (
+            f"trained with medhub's MACL recipe for {s.steps} steps (batch {s.optim.batch_size} per rank, "
+            f"{s.optim.optimizer} lr {s.optim.lr}, cosine to 0); views follow the "
+            f"{'released code (jitter + blur' if s.views.photometric == 'code' else 'paper (identity photometric views'}"
+            f"{', elastic' if s.views.elastic else ', no elastic'}); slice threshold {s.loss.slice_threshold}, "
+            f"temperature {s.loss.temperature} / {s.loss.base_temperature}, loss weights "
+            f"{s.loss.global_weight}/{s.loss.dense_weight}/{s.loss.equivariance_weight}"
+        )
+        data = f"{len(self.dataset)} {s.modality} slices from {', '.join(m.name for m in self.manifests)}"
+        details = {"recipe": self.name, "seed": str(s.seed), "variant": s.variant}
+        return Provenance(kind="trained", description=description, training_data=data, details=details)
+
+    def export(self, out_dir: Path) -> list[Path]:
+        self.network.cpu()
+        written = export_repo(self.network, out_dir / "macl", variant=self.variant.id, provenance=self._provenance(),
+                              processor=self.processor, modality=self.settings.modality, overwrite=True)
+        self.network.to(self.dist.device)
+        return [written]
