@@ -72,3 +72,47 @@ def run_python():
         )
 
     return run
+
+
+LOAD_BY_ID = """
+import sys
+{prelude}
+remote = {remote}
+import torch
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForSemanticSegmentation
+for repo_id in {ids!r}:
+    model = AutoModel.from_pretrained(repo_id, trust_remote_code=remote).eval()
+    golden = load_file(snapshot_download(repo_id) + "/golden.safetensors")
+    with torch.no_grad():
+        out = model(pixel_values=golden["pixel_values"]).pooler_output
+    difference = (out - golden["expected.pooler_output"]).abs().max()
+    assert torch.allclose(out, golden["expected.pooler_output"], atol=1e-5), (repo_id, difference)
+    print(repo_id, type(model).__module__, tuple(golden["pixel_values"].shape))
+{per_model}
+"""
+
+
+@pytest.fixture
+def load_by_id(cli, tmp_path, hf_cache, run_python):
+    """`init` + `publish --cache` each variant as org/<variant>, then load every id with `AutoModel` in two fresh
+    offline interpreters (with `import hub`; with `hub` blocked and `trust_remote_code=True`); both must
+    reproduce golden.safetensors. `per_model` is code run for each loaded `model` (indented, in the loop; `remote`
+    tells which interpreter it runs in).
+    Returns the two stdouts, one line per id: `repo_id module input_shape`."""
+
+    def check(variants: list[str], per_model: str = "") -> tuple[str, str]:
+        ids = [f"org/{variant}" for variant in variants]
+        for variant, repo_id in zip(variants, ids):
+            assert cli("init", variant, "--out", tmp_path / variant, "--repo-id", repo_id).code == 0
+            assert cli("publish", tmp_path / variant, "--repo-id", repo_id, "--cache").code == 0
+        outputs = []
+        for prelude, remote in (("import hub", False), ("sys.modules['hub'] = None", True)):
+            script = LOAD_BY_ID.format(prelude=prelude, ids=ids, remote=remote, per_model=per_model)
+            result = run_python(script, env={"HF_MODULES_CACHE": str(hf_cache.parent / "modules")})
+            assert result.returncode == 0, result.stderr[-3000:]
+            outputs.append(result.stdout)
+        return outputs[0], outputs[1]
+
+    return check
