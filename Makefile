@@ -25,10 +25,16 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
+# The demo models are trained by our own recipes on synthetic phantoms, once, into the local HF cache.
+DEMO_DIR ?= $(HOME)/.cache/medhub/demo
+HOST     ?= 127.0.0.1
+PORT     ?= 3000
+
 run: $(STAMP)
-	@echo "make run: the HTTP service arrives with the serving issue (#8); nothing to start yet." >&2
-	@echo "Until then: '$(BIN)/medhub models', '$(BIN)/medhub init VARIANT --out DIR', see README.md." >&2
-	@exit 2
+	@test -s $(DEMO_DIR)/models.txt || $(BIN)/medhub demo --out $(DEMO_DIR)
+	@exec $(BIN)/medhub serve --host $(HOST) --port $(PORT) \
+		$$(sed 's/^/--model /' $(DEMO_DIR)/models.txt) \
+		$$(for f in $(DEMO_DIR)/examples/*; do [ -f "$$f" ] && printf -- '--example %s ' "$$f"; done)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -50,17 +50,20 @@ ROUTE_TASKS = {"embed": "features", "classify": "classification", "segment": "se
 
 
 def curl_examples(models: list[str], url: str, examples: list[Path]) -> list[str]:
-    """One curl command per route, each with a served model that has the route's task and takes the example."""
+    """Per route, one curl command for each input dimensionality (2D, 3D) that a served model takes for it."""
     by_dims = {read_image(path).spatial_dims: path for path in examples}
+    served = []
+    for model in models:
+        repo_dir = resolve_repo(model)
+        served.append((model, MedicalImageProcessor.from_pretrained(repo_dir).spatial_dims, available_tasks(repo_dir)))
     lines = []
     for route, task in ROUTE_TASKS.items():
-        for model in models:
-            repo_dir = resolve_repo(model)
-            dims = MedicalImageProcessor.from_pretrained(repo_dir).spatial_dims
-            if task in available_tasks(repo_dir):
+        shown: set[int] = set()
+        for model, dims, tasks in served:
+            if task in tasks and dims not in shown:
+                shown.add(dims)
                 example = by_dims.get(dims, Path("image.png" if dims == 2 else "volume.nii.gz"))
                 lines.append(f"curl -F file=@{example} -F model={model} {url}/{route}")
-                break
     return lines + [f"curl {url}/models"]
 
 

@@ -202,3 +202,26 @@ def test_encoder_repo_loads_into_every_head(tmp_path, tiny_config):
         head = auto_class.from_pretrained(tmp_path)
         assert torch.equal(head.muscle.conv1.weight, encoder.conv1.weight)
         assert torch.equal(head.muscle.layer4[0].bn2.running_var, encoder.layer4[0].bn2.running_var)
+
+
+def test_segmentation_encoder_is_dilated_and_learns_lungs_on_phantom_shapes(tiny_config):
+    """At 64 px a stride-32 map is 2x2 and DeepLab cannot learn; the head's encoder runs at stride 8."""
+    tiny_config.num_labels = 2
+    model = MuscleForSemanticSegmentation(tiny_config)
+    assert model.muscle.config.output_stride == 8 and model.config.output_stride == 32
+    assert model.muscle(torch.randn(1, 3, 64, 64)).last_hidden_state.shape[-1] == 8
+    torch.manual_seed(0)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    lungs = ((((x - 0.4) / 0.25) ** 2 + (y / 0.6) ** 2) < 1) | ((((x + 0.4) / 0.25) ** 2 + (y / 0.6) ** 2) < 1)
+    labels = lungs.long().expand(2, 64, 64)
+    pixel_values = (0.5 - 0.4 * lungs.float()).expand(2, 3, 64, 64) + 0.05 * torch.randn(2, 3, 64, 64)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(40):
+        loss = model(pixel_values, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = model.eval()(pixel_values).logits.argmax(1) == 1
+    dice = 2 * (predicted & lungs).sum() / (predicted.sum() + lungs.sum() * 2)
+    assert dice > 0.8

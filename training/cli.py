@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and stop after this many steps")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(handler=cmd_train)
+    register_finetune(subparsers)
+    register_demo(subparsers)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -31,4 +33,56 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     for path in result.exported:
         print(f"exported {path}")
+    return 0
+
+
+def register_finetune(subparsers: argparse._SubParsersAction) -> None:
+    finetune = subparsers.add_parser("finetune", help="fine-tune a repo for classification or segmentation (or a linear probe)")
+    finetune.add_argument("model", help="repo folder or ORG/NAME")
+    finetune.add_argument("--task", choices=["classification", "segmentation"], required=True)
+    finetune.add_argument("--data", type=Path, required=True, metavar="MANIFEST", help="manifest with train and val rows")
+    finetune.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder: DIR/repo and DIR/metrics.jsonl")
+    finetune.add_argument("--freeze", action="store_true", help="frozen encoder: train the head only (linear probe)")
+    finetune.add_argument("--preset", default="tiny", help="tiny (CPU, seconds) or paper (the benchmarking study)")
+    finetune.add_argument("--config", type=Path, help="YAML file whose keys override the preset")
+    finetune.add_argument("--label", help="classification: the manifest labels key (default: the only one)")
+    finetune.add_argument("--classes", nargs="+", metavar="NAME", help="class names, index = label or mask value")
+    finetune.add_argument("--mask-map", nargs="+", default=[], metavar="VALUE=CLASS",
+                          help="segmentation: map mask values to class indices, e.g. 1=0 2=1 3=1")
+    finetune.add_argument("--repo-id", help="ORG/NAME shown in the card's loading examples")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    finetune.set_defaults(handler=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from hub.export import resolve_repo
+    from hub.processing.processor import MedicalImageProcessor
+
+    from .finetune import default_task, finetune, parse_mask_map
+
+    modality = MedicalImageProcessor.from_pretrained(resolve_repo(args.model)).modality
+    task = default_task(args.task, args.data, modality, args.label, args.classes, parse_mask_map(args.mask_map))
+    result = finetune(args.model, task, args.data, args.out, preset=args.preset, config_file=args.config,
+                      freeze=args.freeze, repo_id=args.repo_id, progress=False if args.no_progress else None)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    print(f"best epoch {result.best_epoch} of {result.epochs_run}: {shown}")
+    print(f"exported {result.repo_dir}")
+    return 0
+
+
+def register_demo(subparsers: argparse._SubParsersAction) -> None:
+    demo = subparsers.add_parser("demo", help="build the small demo models from synthetic phantoms into the HF cache")
+    demo.add_argument("--out", type=Path, default=Path.home() / ".cache" / "medhub" / "demo",
+                      help="work folder: phantoms, runs, repos and models.txt (default ~/.cache/medhub/demo)")
+    demo.add_argument("--org", default="demo", help="organisation of the published repo ids (default demo)")
+    demo.add_argument("--force", action="store_true", help="rebuild even when models.txt lists loadable repos")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    for repo_id in run_demo(args.out, org=args.org, force=args.force, progress=not args.no_progress):
+        print(repo_id)
     return 0

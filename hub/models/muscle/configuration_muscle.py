@@ -23,7 +23,9 @@ class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
     hidden_sizes (`list[int]`): base width of each stage; a stage outputs `width * expansion` channels.
     depths (`list[int]`): residual blocks per stage (ResNet-18: 2,2,2,2; ResNet-50: 3,4,6,3).
     block_type (`str`): `"basic"` (expansion 1) or `"bottleneck"` (expansion 4).
-    output_stride (`int`): 32, 16 or 8; below 32 the last stages use dilation instead of stride (DeepLab-V3).
+    output_stride (`int`): 32, 16 or 8; below 32 the last stages use dilation instead of stride.
+    segmentation_output_stride (`int`): the encoder's output stride inside `MuscleForSemanticSegmentation`
+        (default 8, as torchvision's DeepLab-V3); weights are the same, only strides become dilations.
     image_size (`int`): the square input side used for the golden example and export.
     pooling (`str`): how `pooler_output` is made from the last stage map; only `"mean"` (global average pool).
     aspp_channels / atrous_rates: DeepLab-V3 head (torchvision's defaults: 256 channels, rates 12/24/36).
@@ -48,6 +50,7 @@ class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
     depths: list[int] | tuple[int, ...] = (3, 4, 6, 3)
     block_type: str = "bottleneck"
     output_stride: int = 32
+    segmentation_output_stride: int = 8
     image_size: int = 224
     pooling: str = "mean"
     aspp_channels: int = 256
@@ -76,8 +79,9 @@ class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"pooling={self.pooling!r} is not one of {', '.join(self.poolings)}")
         if len(self.hidden_sizes) != len(self.depths) or len(self.depths) != 4:
             raise ValueError(f"hidden_sizes and depths must both list 4 stages, got {self.hidden_sizes} and {self.depths}")
-        if self.output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride={self.output_stride} is not one of 8, 16, 32")
+        for name in ("output_stride", "segmentation_output_stride"):
+            if getattr(self, name) not in (8, 16, 32):
+                raise ValueError(f"{name}={getattr(self, name)} is not one of 8, 16, 32")
 
     @property
     def expansion(self) -> int:

@@ -9,6 +9,7 @@ ResNet checkpoints load without renaming. This file only imports torch, torchvis
 runs as remote code from an exported repo.
 """
 
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -224,11 +225,14 @@ def classification_loss(config: MuscleConfig, logits: torch.Tensor, labels: torc
 
 
 class MuscleForSemanticSegmentation(MusclePreTrainedModel):
-    """DeepLab-V3: ASPP on the last stage, logits upsampled bilinearly to the input size."""
+    """DeepLab-V3: ASPP on the last stage of the encoder run at `segmentation_output_stride` (dilated, same
+    weights), logits upsampled bilinearly to the input size."""
 
     def __init__(self, config: MuscleConfig):
         super().__init__(config)
-        self.muscle = MuscleModel(config)
+        encoder_config = copy.deepcopy(config)
+        encoder_config.output_stride = config.segmentation_output_stride
+        self.muscle = MuscleModel(encoder_config)
         self.decode_head = DeepLabHead(config.hidden_size, config.num_labels, list(config.atrous_rates))
         self.post_init()
 
