@@ -10,7 +10,7 @@ from typing import Any
 from ..distributed import DistInfo
 from ..engine import Recipe
 from ..errors import TrainingConfigError
-from . import macl, medcoss, muscle
+from . import macl, medcoss, muscle, umedpt
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ RECIPES: dict[str, RecipeEntry] = {
                     macl.MaclSettings, macl.MaclRecipe),
         RecipeEntry("medcoss", "MedCoSS: modality-by-modality MAE/MLM with k-means rehearsal, mixup and feature distillation",
                     medcoss.MedcossSettings, medcoss.MedcossRecipe),
+        RecipeEntry("umedpt", "UMedPT: multi-task classification/segmentation/detection with encoder gradients accumulated over tasks",
+                    umedpt.UmedptSettings, umedpt.UmedptRecipe),
     )
 }
 
