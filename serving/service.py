@@ -12,6 +12,7 @@ from collections.abc import Callable
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 import bentoml  # noqa: E402
+import torch  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
@@ -25,6 +26,8 @@ from .models import DimensionalityError, ServedModel, TaskNotAvailableError, Unk
 from .settings import ServeSettings  # noqa: E402
 
 logger = logging.getLogger("medhub.serving")
+# Request threads preprocess in parallel; torch's own thread pool (used for resizing) would fight ONNX Runtime's.
+torch.set_num_threads(1)
 SETTINGS = ServeSettings.from_env()
 LOADED: dict[str, ServedModel] = {}  # this worker's models, shared with the /models route and the guard
 MASK_MEDIA = {"png": "image/png", "nifti": "application/gzip"}
