@@ -75,7 +75,10 @@ def export_onnx(repo_dir: Path, task: str, out_path: Path, *, repo_id: str, revi
         raise RepoError(f"repo {repo_id} has no {task} head; it offers {', '.join(available_tasks(repo_dir))}")
     config = read_config(repo_dir)
     family = get_family(config["model_type"])
-    model = getattr(transformers, TASKS[task]).from_pretrained(repo_dir).eval()
+    if task == "features":
+        model = family.load_encoder(repo_dir).eval()
+    else:
+        model = getattr(transformers, TASKS[task]).from_pretrained(repo_dir).eval()
     graph = TaskGraph(model, task).eval()
     example = family.example_inputs(model.config, 2, 0)["pixel_values"]
     with torch.no_grad():

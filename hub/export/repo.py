@@ -78,7 +78,7 @@ def export_repo(
     for source_file in family.source_files:
         shutil.copy2(source_file, out_dir / source_file.name)
     processor.save_pretrained(out_dir)
-    encoder = family.encoder_class.from_pretrained(out_dir)
+    encoder = family.load_encoder(out_dir)
     write_golden(encoder, family, out_dir)
     facts = CardFacts(
         variant=variant,

@@ -23,5 +23,5 @@ def verify_repo(path_or_id: str | Path, revision: str | None = None) -> VerifyRe
     model_type = read_config(repo_dir).get("model_type")
     if model_type is None:
         raise RepoError(f"config.json in {repo_dir} has no model_type")
-    encoder = get_family(model_type).encoder_class.from_pretrained(repo_dir)
+    encoder = get_family(model_type).load_encoder(repo_dir)
     return VerifyReport(repo_dir, files_checked, check_golden(encoder, repo_dir))

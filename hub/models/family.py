@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import PreTrainedConfig, PreTrainedModel
 
 ExampleInputs = Callable[[PreTrainedConfig, int, int], dict[str, torch.Tensor]]
@@ -31,6 +32,16 @@ class Family:
     @property
     def encoder_class(self) -> type[PreTrainedModel]:
         return self.auto_classes["AutoModel"]
+
+    def load_encoder(self, repo_dir: Path) -> PreTrainedModel:
+        """The repo's encoder. Head weights that the encoder does not use are expected here, so transformers'
+        load report (a warning listing them) is silenced for this call."""
+        previous = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            return self.encoder_class.from_pretrained(repo_dir)
+        finally:
+            transformers.logging.set_verbosity(previous)
 
     @property
     def source_files(self) -> list[Path]:
