@@ -1,7 +1,8 @@
 """Serving throughput: torch eager vs ONNX Runtime in process vs HTTP /embed with 1, 8 and 32 clients.
 
 For muscle-resnet50 and medcoss-vitb (random weights; speed does not depend on them) at 224 px on this machine.
-Prints images/s, p50/p99 latency of HTTP requests and the service's resident memory, side by side.
+Prints images/s in process at batch 1 and 8, HTTP images/s with p50/p99 latency (compared with ORT at batch 8),
+and the service's resident memory, side by side.
 Goals (issue #8): ORT/eager >= 1.5 for ResNet-50; HTTP with 8+ clients >= 0.85 of ORT in process.
 """
 
@@ -115,21 +116,23 @@ def main() -> None:
         rows = []
         for name, repo in repos.items():
             model = get_family(get_variant(name).family).encoder_class.from_pretrained(repo).eval()
-            pixels = torch.randn(BATCH, 3, 224, 224)
-            with torch.no_grad():
-                eager = images_per_second(lambda: model(pixel_values=pixels), BATCH)
             onnx_path = root / "onnx-cache" / repo_revision(repo) / "features.onnx"  # where the service looks
             export_onnx(repo, "features", onnx_path, repo_id=str(repo), revision=repo_revision(repo))
             session = create_session(onnx_path)
-            ort_ips = images_per_second(lambda: session.run(None, {"pixel_values": pixels.numpy()}), BATCH)
-            rows.append([name, eager, ort_ips])
+            row = [name]
+            for batch in (1, BATCH):
+                pixels = torch.randn(batch, 3, 224, 224)
+                with torch.no_grad():
+                    row.append(images_per_second(lambda: model(pixel_values=pixels), batch))
+                row.append(images_per_second(lambda: session.run(None, {"pixel_values": pixels.numpy()}), batch))
+            rows.append(row)
             del model, session
         process, url = start_server(list(repos.values()), root / "onnx-cache")
         try:
-            print(f"{'model':<16}{'eager img/s':>12}{'ORT img/s':>11}{'ORT/eager':>10}"
+            print(f"{'model':<16}" + "".join(f"{f'eager b{b}':>10}{f'ORT b{b}':>9}{'ORT/eager':>10}" for b in (1, BATCH))
                   + "".join(f"{f'HTTP c={c} img/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'/ORT':>6}" for c in CLIENTS))
-            for name, eager, ort_ips in rows:
-                line = f"{name:<16}{eager:>12.1f}{ort_ips:>11.1f}{ort_ips / eager:>10.2f}"
+            for name, eager1, ort1, eager_b, ort_ips in rows:
+                line = f"{name:<16}{eager1:>10.1f}{ort1:>9.1f}{ort1 / eager1:>10.2f}{eager_b:>10.1f}{ort_ips:>9.1f}{ort_ips / eager_b:>10.2f}"
                 for clients in CLIENTS:
                     ips, p50, p99 = http_load(url, str(repos[name]), png, clients)
                     line += f"{ips:>17.1f}{p50:>8.0f}{p99:>8.0f}{ips / ort_ips:>6.2f}"
