@@ -132,9 +132,7 @@ CONVERTER = Converter(
     name="macl",
     help="the authors' MACL U-Net checkpoints ({'net': state_dict}: CHD, BraTS, KiTS)",
     default_license="other",
-    run=lambda args: convert_macl(
-        args.checkpoint, args.out, task=args.task, in_channels=args.in_channels, repo_id=args.repo_id,
-        license=args.license, base_model=args.base_model, overwrite=args.overwrite,
-    ),
+    convert=convert_macl,
     add_arguments=add_arguments,
+    options=("task", "in_channels"),
 )

@@ -205,9 +205,7 @@ CONVERTER = Converter(
     name="medcoss",
     help="the MedCoSS release (checkpoint-299.pth of MedCoSS_Report_Xray_CT_MR_Path_Buffer0.05)",
     default_license="other",
-    run=lambda args: convert_medcoss(
-        args.checkpoint, args.out, repo_id=args.repo_id, license=args.license, base_model=args.base_model,
-        overwrite=args.overwrite, tokenizer_dir=args.tokenizer_dir, keep_pretraining_heads=args.keep_pretraining_heads,
-    ),
+    convert=convert_medcoss,
     add_arguments=add_arguments,
+    options=("tokenizer_dir", "keep_pretraining_heads"),
 )

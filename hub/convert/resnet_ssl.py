@@ -84,8 +84,5 @@ CONVERTER = Converter(
     name="resnet50-ssl",
     help="ResNet-50 checkpoints of MoCo, PCL, SwAV, DeepCluster, SeLa, InsDis, PIRL, InfoMin, CMC, Barlow Twins, BTL",
     default_license="other",
-    run=lambda args: convert_resnet50_ssl(
-        args.checkpoint, args.out, repo_id=args.repo_id, license=args.license, base_model=args.base_model,
-        overwrite=args.overwrite,
-    ),
+    convert=convert_resnet50_ssl,
 )

@@ -150,9 +150,7 @@ CONVERTER = Converter(
     name="umedpt",
     help="the authors' UMedPT zip of pickled modules (encoder-1.0.4.pt.zip), read without their package",
     default_license="other",
-    run=lambda args: convert_umedpt(
-        args.checkpoint, args.out, accept_license=args.accept_license, repo_id=args.repo_id, license=args.license,
-        base_model=args.base_model, overwrite=args.overwrite,
-    ),
+    convert=convert_umedpt,
     add_arguments=add_arguments,
+    options=("accept_license",),
 )
