@@ -95,7 +95,8 @@ def test_task_order_is_the_documented_seeded_permutation_and_the_stage_follows_i
     assert {tuple(task_order(4, r, 0, True)) for r in range(10)} != {(0, 1, 2, 3)}
     assert task_order(3, 5, seed=7, reshuffle=False) == [0, 1, 2]
     recipe = MuscleRecipe(micro, [manifest], CPU)
-    stage = recipe.stages()[1]
+    moco, stage = recipe.stages()
+    assert not moco.sync_bn and stage.sync_bn  # shuffled BatchNorm stays per rank; the supervised stage syncs
     assert isinstance(stage, ContinualStage) and stage.num_steps == 2 * 2 * 2
     visits = [stage.position(step)[:2] for step in range(0, stage.num_steps, 2)]
     assert visits == [(task_order(2, r, 0, True)[slot], r) for r in range(2) for slot in range(2)]

@@ -46,7 +46,9 @@ class OptimSettings:
 
 @dataclass
 class EngineSettings:
-    """How the engine runs a recipe; `amp` and `sync_bn` take effect on GPU only (fp16 autocast, NCCL SyncBN)."""
+    """How the engine runs a recipe. `amp` (fp16 autocast) takes effect on GPU only; `sync_bn` under torchrun
+    with more than one rank, on any backend (BatchNorm statistics over all ranks: `training.sync_batchnorm`), in
+    every stage but those that need per-rank statistics (MoCo's shuffled BatchNorm)."""
 
     amp: bool = True
     grad_clip: float = 0.0

@@ -2,10 +2,11 @@
 
 A recipe is a network (everything that is checkpointed) and a list of stages; a stage has a fixed number of
 optimiser steps, its parameters, its optimiser settings and a `loss(step)` that reads the batch of that step.
-The engine runs the stages in one process or under `torchrun` (gradients averaged across ranks; see
-`training.distributed`), with fp16 autocast and a gradient scaler on GPU, warm-up + cosine learning rates,
-optional gradient clipping, `metrics.jsonl` (and TensorBoard when installed), a progress bar with loss and
-throughput, atomic checkpoints every `checkpoint_every` steps and at the end, and the recipe's export on rank 0.
+The engine runs the stages in one process or under `torchrun` (gradients averaged across ranks, see
+`training.distributed`; with `sync_bn`, BatchNorm statistics over all ranks, see `training.sync_batchnorm`), with
+fp16 autocast and a gradient scaler on GPU, warm-up + cosine learning rates, optional gradient clipping,
+`metrics.jsonl` (and TensorBoard when installed), a progress bar with loss and throughput, atomic checkpoints
+every `checkpoint_every` steps and at the end, and the recipe's export on rank 0.
 
 Exact resume: a checkpoint stores the network, the current stage's optimiser, scheduler, gradient scaler and
 stage state (queues, anchors), every rank's RNG states and the position (stage, step). Data positions are a
@@ -31,6 +32,7 @@ from . import checkpoint, distributed
 from .config import EngineSettings, OptimSettings
 from .distributed import DistInfo
 from .errors import CheckpointError
+from .sync_batchnorm import convert_sync_batchnorm, set_synchronised
 
 
 class Stage(ABC):
@@ -40,6 +42,7 @@ class Stage(ABC):
     num_steps: int
     optim: OptimSettings
     samples_per_step: int
+    sync_bn = True  # with the engine's `sync_bn`: BatchNorm statistics over all ranks in this stage
 
     @abstractmethod
     def parameters(self) -> list[nn.Parameter]:
@@ -114,14 +117,6 @@ def make_optimizer(parameters: list[nn.Parameter] | list[dict[str, Any]], optim:
     return torch.optim.AdamW(parameters, lr=optim.lr, betas=betas, weight_decay=optim.weight_decay)
 
 
-def convert_sync_batchnorm(network: nn.Module) -> None:
-    """Replace BatchNorm layers by SyncBatchNorm in place (shared submodules converted once)."""
-    for module in list(network.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
-                setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
-
-
 class _Logger:
     """metrics.jsonl on rank 0, plus TensorBoard when the `tensorboard` package is installed."""
 
@@ -166,7 +161,7 @@ class Engine:
     def run(self, recipe: Recipe, resume: bool = False, stop_after: int | None = None) -> RunResult:
         """Train `recipe` to the end (or for `stop_after` more steps, then checkpoint and return)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.settings.sync_bn and self.dist.backend == "nccl":
+        if self.settings.sync_bn and self.dist.world > 1:
             convert_sync_batchnorm(recipe.network)
         recipe.network.to(self.dist.device)
         stages = recipe.stages()
@@ -196,6 +191,7 @@ class Engine:
                     rng = state["rng"]
                     checkpoint.set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world else rng[0])
                     state = None
+                set_synchronised(recipe.network, stage.sync_bn)
                 if first == 0:
                     stage.start()
                 tick, samples = time.perf_counter(), 0

@@ -83,6 +83,7 @@ class MocoStage(Stage):
                  dist: DistInfo, num_workers: int):
         self.name, self.num_steps, self.optim = "moco", settings.steps, settings.optim
         self.samples_per_step = settings.optim.batch_size * dist.world
+        self.sync_bn = not settings.shuffle_bn  # shuffled BatchNorm is per-rank by design
         self.moco, self.datasets, self.settings, self.seed, self.device = moco, datasets, settings, seed, dist.device
         self.offsets = torch.tensor([0] + [len(d) for d in datasets]).cumsum(0).tolist()
         self.stream = IndexStream([len(d) for d in datasets], settings.optim.batch_size, seed, dist.rank, dist.world,
