@@ -136,6 +136,7 @@ def test_whole_word_masking_masks_words_together_with_80_10_10():
         ({"rehearsal": {"buffer_ratio": 1.5}}, r"rehearsal.buffer_ratio must be in \(0, 1\), got 1.5"),
         ({"rehearsal": {"center_ratio": 0.0}}, r"rehearsal.center_ratio must be in \(0, 1\)"),
         ({"stages": ["text", "video"]}, "must be distinct modalities"),
+        ({"rehearsal": {"enabled": "no"}}, r"rehearsal.enabled must be bool, got 'no'"),
     ],
 )
 def test_bad_settings_are_named(tmp_path, settings, message):
@@ -168,6 +169,18 @@ def test_later_stages_draw_single_modality_batches_from_data_and_buffers(manifes
     assert {d[1] for d in draws} == {"xray", "text"}
     assert all(d[2] == [recipe.buffers["text"][0]] * 4 for d in draws if d[1] == "text")
     assert draws == [stages[1].draw(step) for step in range(40)]
+
+
+def test_plain_sequential_ablation_builds_no_buffer_and_trains_only_on_the_current_stage(manifest, tmp_path):
+    path = write_config(tmp_path / "plain.yaml", {"rehearsal": {"enabled": False}})
+    recipe = MedcossRecipe(load_recipe_config(MedcossSettings, "medcoss", "tiny", path), [manifest], CPU)
+    stages = recipe.stages()
+    stages[1].start()
+    assert recipe.buffers == {} and stages[1].sources() == [("xray", list(range(len(recipe.data["xray"]))))]
+    assert {stages[1].draw(step)[:2] for step in range(40)} == {(0, "xray")}
+    loss, metrics = stages[1].loss(0)
+    assert metrics["source"] == 0 and metrics["pretext_loss"] == loss.item() > 0
+    assert "no rehearsal" in recipe._provenance().description
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ the MAE decoder and the MLM head are re-initialised. Every step reads one single
 replacement from the current data or from one buffer (probability proportional to max(1, size // batch), the
 upstream item list's share; upstream drops a buffer smaller than one batch). Current batches get the pretext loss
 only; buffer batches, after intra-modal mixup, only the MSE to the teacher's tokens (same MAE noise for both).
+With `rehearsal.enabled: false` the same stages run as plain sequential pretraining (no buffer, so no distillation
+or mixup): the baseline MedCoSS is compared with (the paper's Fig. 5; `benchmarks/fidelity_medcoss.py`).
 
 The export is the whole pretraining model (`AutoModel` gives the encoder) with the text tokenizer (the one given,
 or a WordPiece tokenizer trained on the text stage's reports) and the variant's X-ray processor.
@@ -47,6 +49,7 @@ HEADS = ("decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred_2d", "
 
 @dataclass
 class RehearsalSettings:
+    enabled: bool = True
     buffer_ratio: float = 0.05
     center_ratio: float = 0.01
     mixup: bool = True
@@ -176,7 +179,7 @@ class ModalityStage(Stage):
 
     def start(self) -> None:
         recipe = self.recipe
-        if self.index > 0:
+        if self.index > 0 and recipe.settings.rehearsal.enabled:
             previous = recipe.settings.stages[self.index - 1]
             rehearsal = recipe.settings.rehearsal
             features = recipe.data[previous].features(self.model.medcoss, rehearsal.feature_batch_size, recipe.dist.device)
@@ -188,9 +191,11 @@ class ModalityStage(Stage):
         self.model._init_weights(self.model)
 
     def sources(self) -> list[tuple[str, list[int]]]:
-        """(modality, sample indices) of the current data, then of every earlier stage's buffer."""
+        """(modality, sample indices) of the current data, then of every earlier stage's buffer (if rehearsing)."""
         recipe = self.recipe
         current = [(self.modality, list(range(len(recipe.data[self.modality]))))]
+        if not recipe.settings.rehearsal.enabled:
+            return current
         return current + [(m, recipe.buffers[m]) for m in recipe.settings.stages[: self.index]]
 
     def draw(self, step: int) -> tuple[int, str, list[int]]:
@@ -296,10 +301,14 @@ class MedcossRecipe(Recipe):
         s = self.settings
         sizes = ", ".join(f"{m}: {len(self.data[m])}" for m in s.stages)
         buffers = ", ".join(f"{m}: {len(v)}" for m, v in self.buffers.items()) or "none"
-        description = (
-            f"trained with medhub's MedCoSS recipe: stages {' -> '.join(s.stages)}, {s.steps_per_stage} steps each, "
+        rehearsal = (
             f"k-means rehearsal buffers ({s.rehearsal.buffer_ratio:g} of each stage, {s.rehearsal.center_ratio:g} "
             f"centres; sizes {buffers}), feature distillation{' after intra-modal mixup' if s.rehearsal.mixup else ''}"
+            if s.rehearsal.enabled else "no rehearsal (plain sequential pretraining: no buffer, distillation or mixup)"
+        )
+        description = (
+            f"trained with medhub's MedCoSS recipe: stages {' -> '.join(s.stages)}, {s.steps_per_stage} steps each, "
+            f"{rehearsal}"
         )
         data = f"train samples per stage ({sizes}) from {', '.join(m.name for m in self.manifests)}"
         details = {"recipe": self.name, "seed": str(s.seed), "variant": s.variant, "stages": ",".join(s.stages)}
