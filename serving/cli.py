@@ -11,7 +11,7 @@ from hub.export.resolve import resolve_repo
 from hub.io import read_image
 from hub.processing import MedicalImageProcessor
 
-from .onnx_export import TASKS, available_tasks, export_onnx
+from .onnx_export import FP16_PARITY_RTOL, PARITY_ATOL, TASKS, available_tasks, export_onnx
 from .runtime import active_provider, create_session
 from .settings import ServeSettings
 
@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     onnx.add_argument("model", help="repo folder or ORG/NAME")
     onnx.add_argument("--task", choices=sorted(TASKS), default="features")
     onnx.add_argument("--out", type=Path, required=True, help="output folder (model.onnx is written there)")
+    onnx.add_argument("--fp16", action="store_true",
+                      help="float16 weights and compute (inputs and outputs stay float32); parity limit "
+                           f"{FP16_PARITY_RTOL:g} x max(1, output scale) instead of {PARITY_ATOL:g}")
     onnx.set_defaults(handler=cmd_onnx)
 
     serve = subparsers.add_parser("serve", help="serve models over HTTP (BentoML + ONNX Runtime)")
@@ -28,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=3000)
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument("--fp16", action="store_true", help="serve float16 ONNX graphs (for GPUs; slower on CPU)")
     serve.add_argument("--max-body-mb", type=int, default=ServeSettings.max_body_bytes // (1024 * 1024))
     serve.add_argument("--max-concurrency", type=int, default=ServeSettings.max_concurrency)
     serve.add_argument("--timeout", type=int, default=ServeSettings.timeout, help="seconds per request")
@@ -39,10 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_onnx(args: argparse.Namespace) -> int:
     repo_dir = resolve_repo(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = export_onnx(repo_dir, args.task, args.out / "model.onnx", repo_id=args.model, revision=repo_dir.name)
+    result = export_onnx(repo_dir, args.task, args.out / "model.onnx", repo_id=args.model, revision=repo_dir.name,
+                         fp16=args.fp16)
     provider = active_provider(create_session(result.path))
-    print(f"wrote {result.path} ({args.task}; outputs {', '.join(result.output_names)}); "
-          f"parity with torch: max abs diff {result.max_abs_diff:.2g}; runs on {provider}")
+    print(f"wrote {result.path} ({args.task}, {result.precision}; outputs {', '.join(result.output_names)}); "
+          f"parity with torch: max abs diff {result.max_abs_diff:.2g} (limit {result.parity_limit:.2g}); "
+          f"runs on {provider}")
     return 0
 
 
@@ -77,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         **os.environ,
         "MEDHUB_MODELS": ",".join(args.model),
         "MEDHUB_DEVICE": args.device,
+        "MEDHUB_FP16": "1" if args.fp16 else "0",
         "MEDHUB_MAX_BODY_MB": str(args.max_body_mb),
         "MEDHUB_MAX_CONCURRENCY": str(args.max_concurrency),
         "MEDHUB_TIMEOUT": str(args.timeout),

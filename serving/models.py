@@ -134,19 +134,21 @@ class ServedModel:
 
 
 def load_served_model(
-    model_id: str, onnx_cache: Path, device: str = "auto", threads: int | None = None
+    model_id: str, onnx_cache: Path, device: str = "auto", threads: int | None = None, fp16: bool = False
 ) -> ServedModel:
-    """Resolve the repo, load its processor, and open (exporting on first use) a session per task."""
+    """Resolve the repo, load its processor, and open (exporting on first use) a session per task.
+
+    float16 graphs are cached as `<revision>/<task>.fp16.onnx`, beside and never in place of the float32 ones."""
     repo_dir = resolve_repo(model_id)
     revision = repo_revision(repo_dir)
     processor = MedicalImageProcessor.from_pretrained(repo_dir)
     model = ServedModel(model_id, repo_dir, revision, read_config(repo_dir), processor)
     for task in available_tasks(repo_dir):
-        path = onnx_cache / revision / f"{task}.onnx"
+        path = onnx_cache / revision / (f"{task}.fp16.onnx" if fp16 else f"{task}.onnx")
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):  # several workers may start at once
             if not path.is_file():
-                export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision)
+                export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision, fp16=fp16)
         model.sessions[task] = create_session(path, threads, device)
         if processor.spatial_dims == 2:
             session = model.sessions[task]

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxscript.optimizer
 import torch
 import transformers
+from onnxruntime.transformers.float16 import convert_float_to_float16
+from onnxscript import ir
 from torch import nn
 
 from hub import __version__
@@ -24,6 +27,10 @@ TASKS = {
 }
 HEAD_SUFFIXES = {"classification": "ForImageClassification", "segmentation": "ForSemanticSegmentation"}
 PARITY_ATOL = 1e-4
+# float16 keeps ~3 significant digits: its graphs must match torch (float32) to 1e-2 of the largest output magnitude
+# (at least 1e-2 absolute), i.e. max abs diff <= FP16_PARITY_RTOL * max(1, max |torch output|) over all outputs.
+FP16_PARITY_RTOL = 1e-2
+FOLD_SIZE_LIMIT = 1 << 20  # elements; constant subgraphs up to this size are folded in float32 before conversion
 
 
 class ExportError(MedhubError):
@@ -36,6 +43,8 @@ class OnnxExport:
     task: str
     output_names: list[str]
     max_abs_diff: float
+    parity_limit: float
+    precision: str
 
 
 class TaskGraph(nn.Module):
@@ -69,8 +78,13 @@ def available_tasks(repo_dir: Path) -> list[str]:
     return tasks
 
 
-def export_onnx(repo_dir: Path, task: str, out_path: Path, *, repo_id: str, revision: str) -> OnnxExport:
-    """Export `task` of the repo at `repo_dir` to `out_path` (dynamic batch) and check it against torch."""
+def export_onnx(
+    repo_dir: Path, task: str, out_path: Path, *, repo_id: str, revision: str, fp16: bool = False
+) -> OnnxExport:
+    """Export `task` of the repo at `repo_dir` to `out_path` (dynamic batch) and check it against torch.
+
+    With `fp16` the weights and compute are float16 while inputs and outputs stay float32, so callers need no
+    change; the parity limit is then relative to the output scale (`parity_limit`)."""
     if task not in available_tasks(repo_dir):
         raise RepoError(f"repo {repo_id} has no {task} head; it offers {', '.join(available_tasks(repo_dir))}")
     config = read_config(repo_dir)
@@ -92,14 +106,55 @@ def export_onnx(repo_dir: Path, task: str, out_path: Path, *, repo_id: str, revi
         )
     except Exception as error:  # torch.export raises many types; the user needs one line either way
         raise ExportError(f"ONNX export of {repo_id} ({task}) failed: {error.__class__.__name__}: {str(error).splitlines()[0]}") from None
-    program.save(str(out_path))
-    _write_metadata(out_path, repo_id=repo_id, revision=revision, task=task, config=config, repo_dir=repo_dir)
-    actual = create_session(out_path, threads=1).run(None, {"pixel_values": example.numpy()})
+    if fp16:
+        onnx.save(to_float16(program.model_proto), str(out_path))
+    else:
+        program.save(str(out_path))
+    precision = "fp16" if fp16 else "fp32"
+    _write_metadata(out_path, repo_id=repo_id, revision=revision, task=task, config=config, repo_dir=repo_dir,
+                    precision=precision)
+    # parity is a property of the file, checked on the CPU provider (CUDA's TF32 matmuls would blur the 1e-4 limit)
+    actual = create_session(out_path, threads=1, device="cpu").run(None, {"pixel_values": example.numpy()})
     difference = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected))
-    if not difference <= PARITY_ATOL:
+    limit = parity_limit(expected, fp16)
+    if not difference <= limit:
         out_path.unlink()
-        raise ExportError(f"ONNX {task} graph of {repo_id} differs from torch by {difference:.3g} (limit {PARITY_ATOL})")
-    return OnnxExport(out_path, task, output_names, difference)
+        raise ExportError(f"ONNX {task} graph ({precision}) of {repo_id} differs from torch by {difference:.3g} "
+                          f"(limit {limit:.3g})")
+    return OnnxExport(out_path, task, output_names, difference, limit, precision)
+
+
+def parity_limit(expected: list[np.ndarray], fp16: bool) -> float:
+    """The largest max abs difference from torch that an export may show (see `FP16_PARITY_RTOL`)."""
+    if not fp16:
+        return PARITY_ATOL
+    return FP16_PARITY_RTOL * max(1.0, *(float(np.abs(output).max()) for output in expected))
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float16 copy of a float32 graph whose inputs and outputs stay float32 (casts at the edges).
+
+    Constant subgraphs (Swin V2's relative-position MLP and shifted-window masks) are folded in float32 first:
+    each table is rounded once, and ONNX Runtime could not fold them later (its CPU provider lacks float16
+    kernels for most ops; for those it runs the op in float32 between inserted casts, and warns at load).
+    ONNX Runtime's default block list keeps the ops without float16 support in float32; its normalisation,
+    softmax and reduction kernels accumulate in float32.
+    """
+    folded = ir.from_proto(model)
+    onnxscript.optimizer.fold_constants(
+        folded, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT,
+        should_fold=lambda node: True if node.op_type == "ConstantOfShape" else None,  # masks start from one
+    )
+    proto = ir.to_proto(folded)
+    # The exporter declares initializers in value_info; the converter would then cast an initializer that only
+    # float32 inputs use (Resize scales) once per consumer under one name, which is an invalid graph.
+    initializers = {tensor.name for tensor in proto.graph.initializer}
+    declared = [info for info in proto.graph.value_info if info.name not in initializers]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(declared)
+    converted = ir.from_proto(convert_float_to_float16(proto, keep_io_types=True))
+    converted.graph.sort()  # the converter appends its casts at the end; other runtimes need topological order
+    return ir.to_proto(converted)
 
 
 def _output_names(task: str, count: int) -> list[str]:
@@ -108,7 +163,9 @@ def _output_names(task: str, count: int) -> list[str]:
     return ["pooler_output"] + [f"layer_{index}" for index in range(count - 1)]
 
 
-def _write_metadata(path: Path, *, repo_id: str, revision: str, task: str, config: dict, repo_dir: Path) -> None:
+def _write_metadata(
+    path: Path, *, repo_id: str, revision: str, task: str, config: dict, repo_dir: Path, precision: str
+) -> None:
     model = onnx.load(str(path))
     preprocessor = repo_dir / "preprocessor_config.json"
     entries = {
@@ -116,6 +173,7 @@ def _write_metadata(path: Path, *, repo_id: str, revision: str, task: str, confi
         "repo_id": repo_id,
         "revision": revision,
         "task": task,
+        "precision": precision,
         "model_type": config["model_type"],
         "labels": json.dumps(config.get("id2label") or {}),
         "input_spec": preprocessor.read_text() if preprocessor.is_file() else "{}",

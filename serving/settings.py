@@ -24,7 +24,8 @@ class ServeSettings:
     """`MEDHUB_MODELS`: comma-separated repo ids or folders. Limits: `MEDHUB_MAX_BODY_MB` (413 above it),
     `MEDHUB_MAX_PIXELS` / `MEDHUB_MAX_VOXELS` (reader budgets), `MEDHUB_MAX_CONCURRENCY` (429 above it),
     `MEDHUB_TIMEOUT` (seconds), `MEDHUB_API_TOKEN` (bearer token; unset = open), `MEDHUB_DEVICE`
-    (auto|cpu|cuda), `MEDHUB_THREADS` (ORT intra-op threads, 0 = all cores), `MEDHUB_ONNX_CACHE`."""
+    (auto|cpu|cuda), `MEDHUB_FP16` (1 = float16 ONNX graphs), `MEDHUB_THREADS` (ORT intra-op threads, 0 = all
+    cores), `MEDHUB_ONNX_CACHE`."""
 
     models: tuple[str, ...] = ()
     max_body_bytes: int = 64 * MIB
@@ -34,6 +35,7 @@ class ServeSettings:
     timeout: int = 120
     token: str | None = None
     device: str = "auto"
+    fp16: bool = False
     threads: int = 0
     onnx_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "medhub" / "onnx")
 
@@ -50,6 +52,7 @@ class ServeSettings:
             timeout=_int("MEDHUB_TIMEOUT", cls.timeout),
             token=os.environ.get("MEDHUB_API_TOKEN") or None,
             device=os.environ.get("MEDHUB_DEVICE", "auto"),
+            fp16=_int("MEDHUB_FP16", 0) == 1,
             threads=_int("MEDHUB_THREADS", 0),
             onnx_cache=Path(cache) if cache else Path.home() / ".cache" / "medhub" / "onnx",
         )

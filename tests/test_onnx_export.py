@@ -1,18 +1,24 @@
-"""ONNX export of every family's tasks (tiny presets) holds parity with torch; `bentoml build` works offline."""
+"""ONNX export of every family's tasks (tiny presets) holds parity with torch, in float32 and float16;
+`bentoml build` works offline."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+import torch
 
 from hub.catalogue import VARIANTS
 from hub.export import Provenance, export_repo
 from hub.models import get_family
-from serving.onnx_export import PARITY_ATOL, available_tasks, export_onnx
+from serving.models import load_served_model, repo_revision
+from serving.onnx_export import FP16_PARITY_RTOL, PARITY_ATOL, TaskGraph, available_tasks, export_onnx
+from serving.runtime import create_session
 
 pytestmark = pytest.mark.slow
 HEADS = {"features": "AutoModel", "classification": "AutoModelForImageClassification",
@@ -26,23 +32,89 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("variant_id", "task"), CASES, ids=[f"{v}-{t}" for v, t in CASES])
-def test_onnx_graph_matches_torch(tmp_path, variant_id, task):
+def _repo(tmp_path: Path, variant_id: str, task: str) -> tuple[torch.nn.Module, Path]:
     variant = VARIANTS[variant_id]
     config = variant.build_config(num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
-    model = get_family(variant.family).auto_classes[HEADS[task]](config)
+    model = get_family(variant.family).auto_classes[HEADS[task]](config).eval()
     repo = export_repo(model, tmp_path / "repo", variant=variant.id, provenance=Provenance("trained", "test"),
                        processor=variant.build_processor(), modality=variant.modality)
+    return model, repo
+
+
+@pytest.mark.parametrize(("variant_id", "task"), CASES, ids=[f"{v}-{t}" for v, t in CASES])
+def test_onnx_graph_matches_torch(tmp_path, variant_id, task):
+    _, repo = _repo(tmp_path, variant_id, task)
     assert task in available_tasks(repo)
-    result = export_onnx(repo, task, tmp_path / "model.onnx", repo_id=f"org/{variant.id}", revision="0" * 40)
-    assert result.max_abs_diff <= PARITY_ATOL
+    result = export_onnx(repo, task, tmp_path / "model.onnx", repo_id=f"org/{variant_id}", revision="0" * 40)
+    assert result.max_abs_diff <= PARITY_ATOL == result.parity_limit and result.precision == "fp32"
     metadata = {prop.key: prop.value for prop in onnx.load(str(result.path)).metadata_props}
-    assert metadata["repo_id"] == f"org/{variant.id}" and metadata["task"] == task
-    assert json.loads(metadata["input_spec"])["modality"] == variant.processor_spec()["modality"]
+    assert metadata["repo_id"] == f"org/{variant_id}" and metadata["task"] == task and metadata["precision"] == "fp32"
+    assert json.loads(metadata["input_spec"])["modality"] == VARIANTS[variant_id].processor_spec()["modality"]
     if task != "features":
         assert json.loads(metadata["labels"]) == {"0": "a", "1": "b"}
     batch_dim = onnx.load(str(result.path)).graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param, "the batch dimension must be dynamic"
+
+
+def _assert_float16_graph(path: Path, model: torch.nn.Module, task: str) -> None:
+    """float32 inputs and outputs, float16 weights (Resize scales may stay float32), fp16 in the metadata, and a
+    new batch of 3 (the export used 2) that matches torch within the fp16 limit, but not to float32 precision."""
+    graph = onnx.load(str(path))
+    assert {prop.key: prop.value for prop in graph.metadata_props}["precision"] == "fp16"
+    assert {value.type.tensor_type.elem_type for value in [*graph.graph.input, *graph.graph.output]} == {
+        onnx.TensorProto.FLOAT}
+    elements = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
+    for tensor in graph.graph.initializer:
+        if tensor.data_type in elements:
+            elements[tensor.data_type] += int(np.prod(tensor.dims))
+    assert elements[onnx.TensorProto.FLOAT16] > 100 * elements[onnx.TensorProto.FLOAT], elements
+    example = get_family(model.config.model_type).example_inputs(model.config, 3, 1)["pixel_values"]
+    with torch.no_grad():
+        expected = [tensor.numpy() for tensor in TaskGraph(model, task)(example)]
+    actual = create_session(path, threads=1).run(None, {"pixel_values": example.numpy()})
+    assert all(output.dtype == np.float32 and output.shape[0] == 3 for output in actual)
+    difference = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected))
+    scale = max(float(np.abs(e).max()) for e in expected)
+    assert PARITY_ATOL / 10 < difference <= FP16_PARITY_RTOL * max(1.0, scale)
+
+
+FP16_CASES = [("umedpt-tiny", "segmentation"), ("macl-unet3d-tiny", "segmentation")]  # Swin 2D (Resize), U-Net 3D
+
+
+@pytest.mark.parametrize(("variant_id", "task"), FP16_CASES, ids=[f"{v}-{t}" for v, t in FP16_CASES])
+def test_fp16_graph_keeps_float32_io_and_parity(tmp_path, variant_id, task):
+    torch.manual_seed(0)
+    model, repo = _repo(tmp_path, variant_id, task)
+    result = export_onnx(repo, task, tmp_path / "model.onnx", repo_id=f"org/{variant_id}", revision="0" * 40, fp16=True)
+    assert result.precision == "fp16" and result.parity_limit >= FP16_PARITY_RTOL
+    assert result.max_abs_diff <= result.parity_limit
+    _assert_float16_graph(result.path, model, task)
+
+
+def test_cli_onnx_fp16_writes_a_float16_resnet(tmp_path, cli):
+    torch.manual_seed(0)
+    model, repo = _repo(tmp_path, "muscle-resnet18-tiny", "features")
+    result = cli("onnx", repo, "--task", "features", "--out", tmp_path / "out", "--fp16")
+    assert result.code == 0, result.err
+    assert "(features, fp16; outputs pooler_output, layer_0" in result.out
+    difference, limit = map(float, re.search(r"max abs diff (\S+) \(limit (\S+)\)", result.out).groups())
+    assert 0 < difference <= limit and limit >= FP16_PARITY_RTOL
+    _assert_float16_graph(tmp_path / "out" / "model.onnx", model, "features")
+
+
+def test_served_model_caches_fp16_graphs_apart_from_fp32(tmp_path):
+    torch.manual_seed(0)
+    model, repo = _repo(tmp_path, "muscle-resnet18-tiny", "features")
+    folder = tmp_path / "onnx" / repo_revision(repo)
+    folder.mkdir(parents=True)
+    (folder / "features.onnx").write_bytes(b"a float32 graph from an earlier run")
+    served = load_served_model(str(repo), tmp_path / "onnx", device="cpu", threads=1, fp16=True)
+    assert sorted(path.name for path in folder.glob("*.onnx")) == ["features.fp16.onnx", "features.onnx"]
+    assert (folder / "features.onnx").read_bytes() == b"a float32 graph from an earlier run"
+    metadata = {prop.key: prop.value for prop in onnx.load(str(folder / "features.fp16.onnx")).metadata_props}
+    assert metadata["precision"] == "fp16"
+    pixel_values = get_family("muscle").example_inputs(model.config, 1, 0)["pixel_values"].numpy()
+    assert served.sessions["features"].run(None, {"pixel_values": pixel_values})[0].dtype == np.float32
 
 
 def test_bentoml_build_succeeds_offline(tmp_path):
