@@ -1,4 +1,4 @@
-"""torchrun (gloo, CPU): the tiny MUSCLE recipe end to end, and MoCo's cross-process parts."""
+"""torchrun (gloo, CPU): the tiny MUSCLE, MACL and MedCoSS recipes end to end, and MoCo's cross-process parts."""
 
 import json
 import os
@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from hub.data.phantoms import generate
+from hub.export import verify_repo
+from training import checkpoint
 from training_fixtures import MICRO_MUSCLE, write_config, xray_manifest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,3 +93,22 @@ def test_torchrun_with_two_processes_trains_and_exports_the_tiny_recipe(tmp_path
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in records] == list(range(1, 12))
     assert records[0]["samples_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, phantoms, repo", [
+    ("macl", {"n_xray": 0, "n_ct": 2}, "macl"),
+    ("medcoss", {"n_xray": 8, "n_ct": 0}, "medcoss"),
+])
+def test_torchrun_with_two_processes_trains_and_exports_the_tiny_macl_and_medcoss_recipes(
+        tmp_path, recipe, phantoms, repo):
+    manifest = generate(tmp_path / "phantoms", seed=0, n_mri=0, n_pathology=0, progress=False, **phantoms)
+    run = tmp_path / "run"
+    medhub = os.path.join(os.path.dirname(sys.executable), "medhub")
+    done = _torchrun(["--no-python", medhub, "train", recipe, "--preset", "tiny", "--data", str(manifest),
+                      "--out", str(run), "--no-progress"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(f"exported {run / 'repos' / repo}") == 1  # rank 0 exports, once
+    verify_repo(run / "repos" / repo)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["global_step"] == checkpoint.load(run / "checkpoint.pt")["global_step"] > 1

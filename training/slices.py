@@ -1,8 +1,12 @@
-"""Slices of CT/MRI volumes with their relative position, and MACL's four views of a slice.
+"""Slices and sub-volumes of CT/MRI volumes with their relative position, and MACL's four views of either.
 
-A volume manifest row (NIfTI file or DICOM series) becomes one sample per axial slice; every slice goes through
-the repo's 2D `MedicalImageProcessor` (the same preprocessing the exported model gets at inference) and carries
-p = (slice index + 1) / (slices in the volume), the quantity MACL's positives are defined by.
+2D: a volume manifest row (NIfTI file or DICOM series) becomes one sample per axial slice; every slice goes
+through the variant's 2D `MedicalImageProcessor` (the same preprocessing the exported model gets at inference)
+and carries p = (slice index + 1) / (slices in the volume), the quantity MACL's positives are defined by.
+3D (medhub's extension): the variant's 3D processor prepares the whole volume (`prepare_whole`: intensity and
+channels as at inference, no crop) and every start along the slice axis gives one sub-volume of the crop's
+depth, carrying p = (centre slice index + 1) / (slices in the volume) with centre = start + depth // 2; the
+in-plane window is drawn per sample (`random_window`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from hub.errors import InputError
 from hub.io import read_image
+from hub.processing import spatial
 from hub.processing.processor import MedicalImageProcessor
 
 from .data import ManifestRows
@@ -54,13 +60,70 @@ class SliceDataset(Dataset):
         return self.pixels[index], self.positions[index]
 
 
+class SubVolumeDataset(Dataset):
+    """Every sub-volume start along the slice axis of every volume of `rows`: (C, depth, H, W) pixel values (the
+    volume's full plane; `random_window` cuts the in-plane crop) and the relative position of the centre slice.
+
+    A volume with fewer slices than `depth` gives one sub-volume, zero-padded on both ends like the processor's
+    centred crop/pad (padding is 0 after normalisation)."""
+
+    def __init__(self, rows: ManifestRows, processor: MedicalImageProcessor, depth: int):
+        if processor.spatial_dims != 3:
+            raise TrainingConfigError("sub-volume datasets need a 3D processor (a 3D MACL variant)")
+        self.depth = depth
+        self.volumes: list[torch.Tensor] = []
+        self.starts: list[tuple[int, int]] = []
+        self.positions: list[float] = []
+        for volume, (number, row) in enumerate(rows.rows):
+            image_path, _ = row.resolve(rows.root)
+            try:
+                values = processor.prepare_whole(image_path).pixel_values
+            except InputError as error:
+                raise TrainingConfigError(f"manifest {rows.name!r} row {number}: {row.path}: {error}") from None
+            self.volumes.append(torch.from_numpy(values))
+            slices = values.shape[1]
+            starts = range(slices - depth + 1) if slices >= depth else [(slices - depth) // 2]
+            for start in starts:
+                self.starts.append((volume, start))
+                self.positions.append((start + depth // 2 + 1) / slices)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, float]:
+        volume, start = self.starts[index]
+        values = self.volumes[volume]
+        window = (self.depth, *values.shape[2:])
+        return torch.from_numpy(spatial.crop_pad(values.numpy(), window, (start, 0, 0))), self.positions[index]
+
+
+def random_window(values: torch.Tensor, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """A (C, D, *size) window of (C, D, H, W): a uniform random start on each in-plane axis longer than the window,
+    centred zero padding on the shorter ones."""
+    starts = [0]
+    for length, side in zip(values.shape[2:], size):
+        if length > side:
+            starts.append(int(torch.randint(length - side + 1, (), generator=generator)))
+        else:
+            starts.append((length - side) // 2)
+    return torch.from_numpy(spatial.crop_pad(values.numpy(), (values.shape[1], *size), tuple(starts)))
+
+
+ELASTIC_3D = "views.elastic is 2D only (no elastic deformation of sub-volumes); set views.elastic: false for 3D variants"
+
+
 @dataclass
 class ViewSettings:
     """MACL's views. `photometric`: "code" (the released code: brightness factor U[0, 1], contrast U[0.8, 1.2],
     Gaussian blur 3x3 with sigma U[1, 3], each view independently) or "identity" (the paper, Sec. IV-B). The
-    spatial pair mirrors both axes (p 0.5 each), then with `spatial_prob` rotates by U[0, 2 pi], scales by
+    spatial pair mirrors every axis (p 0.5 each), then with `spatial_prob` rotates by U[0, 2 pi], scales by
     U[`scale`] and, when `elastic` (the code; the paper lists no elastic step), deforms with a Gaussian-smoothed
-    random field (alpha, sigma in pixels at the input size)."""
+    random field (alpha, sigma in pixels at the input size).
+
+    Sub-volumes (3D) get the same draws with three differences: the blur is in-plane (slice by slice, as the 2D
+    recipe blurs a slice), the rotation turns every slice alike about the slice axis (so the slice axis, which
+    positions are measured along, stays put) while the scale is isotropic, and there is no elastic deformation
+    (`elastic` must be false)."""
 
     photometric: str = "code"
     brightness: list[float] = field(default_factory=lambda: [0.0, 1.0])
@@ -102,17 +165,18 @@ def _gaussian_kernel(sigma: float, size: int) -> torch.Tensor:
 
 
 def _blur(values: torch.Tensor, sigma: float, size: int) -> torch.Tensor:
-    """Separable Gaussian blur of (C, H, W) with reflect padding."""
+    """Separable Gaussian blur of (..., H, W) over the last two axes (every leading index alone), reflect padding."""
     kernel = _gaussian_kernel(sigma, size)
     pad = size // 2
-    batch = values[None]
-    batch = F.conv2d(F.pad(batch, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(values.shape[0], 1, 1, -1), groups=values.shape[0])
-    batch = F.conv2d(F.pad(batch, (0, 0, pad, pad), mode="reflect"), kernel.view(1, 1, -1, 1).expand(values.shape[0], 1, -1, 1), groups=values.shape[0])
-    return batch[0]
+    planes = values.reshape(-1, 1, *values.shape[-2:])
+    planes = F.conv2d(F.pad(planes, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    planes = F.conv2d(F.pad(planes, (0, 0, pad, pad), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return planes.reshape(values.shape)
 
 
 def photometric_view(values: torch.Tensor, settings: ViewSettings, generator: torch.Generator) -> torch.Tensor:
-    """A view I of a (C, H, W) slice in [0, 1] (min-max rescaled), as the code's torchvision chain makes it."""
+    """A view I of a (C, H, W) slice or (C, D, H, W) sub-volume in [0, 1] (min-max rescaled), as the code's
+    torchvision chain makes it (blur in-plane)."""
     values = min_max(values)
     if settings.photometric == "identity":
         return values
@@ -123,16 +187,24 @@ def photometric_view(values: torch.Tensor, settings: ViewSettings, generator: to
 
 
 def spatial_view(values: torch.Tensor, settings: ViewSettings, generator: torch.Generator) -> torch.Tensor:
-    """A view V of a (C, H, W) photometric view: mirrors, then (with `spatial_prob`) rotation, scale, elastic."""
-    for axis in (-1, -2):
+    """A view V of a (C, H, W) or (C, D, H, W) photometric view: mirrors, then (with `spatial_prob`) rotation
+    (in-plane), scale and (2D only) elastic deformation."""
+    volume = values.ndim == 4
+    if volume and settings.elastic:
+        raise TrainingConfigError(ELASTIC_3D)
+    for axis in range(-1, -values.ndim, -1):
         if float(torch.rand((), generator=generator)) < 0.5:
             values = values.flip(axis)
     if float(torch.rand((), generator=generator)) >= settings.spatial_prob:
         return values
-    height, width = values.shape[-2:]
     angle = _uniform(generator, [0.0, 2 * math.pi]) if settings.rotation else 0.0
     zoom = _uniform(generator, settings.scale)
     cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
+    if volume:  # grid rows are (x, y, z) = (W, H, D): turn the H-W plane, scale all three axes
+        theta = torch.tensor([[[cos, -sin, 0.0, 0.0], [sin, cos, 0.0, 0.0], [0.0, 0.0, 1 / zoom, 0.0]]])
+        grid = F.affine_grid(theta, [1, *values.shape], align_corners=False)
+        return F.grid_sample(values[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    height, width = values.shape[-2:]
     theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]])
     grid = F.affine_grid(theta, [1, values.shape[0], height, width], align_corners=False)
     if settings.elastic:
@@ -147,8 +219,9 @@ def spatial_view(values: torch.Tensor, settings: ViewSettings, generator: torch.
 
 
 def macl_views(values: torch.Tensor, settings: ViewSettings, generators: list[torch.Generator]) -> list[torch.Tensor]:
-    """[I1, I2, V1, V2] of one slice, each standardised: I1/V1 feed the auxiliary branch, I2/V2 the dominant one
-    (the model down-samples those). Four generators: one per view draw, so every view is reproducible alone."""
+    """[I1, I2, V1, V2] of one slice or sub-volume, each standardised: I1/V1 feed the auxiliary branch, I2/V2 the
+    dominant one (the model down-samples those). Four generators: one per view draw, so every view is reproducible
+    alone."""
     first = photometric_view(values, settings, generators[0])
     second = photometric_view(values, settings, generators[1])
     views = [first, second, spatial_view(first, settings, generators[2]), spatial_view(second, settings, generators[3])]

@@ -229,15 +229,21 @@ class MedicalImageProcessor(BaseImageProcessor):
         record = SpatialRecord(image.spatial_shape, input_grid, processed_grid, base, resized, starts, tuple(self.size))
         return Prepared(values, record, image)
 
-    def tile(self, source: Any, limits: ReadLimits | None = None) -> Tiled:
-        """Cut a (resampled, normalised) volume into overlapping ``size`` tiles for sliding-window inference."""
+    def prepare_whole(self, source: Any, limits: ReadLimits | None = None) -> Prepared:
+        """The whole input after resampling, intensity, channel and mean/std steps, with no ``resize`` and no
+        crop/pad to ``size``: what :meth:`tile` cuts, and what training crops its own windows from."""
         image = self._read(source, limits)
         moved, input_grid, processed_grid = self._resampled(image)
         values = self._model_channels(self._values(moved))
         base = tuple(values.shape[1:])
-        plan = tiling.plan_tiles(base, tuple(self.size), self.tile_overlap)
         record = SpatialRecord(image.spatial_shape, input_grid, processed_grid, base, None, (0,) * len(base), base)
-        return Tiled(tiling.extract_tiles(values, plan), plan, record, image)
+        return Prepared(values, record, image)
+
+    def tile(self, source: Any, limits: ReadLimits | None = None) -> Tiled:
+        """Cut a (resampled, normalised) volume into overlapping ``size`` tiles for sliding-window inference."""
+        whole = self.prepare_whole(source, limits)
+        plan = tiling.plan_tiles(whole.record.base_shape, tuple(self.size), self.tile_overlap)
+        return Tiled(tiling.extract_tiles(whole.pixel_values, plan), plan, whole.record, whole.image)
 
     def restore(self, outputs: np.ndarray, record: SpatialRecord) -> np.ndarray:
         """Map per-voxel outputs (K, *output_shape), e.g. logits, back onto the input grid: (K, *input_shape).

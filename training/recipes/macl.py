@@ -1,10 +1,18 @@
-"""The MACL recipe: multi-level asymmetric contrastive pretraining of the 2D U-Net on CT/MRI slices.
+"""The MACL recipe: multi-level asymmetric contrastive pretraining of the U-Net on CT/MRI slices (or sub-volumes).
 
 Every slice of the `--data` volumes (modality `ct` or `mri`, train split) yields four views (`training.slices`);
 `MaclForPreTraining` computes the global and dense supervised-contrastive losses with positives |p_i - p_j| <
 `slice_threshold` over the local batch (negatives are per rank, as upstream) and the L1 equivariance term. SGD
 with a per-step cosine to 0. The export is the whole pretraining network (encoder, decoder, projectors), so
 `AutoModel` gives the encoder and `AutoModelForSemanticSegmentation` the U-Net with a new 1x1 head.
+
+The variant's `spatial_dims` chooses the data path. A 3D variant (`macl-unet3d`, `macl-unet3d-tiny`: medhub's
+extension, e.g. `--preset tiny3d` / `paper3d` or `variant: macl-unet3d` in a config) trains on sub-volumes of
+`crop` (D, H, W) voxels, one per start along the slice axis, each with the relative position of its centre
+slice, so the positive rule is the 2D one; their views are the 2D ones with an in-plane blur, an in-plane
+rotation with isotropic scale, and no elastic deformation. The dominant branch sees them down-sampled by 0.25
+(trilinear) and its encoder needs sides that are multiples of 16, so every crop side is a multiple of 64; the
+default crop is the variant's input size rounded up to that (64^3 for both 3D variants).
 
 Where the released code and the paper differ (reference §2.13) the config chooses and the default is the code's:
 learning rate 0.01 (paper 0.1), photometric views with jitter and blur (paper: identity), elastic deformation
@@ -19,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from hub.catalogue import get_variant
 from hub.export import Provenance, export_repo
@@ -30,7 +38,7 @@ from ..data import IndexStream, StepLoader, read_split, sample_generator
 from ..distributed import DistInfo
 from ..engine import Recipe, Stage
 from ..errors import TrainingConfigError
-from ..slices import SliceDataset, ViewSettings, macl_views
+from ..slices import ELASTIC_3D, SliceDataset, SubVolumeDataset, ViewSettings, macl_views, random_window
 
 VOLUME_MODALITIES = ("ct", "mri")
 
@@ -51,6 +59,7 @@ class LossSettings:
 class MaclSettings:
     variant: str = "macl-unet2d"
     modality: str = "ct"
+    crop: list[int] | None = None
     seed: int = 1234
     steps: int = 1000
     engine: EngineSettings = field(default_factory=EngineSettings)
@@ -60,19 +69,23 @@ class MaclSettings:
 
 
 class MaclStage(Stage):
-    def __init__(self, model: MaclForPreTraining, dataset: SliceDataset, settings: MaclSettings, dist: DistInfo):
+    def __init__(self, model: MaclForPreTraining, dataset: Dataset, settings: MaclSettings, dist: DistInfo,
+                 window: tuple[int, int] | None = None):
         self.name, self.num_steps, self.optim = "macl", settings.steps, settings.optim
         self.samples_per_step = settings.optim.batch_size * dist.world
         self.model, self.dataset, self.settings, self.device = model, dataset, settings, dist.device
+        self.window = window
         self.stream = IndexStream([len(dataset)], settings.optim.batch_size, settings.seed, dist.rank, dist.world)
         self.loader = StepLoader(self.batch, settings.steps, settings.engine.num_workers)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        """The four view tensors (batch, 1, H, W) and the slice positions of `step`."""
+        """The four view tensors (batch, C, H, W) or (batch, C, D, H, W) and the slice positions of `step`."""
         views: list[list[torch.Tensor]] = [[], [], [], []]
         positions = []
         for index, epoch in self.stream.batch(step):
             pixels, position = self.dataset[index]
+            if self.window is not None:
+                pixels = random_window(pixels, self.window, sample_generator(self.settings.seed, epoch, index, 4))
             generators = [sample_generator(self.settings.seed, epoch, index, view) for view in range(4)]
             for bucket, view in zip(views, macl_views(pixels, self.settings.views, generators)):
                 bucket.append(view)
@@ -108,20 +121,51 @@ class MaclRecipe(Recipe):
             raise TrainingConfigError(f"modality {settings.modality!r} is not a volume modality ({', '.join(VOLUME_MODALITIES)})")
         self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
         self.variant = get_variant(settings.variant)
-        if self.variant.family != "macl" or self.variant.spatial_dims != 2:
-            raise TrainingConfigError(f"variant {settings.variant!r} is not a 2D MACL variant (e.g. macl-unet2d, macl-tiny)")
-        self.processor = self.variant.build_processor()
-        datasets = [SliceDataset(read_split(m, "train", settings.modality), self.processor) for m in self.manifests]
-        self.dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
-        if len(self.dataset) < 2:
-            raise TrainingConfigError("contrastive pretraining needs at least 2 slices")
+        if self.variant.family != "macl":
+            raise TrainingConfigError(
+                f"variant {settings.variant!r} is not a MACL variant (macl-unet2d, macl-tiny, macl-unet3d, macl-unet3d-tiny)"
+            )
         loss = settings.loss
         config = self.variant.build_config(
             slice_threshold=loss.slice_threshold, temperature=loss.temperature, base_temperature=loss.base_temperature,
             global_loss_weight=loss.global_weight, dense_loss_weight=loss.dense_weight,
             equivariance_loss_weight=loss.equivariance_weight,
         )
+        self.processor = self.variant.build_processor()
+        self.crop = self._crop(config.input_multiple, config.dominant_scale)
+        rows = [read_split(m, "train", settings.modality) for m in self.manifests]
+        if self.crop is None:
+            datasets = [SliceDataset(r, self.processor) for r in rows]
+        else:
+            datasets = [SubVolumeDataset(r, self.processor, self.crop[0]) for r in rows]
+        self.dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+        if len(self.dataset) < 2:
+            raise TrainingConfigError(f"contrastive pretraining needs at least 2 {self._samples}, got {len(self.dataset)}")
         self.network = MaclForPreTraining(config)
+
+    @property
+    def _samples(self) -> str:
+        return "slices" if self.crop is None else "sub-volumes"
+
+    def _crop(self, input_multiple: int, dominant_scale: float) -> list[int] | None:
+        """The sub-volume size of a 3D variant (None in 2D): `crop`, or the input size rounded up to the sides the
+        dominant branch can take (its down-sampled input must be a multiple of the encoder's `input_multiple`)."""
+        settings = self.settings
+        multiple = round(input_multiple / dominant_scale)
+        if self.variant.spatial_dims == 2:
+            if settings.crop is not None:
+                raise TrainingConfigError(f"crop applies to 3D variants only; {settings.variant!r} is 2D (remove crop)")
+            return None
+        if settings.views.elastic:
+            raise TrainingConfigError(ELASTIC_3D)
+        crop = settings.crop or [-(-side // multiple) * multiple for side in self.processor.size]
+        if len(crop) != 3 or any(side < 1 or side % multiple for side in crop):
+            raise TrainingConfigError(
+                f"crop {crop} must be 3 sides (D, H, W), each a positive multiple of {multiple} (the dominant branch "
+                f"sees the sub-volume down-sampled by {dominant_scale} and its encoder needs multiples of "
+                f"{input_multiple})"
+            )
+        return crop
 
     def signature(self) -> dict[str, Any]:
         settings = asdict(self.settings)
@@ -129,19 +173,24 @@ class MaclRecipe(Recipe):
         return {"recipe": self.name, "settings": settings, "data": [m.name for m in self.manifests]}
 
     def stages(self) -> list[Stage]:
-        return [MaclStage(self.network, self.dataset, self.settings, self.dist)]
+        window = None if self.crop is None else (self.crop[1], self.crop[2])
+        return [MaclStage(self.network, self.dataset, self.settings, self.dist, window)]
 
     def _provenance(self) -> Provenance:
         s = self.settings
+        inputs = "slices" if self.crop is None else (
+            f"3D sub-volumes of {' x '.join(map(str, self.crop))} voxels (medhub's extension: in-plane blur and "
+            f"rotation, isotropic scale)"
+        )
         description = (
-            f"trained with medhub's MACL recipe for {s.steps} steps (batch {s.optim.batch_size} per rank, "
-            f"{s.optim.optimizer} lr {s.optim.lr}, cosine to 0); views follow the "
+            f"trained with medhub's MACL recipe on {inputs} for {s.steps} steps (batch {s.optim.batch_size} per "
+            f"rank, {s.optim.optimizer} lr {s.optim.lr}, cosine to 0); views follow the "
             f"{'released code (jitter + blur' if s.views.photometric == 'code' else 'paper (identity photometric views'}"
             f"{', elastic' if s.views.elastic else ', no elastic'}); slice threshold {s.loss.slice_threshold}, "
             f"temperature {s.loss.temperature} / {s.loss.base_temperature}, loss weights "
             f"{s.loss.global_weight}/{s.loss.dense_weight}/{s.loss.equivariance_weight}"
         )
-        data = f"{len(self.dataset)} {s.modality} slices from {', '.join(m.name for m in self.manifests)}"
+        data = f"{len(self.dataset)} {s.modality} {self._samples} from {', '.join(m.name for m in self.manifests)}"
         details = {"recipe": self.name, "seed": str(s.seed), "variant": s.variant}
         return Provenance(kind="trained", description=description, training_data=data, details=details)
 
