@@ -16,7 +16,8 @@ class ServiceOverloaded(MedhubError):
 
 class MicroBatcher:
     """Collects items for up to `max_latency_ms` (or `max_batch_size` items), runs them as one batch and hands
-    each caller its rows. The queue holds at most `max_queue` waiting items; beyond that `submit` refuses."""
+    each caller its rows; `workers` threads do this, so that many batches run at once. The queue holds at most
+    `max_queue` waiting items; beyond that `submit` refuses."""
 
     def __init__(
         self,
@@ -24,10 +25,12 @@ class MicroBatcher:
         max_batch_size: int = 8,
         max_latency_ms: float = 5.0,
         max_queue: int = 64,
+        workers: int = 1,
     ):
         self.run, self.max_batch_size, self.max_latency = run, max_batch_size, max_latency_ms / 1000.0
         self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue(maxsize=max_queue)
-        threading.Thread(target=self._loop, name="medhub-batcher", daemon=True).start()
+        for index in range(workers):
+            threading.Thread(target=self._loop, name=f"medhub-batcher-{index}", daemon=True).start()
 
     def submit(self, item: np.ndarray) -> list[np.ndarray]:
         """The outputs for one item (batch axis removed); blocks until its batch has run."""

@@ -18,7 +18,7 @@ from hub.processing import MedicalImageProcessor
 
 from .batching import MicroBatcher
 from .onnx_export import available_tasks, export_onnx
-from .runtime import active_provider, create_session
+from .runtime import CUDA, active_provider, create_session, default_threads
 
 
 class UnknownModelError(RepoError):
@@ -134,23 +134,34 @@ class ServedModel:
 
 
 def load_served_model(
-    model_id: str, onnx_cache: Path, device: str = "auto", threads: int | None = None, fp16: bool = False
+    model_id: str, onnx_cache: Path, device: str = "auto", threads: int | None = None, fp16: bool = False,
+    runners: int | None = None,
 ) -> ServedModel:
     """Resolve the repo, load its processor, and open (exporting on first use) a session per task.
 
-    float16 graphs are cached as `<revision>/<task>.fp16.onnx`, beside and never in place of the float32 ones."""
+    2D tasks are micro-batched, with `runners` batches in flight at once on `threads` intra-op threads each; on
+    CPU the default is one single-threaded run per core: concurrent runs keep every core busy while request
+    threads decode uploads, where one run spread over all cores stalls on whichever core is busy with a request
+    (a lone request then runs on one core). On CUDA one run at a time. 3D tasks run in the request's thread on
+    `threads` (default: all cores). float16 graphs are cached as `<revision>/<task>.fp16.onnx`, beside and
+    never in place of the float32 ones."""
     repo_dir = resolve_repo(model_id)
     revision = repo_revision(repo_dir)
     processor = MedicalImageProcessor.from_pretrained(repo_dir)
     model = ServedModel(model_id, repo_dir, revision, read_config(repo_dir), processor)
+    batched = processor.spatial_dims == 2
+    cpu_runners = runners or default_threads()
+    if batched and not threads:
+        threads = max(1, default_threads() // cpu_runners)
     for task in available_tasks(repo_dir):
         path = onnx_cache / revision / (f"{task}.fp16.onnx" if fp16 else f"{task}.onnx")
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):  # several workers may start at once
             if not path.is_file():
                 export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision, fp16=fp16)
-        model.sessions[task] = create_session(path, threads, device)
-        if processor.spatial_dims == 2:
-            session = model.sessions[task]
-            model.batchers[task] = MicroBatcher(lambda batch, session=session: session.run(None, {"pixel_values": batch}))
+        session = model.sessions[task] = create_session(path, threads, device)
+        if batched:
+            workers = (runners or 1) if active_provider(session) == CUDA else cpu_runners
+            model.batchers[task] = MicroBatcher(lambda batch, session=session: session.run(None, {"pixel_values": batch}),
+                                                workers=workers)
     return model

@@ -48,3 +48,16 @@ def test_full_queue_is_refused_and_errors_reach_every_caller():
         for future in (first, second):
             with pytest.raises(RuntimeError, match="session failed"):
                 future.result(timeout=10)
+
+
+def test_workers_run_that_many_batches_at_once():
+    both_running = threading.Barrier(2, timeout=5)  # broken (an error to each caller) unless two runs overlap
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        both_running.wait()
+        return [batch + 1]
+
+    batcher = MicroBatcher(run, max_batch_size=1, max_latency_ms=1, workers=2)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(batcher.submit, [np.zeros(2), np.ones(2)]))
+    np.testing.assert_array_equal(np.stack([r[0] for r in results]), [[1, 1], [2, 2]])
