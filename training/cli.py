@@ -11,7 +11,8 @@ from .recipes import RECIPES
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="pretrain a family with its recipe (single process or torchrun)")
     train.add_argument("recipe", choices=sorted(RECIPES), help="; ".join(f"{e.name}: {e.help}" for e in RECIPES.values()))
-    train.add_argument("--preset", default="tiny", help="configuration preset of the recipe: tiny (CPU) or paper")
+    train.add_argument("--preset", default="tiny",
+                       help="configuration preset of the recipe: tiny (CPU) or paper; MACL also tiny3d and paper3d")
     train.add_argument("--config", type=Path, help="YAML file whose keys override the preset")
     train.add_argument("--data", type=Path, nargs="+", required=True, metavar="MANIFEST", help="dataset manifests")
     train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder (checkpoint, logs, repos)")
