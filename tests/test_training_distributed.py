@@ -1,18 +1,14 @@
 """torchrun (gloo, CPU): the tiny MUSCLE, MACL and MedCoSS recipes end to end, and MoCo's cross-process parts."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from hub.data.phantoms import generate
 from hub.export import verify_repo
 from training import checkpoint
-from training_fixtures import MICRO_MUSCLE, write_config, xray_manifest
+from training_fixtures import MEDHUB, MICRO_MUSCLE, torchrun, write_config, xray_manifest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QUEUE_CHECK = r"""
 import json, os, sys
@@ -57,17 +53,12 @@ distributed.shutdown()
 """
 
 
-def _torchrun(args, tmp_path, timeout=240):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
-
 
 @pytest.mark.slow
 def test_keys_from_every_rank_enter_the_queue_once_and_identically(tmp_path):
     script = tmp_path / "queue_check.py"
     script.write_text(QUEUE_CHECK)
-    done = _torchrun([str(script), str(tmp_path)], tmp_path)
+    done = torchrun([str(script), str(tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["local_matches_direct"] for r in ranks)  # shuffled-BN keys come back to their own samples
@@ -84,9 +75,8 @@ def test_torchrun_with_two_processes_trains_and_exports_the_tiny_recipe(tmp_path
     manifest = xray_manifest(tmp_path / "phantoms")
     config = write_config(tmp_path / "micro.yaml", MICRO_MUSCLE)
     run = tmp_path / "run"
-    medhub = os.path.join(os.path.dirname(sys.executable), "medhub")  # the installed console script
-    done = _torchrun(["--no-python", medhub, "train", "muscle", "--preset", "tiny", "--config", str(config),
-                      "--data", str(manifest), "--out", str(run), "--no-progress"], tmp_path)
+    done = torchrun(["--no-python", MEDHUB, "train", "muscle", "--preset", "tiny", "--config", str(config),
+                      "--data", str(manifest), "--out", str(run), "--no-progress"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count(f"exported {run / 'repos' / 'encoder'}") == 1  # rank 0 exports, once
     assert {p.name for p in (run / "repos").iterdir()} == {"encoder", "nodule", "lungs"}
@@ -104,9 +94,8 @@ def test_torchrun_with_two_processes_trains_and_exports_the_tiny_macl_and_medcos
         tmp_path, recipe, phantoms, repo):
     manifest = generate(tmp_path / "phantoms", seed=0, n_mri=0, n_pathology=0, progress=False, **phantoms)
     run = tmp_path / "run"
-    medhub = os.path.join(os.path.dirname(sys.executable), "medhub")
-    done = _torchrun(["--no-python", medhub, "train", recipe, "--preset", "tiny", "--data", str(manifest),
-                      "--out", str(run), "--no-progress"], tmp_path)
+    done = torchrun(["--no-python", MEDHUB, "train", recipe, "--preset", "tiny", "--data", str(manifest),
+                      "--out", str(run), "--no-progress"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count(f"exported {run / 'repos' / repo}") == 1  # rank 0 exports, once
     verify_repo(run / "repos" / repo)

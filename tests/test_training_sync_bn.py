@@ -3,9 +3,6 @@ it normalises as one process over the concatenated batch; the MUSCLE supervised 
 the weights of one process with the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,9 +14,8 @@ from training.distributed import DistInfo
 from training.launch import seed_everything, train
 from training.recipes.muscle import MuscleRecipe, MuscleSettings
 from training.sync_batchnorm import AllReduceBatchNorm, convert_sync_batchnorm, set_synchronised
-from training_fixtures import write_config, xray_manifest
+from training_fixtures import MEDHUB, torchrun, write_config, xray_manifest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
@@ -136,17 +132,12 @@ distributed.shutdown()
 """
 
 
-def _torchrun(args, timeout=240):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
-
 
 @pytest.mark.slow
 def test_two_ranks_with_unequal_batches_normalise_as_one_process_over_the_concatenated_batch(tmp_path):
     script = tmp_path / "ranks_check.py"
     script.write_text(RANKS_CHECK)
-    done = _torchrun([str(script), str(tmp_path)])
+    done = torchrun([str(script), str(tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         worst = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -175,8 +166,7 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], para
 def test_supervised_stage_on_two_ranks_ends_with_the_weights_of_one_process_with_the_same_global_batch(tmp_path):
     manifest = xray_manifest(tmp_path / "phantoms")  # 6 training images: 3 steps of 4 cross an epoch
     ranks_config = write_config(tmp_path / "ranks.yaml", _supervised_only(batch_size=2))
-    medhub = os.path.join(os.path.dirname(sys.executable), "medhub")
-    done = _torchrun(["--no-python", medhub, "train", "muscle", "--preset", "tiny", "--config", str(ranks_config),
+    done = torchrun(["--no-python", MEDHUB, "train", "muscle", "--preset", "tiny", "--config", str(ranks_config),
                       "--data", str(manifest), "--out", str(tmp_path / "ranks"), "--no-progress"])
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -1,5 +1,8 @@
-"""Shared helpers of the training tests: phantom X-ray manifests and a very small MUSCLE configuration."""
+"""Shared helpers of the training tests: phantom X-ray manifests, a very small MUSCLE configuration, torchrun."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -28,3 +31,14 @@ def xray_manifest(folder: Path, n_xray: int = 8) -> Path:
 def write_config(path: Path, settings: dict) -> Path:
     path.write_text(yaml.safe_dump(settings))
     return path
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MEDHUB = os.path.join(os.path.dirname(sys.executable), "medhub")  # the installed console script
+
+
+def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 ARGS` (gloo on CPU), offline, one thread per process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
