@@ -3,7 +3,7 @@
 import hmac
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 Scope = dict[str, Any]
@@ -13,6 +13,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 OPEN_PATHS = ("/livez", "/healthz", "/readyz", "/metrics")
 PART_HEADER = re.compile(rb'content-disposition:\s*form-data;\s*name="([^"]*)"(;\s*filename=)?', re.IGNORECASE)
+BOUNDARY = re.compile(rb'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
 
 async def send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
@@ -94,13 +95,34 @@ def form_problem(content_type: bytes, body: bytes, allowed: set[str]) -> tuple[i
     """Why a form request cannot be served (status, message), or None when its fields are acceptable."""
     if not content_type.lower().startswith(b"multipart/form-data"):
         return 415, "expected a multipart/form-data upload with a 'file' field"
-    fields = {name.decode("utf-8", "replace"): bool(is_file) for name, is_file in PART_HEADER.findall(body)}
+    boundary = BOUNDARY.search(content_type)
+    if boundary is None:
+        return 400, "the multipart/form-data Content-Type names no boundary"
+    fields = {}
+    for header in part_headers(body, boundary.group(1) or boundary.group(2)):
+        match = PART_HEADER.search(header)
+        if match is not None:
+            fields[match.group(1).decode("utf-8", "replace")] = bool(match.group(2))
     unknown = sorted(set(fields) - allowed)
     if unknown:
         return 400, f"unknown form field {unknown[0]!r}; expected {', '.join(sorted(allowed))}"
     if not fields.get("file"):
         return 400, "missing form field 'file' holding the uploaded image or volume"
     return None
+
+
+def part_headers(body: bytes, boundary: bytes) -> Iterator[bytes]:
+    """The header block of each part of a multipart body; part contents are skipped, not scanned."""
+    delimiter = b"--" + boundary
+    position = body.find(delimiter)
+    while position != -1:
+        start = position + len(delimiter)
+        end = body.find(b"\r\n\r\n", start)
+        if body.startswith(b"--", start) or end == -1:  # the closing delimiter, or a truncated part
+            return
+        yield body[start:end]
+        position = body.find(b"\r\n" + delimiter, end)
+        position = position + 2 if position != -1 else -1
 
 
 def _replay(body: bytes) -> Receive:

@@ -25,7 +25,7 @@ class ServeSettings:
     `MEDHUB_MAX_PIXELS` / `MEDHUB_MAX_VOXELS` (reader budgets), `MEDHUB_MAX_CONCURRENCY` (429 above it),
     `MEDHUB_TIMEOUT` (seconds), `MEDHUB_API_TOKEN` (bearer token; unset = open), `MEDHUB_DEVICE`
     (auto|cpu|cuda), `MEDHUB_FP16` (1 = float16 ONNX graphs), `MEDHUB_RUNNERS` (2D batches in flight per model
-    and task; 0 = one per core on CPU, 1 on CUDA), `MEDHUB_THREADS` (ORT intra-op threads per run; 0 = cores /
+    and task; 0 = cores + 1 on CPU, 1 on CUDA), `MEDHUB_THREADS` (ORT intra-op threads per run; 0 = cores /
     runners for 2D, all cores for 3D), `MEDHUB_ONNX_CACHE`."""
 
     models: tuple[str, ...] = ()

@@ -124,3 +124,14 @@ def test_bentoml_build_succeeds_offline(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Successfully built" in result.stdout + result.stderr
+
+
+def test_bentofile_packages_are_the_project_dependencies():
+    import tomllib
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    packages = yaml.safe_load((root / "bentofile.yaml").read_text())["python"]["packages"]
+    assert packages == dependencies
