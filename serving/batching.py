@@ -28,6 +28,7 @@ class MicroBatcher:
         workers: int = 1,
     ):
         self.run, self.max_batch_size, self.max_latency = run, max_batch_size, max_latency_ms / 1000.0
+        self.workers = workers
         self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue(maxsize=max_queue)
         for index in range(workers):
             threading.Thread(target=self._loop, name=f"medhub-batcher-{index}", daemon=True).start()

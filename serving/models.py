@@ -136,15 +136,18 @@ class ServedModel:
 
 def load_served_model(
     model_id: str, onnx_cache: Path, device: str = "auto", threads: int | None = None, fp16: bool = False,
-    runners: int | None = None,
+    runners: int | None = None, max_batch: int | None = None,
 ) -> ServedModel:
     """Resolve the repo, load its processor, and open (exporting on first use) a session per task.
 
-    2D tasks are micro-batched, with `runners` batches in flight at once on `threads` intra-op threads each; on
-    CPU the default is one single-threaded run per core plus one: while a run waits for its batch to fill (or
-    its results go back), the others keep every core busy, where one run spread over all cores stalls on
-    whichever core is decoding an upload (2 cores, ResNet-50, 8 HTTP clients: 16.7 img/s with 3 runs, 14.8-15.7
-    with 2, 15.6 with 4). A lone request runs on one core. On CUDA one run at a time. 3D tasks run in the request's thread on `threads` (default: all cores).
+    2D tasks are micro-batched, with `runners` batches of up to `max_batch` images in flight at once on `threads`
+    intra-op threads each. On CPU the default is one single-threaded run per core plus one, of at most 2 images:
+    while a run waits for its batch to fill (or its results go back), the others keep every core busy, where
+    one run spread over all cores stalls on whichever core is decoding an upload; and on one thread a larger
+    batch saves little but spills the shared cache (2 cores, ResNet-50, paired runs: 8 HTTP clients 16.7 img/s
+    with 3 runs, 14.8-15.7 with 2, 15.6 with 4; 32 clients 17.1 img/s with batches of 2, 15.9 with 8). A lone
+    request runs on one core. On CUDA one run at a time, of up to 8 images. 3D tasks run in the request's
+    thread on `threads` (default: all cores).
     float16 graphs are cached as `<revision>/<task>.fp16.onnx`, beside and never in place of the float32 ones."""
     repo_dir = resolve_repo(model_id)
     revision = repo_revision(repo_dir)
@@ -162,7 +165,8 @@ def load_served_model(
                 export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision, fp16=fp16)
         session = model.sessions[task] = create_session(path, threads, device)
         if batched:
-            workers = (runners or 1) if active_provider(session) == CUDA else cpu_runners
+            on_cuda = active_provider(session) == CUDA
             model.batchers[task] = MicroBatcher(lambda batch, session=session: session.run(None, {"pixel_values": batch}),
-                                                workers=workers)
+                                                max_batch_size=max_batch or (8 if on_cuda else 2),
+                                                workers=(runners or 1) if on_cuda else cpu_runners)
     return model

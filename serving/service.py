@@ -92,7 +92,8 @@ class MedhubService:
             raise RuntimeError("no models to serve: set MEDHUB_MODELS or pass --model to `medhub serve`")
         for model_id in SETTINGS.models:
             LOADED[model_id] = load_served_model(model_id, SETTINGS.onnx_cache, SETTINGS.device,
-                                                 SETTINGS.threads or None, SETTINGS.fp16, SETTINGS.runners or None)
+                                                 SETTINGS.threads or None, SETTINGS.fp16, SETTINGS.runners or None,
+                                                 SETTINGS.max_batch or None)
             logger.info("serving %s on %s", model_id, LOADED[model_id].provider)
 
     def __is_ready__(self) -> bool:

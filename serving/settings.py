@@ -25,8 +25,9 @@ class ServeSettings:
     `MEDHUB_MAX_PIXELS` / `MEDHUB_MAX_VOXELS` (reader budgets), `MEDHUB_MAX_CONCURRENCY` (429 above it),
     `MEDHUB_TIMEOUT` (seconds), `MEDHUB_API_TOKEN` (bearer token; unset = open), `MEDHUB_DEVICE`
     (auto|cpu|cuda), `MEDHUB_FP16` (1 = float16 ONNX graphs), `MEDHUB_RUNNERS` (2D batches in flight per model
-    and task; 0 = cores + 1 on CPU, 1 on CUDA), `MEDHUB_THREADS` (ORT intra-op threads per run; 0 = cores /
-    runners for 2D, all cores for 3D), `MEDHUB_ONNX_CACHE`."""
+    and task; 0 = cores + 1 on CPU, 1 on CUDA), `MEDHUB_MAX_BATCH` (images per 2D run; 0 = 2 on CPU, 8 on
+    CUDA), `MEDHUB_THREADS` (ORT intra-op threads per run; 0 = cores / runners for 2D, all cores for 3D),
+    `MEDHUB_ONNX_CACHE`."""
 
     models: tuple[str, ...] = ()
     max_body_bytes: int = 64 * MIB
@@ -39,6 +40,7 @@ class ServeSettings:
     fp16: bool = False
     threads: int = 0
     runners: int = 0
+    max_batch: int = 0
     onnx_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "medhub" / "onnx")
 
     @classmethod
@@ -57,6 +59,7 @@ class ServeSettings:
             fp16=_int("MEDHUB_FP16", 0) == 1,
             threads=_int("MEDHUB_THREADS", 0),
             runners=_int("MEDHUB_RUNNERS", 0),
+            max_batch=_int("MEDHUB_MAX_BATCH", 0),
             onnx_cache=Path(cache) if cache else Path.home() / ".cache" / "medhub" / "onnx",
         )
 

@@ -135,3 +135,15 @@ def test_bentofile_packages_are_the_project_dependencies():
     dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
     packages = yaml.safe_load((root / "bentofile.yaml").read_text())["python"]["packages"]
     assert packages == dependencies
+
+
+def test_served_2d_model_runs_cores_plus_one_single_threaded_batches_of_two_on_cpu(tmp_path):
+    from serving.runtime import default_threads
+
+    _, repo = _repo(tmp_path, "muscle-resnet18-tiny", "features")
+    served = load_served_model(str(repo), tmp_path / "onnx", device="cpu")
+    batcher, options = served.batchers["features"], served.sessions["features"].get_session_options()
+    assert (batcher.workers, batcher.max_batch_size, options.intra_op_num_threads) == (default_threads() + 1, 2, 1)
+    served = load_served_model(str(repo), tmp_path / "onnx", device="cpu", threads=3, runners=1, max_batch=5)
+    batcher, options = served.batchers["features"], served.sessions["features"].get_session_options()
+    assert (batcher.workers, batcher.max_batch_size, options.intra_op_num_threads) == (1, 5, 3)
