@@ -13,6 +13,7 @@ def _package_dir(name: str) -> Path:
 
 
 DICOM_DIR = _package_dir("data_store") / "data"
+PYDICOM_TEST_FILES = _package_dir("pydicom") / "data" / "test_files"  # read directly: pydicom's lookup may go online
 MNI_T1 = _package_dir("nilearn") / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 

@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,8 +11,8 @@ from pydicom.pixels import apply_modality_lut
 
 from hub.data.phantoms import write_dicom_series
 from hub.errors import CorruptFileError, InputError, UnsupportedFormatError
-from hub.io import MedicalImage, encode_mask, read_image, sniff, write_mask
-from io_fixtures import DICOM_DIR, MNI_T1, dicom_file
+from hub.io import MedicalImage, dicom, encode_mask, read_image, sniff, write_mask
+from io_fixtures import DICOM_DIR, MNI_T1, PYDICOM_TEST_FILES, dicom_file
 
 # Files of pydicom-data that are refused, and why: DICOM SEG objects are not images, and one file is truncated.
 REFUSED = {
@@ -78,6 +79,41 @@ def test_compressed_twins_decode_to_identical_arrays(plain, compressed):
     assert a.array.dtype == b.array.dtype
     np.testing.assert_array_equal(a.array, b.array)
     assert a.geometry() == b.geometry()
+
+
+def _shipped_dicom_files() -> list[Path]:
+    return sorted(DICOM_DIR.glob("*.dcm")) + sorted(PYDICOM_TEST_FILES.rglob("*.dcm"))
+
+
+def test_pydicom_decodes_uncompressed_greyscale_exactly_as_gdcm(monkeypatch):
+    compared = []
+    for path in _shipped_dicom_files():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            frames, _, _, samples = dicom._declared_shape(ds, path.name)
+        except InputError:
+            continue
+        fast = dicom._decoded_by_pydicom(str(path), ds, frames, samples)
+        if fast is None:
+            continue
+        reference = MedicalImage.from_sitk(sitk.ReadImage(str(path), imageIO="GDCMImageIO"))
+        assert fast.array.dtype == reference.array.dtype, path.name
+        np.testing.assert_array_equal(fast.array, reference.array, err_msg=path.name)
+        assert fast.geometry() == reference.geometry(), path.name
+        compared.append(path.name)
+    assert len(compared) >= 15
+    assert {"RG1_UNCI.dcm", "MR2_UNCI.dcm", "693_UNCI.dcm", "CT_small.dcm", "MR_small_bigendian.dcm",
+            "MR_small_implicit.dcm"} <= set(compared)
+    monkeypatch.setattr(dicom, "_execute", lambda *args: pytest.fail("GDCM decoded an uncompressed greyscale file"))
+    assert read_image(dicom_file("RG1_UNCI.dcm")).array.shape == (1955, 1841)
+
+
+@pytest.mark.parametrize("name", ["OBXXXX1A.dcm", "RG1_J2KI.dcm", "emri_small.dcm", "US1_UNCR.dcm"])
+def test_palette_compressed_multiframe_and_colour_files_stay_with_gdcm(name):
+    path = next(path for path in _shipped_dicom_files() if path.name == name)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    frames, _, _, samples = dicom._declared_shape(ds, name)
+    assert dicom._decoded_by_pydicom(str(path), ds, frames, samples) is None
 
 
 def test_multiframe_dicom_is_a_volume():

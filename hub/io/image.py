@@ -83,12 +83,16 @@ class MedicalImage:
         return image
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image, **facts: Any) -> "MedicalImage":
-        """Wrap a SimpleITK image, dropping a trailing singleton z axis of 2D slices."""
+    def from_sitk(
+        cls, image: sitk.Image | sitk.ImageFileReader, array: np.ndarray | None = None, **facts: Any
+    ) -> "MedicalImage":
+        """Wrap a SimpleITK image, dropping a trailing singleton z axis of 2D slices. `image` may instead be a
+        reader after ``ReadImageInformation()``, with the pixels, in SimpleITK's (z, y, x) order, in `array`."""
         dims = image.GetDimension()
         if dims not in (2, 3):
             raise ValueError(f"SimpleITK image of dimension {dims} is not 2D or 3D")
-        array = sitk.GetArrayFromImage(image)
+        if array is None:
+            array = sitk.GetArrayFromImage(image)
         spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
         if dims == 3 and image.GetSize()[2] == 1:
             array = array[0]
