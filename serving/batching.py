@@ -17,7 +17,9 @@ class ServiceOverloaded(MedhubError):
 class MicroBatcher:
     """Collects items for up to `max_latency_ms` (or `max_batch_size` items), runs them as one batch and hands
     each caller its rows; `workers` threads do this, so that many batches run at once. The queue holds at most
-    `max_queue` waiting items; beyond that `submit` refuses."""
+    `max_queue` waiting items; beyond that `submit` refuses. `solo`, when given, runs a lone item while no other
+    run is in flight and none waits (e.g. on a session using every core): a single client gets the whole machine
+    and a loaded service keeps its narrower concurrent runs."""
 
     def __init__(
         self,
@@ -26,10 +28,12 @@ class MicroBatcher:
         max_latency_ms: float = 5.0,
         max_queue: int = 64,
         workers: int = 1,
+        solo: Callable[[np.ndarray], list[np.ndarray]] | None = None,
     ):
         self.run, self.max_batch_size, self.max_latency = run, max_batch_size, max_latency_ms / 1000.0
-        self.workers = workers
+        self.workers, self.solo = workers, solo
         self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue(maxsize=max_queue)
+        self._in_flight, self._lock = 0, threading.Lock()
         for index in range(workers):
             threading.Thread(target=self._loop, name=f"medhub-batcher-{index}", daemon=True).start()
 
@@ -51,11 +55,17 @@ class MicroBatcher:
             except queue.Empty:
                 pass
             items, futures = zip(*batch)
+            with self._lock:
+                alone = self.solo is not None and len(batch) == 1 and self._in_flight == 0 and self.queue.empty()
+                self._in_flight += 1
             try:
-                outputs = self.run(np.stack(items))
+                outputs = (self.solo if alone else self.run)(np.stack(items))
             except Exception as error:  # hand the failure to every waiting request, keep serving
                 for future in futures:
                     future.set_exception(error)
                 continue
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
             for index, future in enumerate(futures):
                 future.set_result([output[index] for output in outputs])

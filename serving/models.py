@@ -146,7 +146,8 @@ def load_served_model(
     one run spread over all cores stalls on whichever core is decoding an upload; and on one thread a larger
     batch saves little but spills the shared cache (2 cores, ResNet-50, paired runs: 8 HTTP clients 16.7 img/s
     with 3 runs, 14.8-15.7 with 2, 15.6 with 4; 32 clients 17.1 img/s with batches of 2, 15.9 with 8). A lone
-    request runs on one core. On CUDA one run at a time, of up to 8 images. 3D tasks run in the request's
+    request, with nothing else in flight, runs on a second session that uses every core (a second copy of the
+    weights). On CUDA one run at a time, of up to 8 images. 3D tasks run in the request's
     thread on `threads` (default: all cores).
     float16 graphs are cached as `<revision>/<task>.fp16.onnx`, beside and never in place of the float32 ones."""
     repo_dir = resolve_repo(model_id)
@@ -166,7 +167,11 @@ def load_served_model(
         session = model.sessions[task] = create_session(path, threads, device)
         if batched:
             on_cuda = active_provider(session) == CUDA
-            model.batchers[task] = MicroBatcher(lambda batch, session=session: session.run(None, {"pixel_values": batch}),
-                                                max_batch_size=max_batch or (8 if on_cuda else 2),
-                                                workers=(runners or 1) if on_cuda else cpu_runners)
+            wide = create_session(path, default_threads(), device) if not on_cuda and threads < default_threads() else None
+            model.batchers[task] = MicroBatcher(
+                lambda batch, session=session: session.run(None, {"pixel_values": batch}),
+                max_batch_size=max_batch or (8 if on_cuda else 2),
+                workers=(runners or 1) if on_cuda else cpu_runners,
+                solo=None if wide is None else (lambda batch, wide=wide: wide.run(None, {"pixel_values": batch})),
+            )
     return model

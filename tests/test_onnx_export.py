@@ -137,13 +137,17 @@ def test_bentofile_packages_are_the_project_dependencies():
     assert packages == dependencies
 
 
-def test_served_2d_model_runs_cores_plus_one_single_threaded_batches_of_two_on_cpu(tmp_path):
+def test_served_2d_model_on_cpu_runs_cores_plus_one_single_threaded_batches_of_two_and_lone_items_wide(tmp_path):
     from serving.runtime import default_threads
 
     _, repo = _repo(tmp_path, "muscle-resnet18-tiny", "features")
     served = load_served_model(str(repo), tmp_path / "onnx", device="cpu")
     batcher, options = served.batchers["features"], served.sessions["features"].get_session_options()
     assert (batcher.workers, batcher.max_batch_size, options.intra_op_num_threads) == (default_threads() + 1, 2, 1)
+    assert (batcher.solo is not None) == (default_threads() > 1)  # a lone request runs on every core
+    pixel_values = np.zeros((1, 3, 64, 64), dtype=np.float32)
+    if batcher.solo is not None:
+        np.testing.assert_allclose(batcher.solo(pixel_values)[0], batcher.run(pixel_values)[0], atol=1e-5)
     served = load_served_model(str(repo), tmp_path / "onnx", device="cpu", threads=3, runners=1, max_batch=5)
     batcher, options = served.batchers["features"], served.sessions["features"].get_session_options()
-    assert (batcher.workers, batcher.max_batch_size, options.intra_op_num_threads) == (1, 5, 3)
+    assert (batcher.workers, batcher.max_batch_size, options.intra_op_num_threads, batcher.solo) == (1, 5, 3, None)

@@ -61,3 +61,34 @@ def test_workers_run_that_many_batches_at_once():
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         results = list(pool.map(batcher.submit, [np.zeros(2), np.ones(2)]))
     np.testing.assert_array_equal(np.stack([r[0] for r in results]), [[1, 1], [2, 2]])
+
+
+def test_a_lone_item_goes_to_solo_and_concurrent_items_do_not():
+    calls = []
+    first_running, release = threading.Event(), threading.Event()
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        calls.append(("run", len(batch)))
+        if batch[0, 0] == 0:  # the first item holds its run until released
+            first_running.set()
+            release.wait(5)
+        return [batch + 1]
+
+    def solo(batch: np.ndarray) -> list[np.ndarray]:
+        calls.append(("solo", len(batch)))
+        return [batch + 1]
+
+    batcher = MicroBatcher(run, max_batch_size=1, max_latency_ms=1, workers=2, solo=solo)
+    np.testing.assert_array_equal(batcher.submit(np.zeros(2))[0], [1, 1])
+    assert calls == [("solo", 1)]
+    calls.clear()
+    batcher.solo = None  # the next item must be running when the one after it arrives
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(batcher.submit, np.zeros(2))
+        assert first_running.wait(5)
+        batcher.solo = solo
+        second = pool.submit(batcher.submit, np.ones(2))
+        np.testing.assert_array_equal(second.result(timeout=5)[0], [2, 2])  # ran beside the first, not alone
+        release.set()
+        np.testing.assert_array_equal(busy.result(timeout=5)[0], [1, 1])
+    assert calls == [("run", 1), ("run", 1)]
