@@ -2,6 +2,7 @@
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class ServedModel:
             raise TaskNotAvailableError(f"model {self.id} has no {task} head; it serves {', '.join(sorted(self.sessions))}")
         if task in self.batchers and len(pixel_values) == 1:
             return [output[None] for output in self.batchers[task].submit(pixel_values[0])]
-        return self.sessions[task].run(None, {"pixel_values": pixel_values})
+        return _pixels_runner(self.sessions[task])(pixel_values)
 
     def _image(self, data: bytes, limits: ReadLimits) -> MedicalImage:
         image = read_image(data, limits)
@@ -134,6 +135,11 @@ class ServedModel:
         }
 
 
+def _pixels_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """All outputs of the session for a batch of `pixel_values`."""
+    return lambda pixel_values: session.run(None, {"pixel_values": pixel_values})
+
+
 def load_served_model(
     model_id: str, onnx_cache: Path, device: str = "auto", threads: int | None = None, fp16: bool = False,
     runners: int | None = None, max_batch: int | None = None,
@@ -147,9 +153,8 @@ def load_served_model(
     batch saves little but spills the shared cache (2 cores, ResNet-50, paired runs: 8 HTTP clients 16.7 img/s
     with 3 runs, 14.8-15.7 with 2, 15.6 with 4; 32 clients 17.1 img/s with batches of 2, 15.9 with 8). A lone
     request, with nothing else in flight, runs on a second session that uses every core (a second copy of the
-    weights). On CUDA one run at a time, of up to 8 images. 3D tasks run in the request's
-    thread on `threads` (default: all cores).
-    float16 graphs are cached as `<revision>/<task>.fp16.onnx`, beside and never in place of the float32 ones."""
+    weights). On CUDA one run at a time, of up to 8 images. 3D tasks run in the request's thread on `threads`
+    (default: all cores). float16 graphs are cached as `<revision>/<task>.fp16.onnx`, beside and never in place of the float32 ones."""
     repo_dir = resolve_repo(model_id)
     revision = repo_revision(repo_dir)
     processor = MedicalImageProcessor.from_pretrained(repo_dir)
@@ -169,9 +174,9 @@ def load_served_model(
             on_cuda = active_provider(session) == CUDA
             wide = create_session(path, default_threads(), device) if not on_cuda and threads < default_threads() else None
             model.batchers[task] = MicroBatcher(
-                lambda batch, session=session: session.run(None, {"pixel_values": batch}),
+                _pixels_runner(session),
                 max_batch_size=max_batch or (8 if on_cuda else 2),
                 workers=(runners or 1) if on_cuda else cpu_runners,
-                solo=None if wide is None else (lambda batch, wide=wide: wide.run(None, {"pixel_values": batch})),
+                solo=None if wide is None else _pixels_runner(wide),
             )
     return model

@@ -6,7 +6,7 @@ so the returned array always has MONOCHROME2 meaning (bright = dense). The heade
 interpretation is kept in ``meta["source_photometric"]``.
 
 Uncompressed single-frame greyscale files are decoded by pydicom instead, with the same policy and GDCM's own
-geometry and pixel type: GDCM took 210 ms for the 7 MB radiograph RG1_UNCI.dcm, this path 10 ms. Every such
+geometry and pixel type: GDCM took 210 ms for the 7 MB radiograph RG1_UNCI.dcm, this path 20 ms. Every such
 file that ships with pydicom-data and pydicom gives identical arrays, types and geometry either way (tested).
 """
 
