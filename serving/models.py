@@ -1,6 +1,5 @@
 """A served model: a repo's processor plus one ONNX Runtime session per task, exported once per revision."""
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,8 +10,9 @@ import numpy as np
 import onnxruntime as ort
 from filelock import FileLock
 
+from hub.embed import model_inputs, pool_tiles
 from hub.errors import InputError, RepoError
-from hub.export.resolve import read_config, resolve_repo
+from hub.export.resolve import read_config, repo_revision, resolve_repo
 from hub.io import ReadLimits, read_image
 from hub.io.image import MedicalImage
 from hub.processing import MedicalImageProcessor
@@ -32,13 +32,6 @@ class TaskNotAvailableError(InputError):
 
 class DimensionalityError(InputError):
     """A 2D image sent to a 3D model, or the reverse."""
-
-
-def repo_revision(repo_dir: Path) -> str:
-    """The cache commit sha for a snapshot; else a digest of the repo's checksum list (same content, same id)."""
-    if repo_dir.parent.name == "snapshots" and len(repo_dir.name) == 40:
-        return repo_dir.name
-    return hashlib.sha256((repo_dir / "checksums.sha256").read_bytes()).hexdigest()[:40]
 
 
 @dataclass
@@ -89,16 +82,16 @@ class ServedModel:
         return image
 
     def embed(self, data: bytes, limits: ReadLimits, layers: list[int] | None = None) -> dict[str, Any]:
-        """The pooled embedding and any wanted hidden states, as float32 arrays (the service writes them as JSON)."""
-        pixel_values = self.processor.prepare(self._image(data, limits)).pixel_values[None]
-        outputs = self._run("features", pixel_values)
-        result: dict[str, Any] = {"embedding": outputs[0][0], "dim": int(outputs[0].shape[1])}
+        """The pooled embedding and any wanted hidden states, as float32 arrays (the service writes them as JSON);
+        a 3D volume's sliding-window tiles are pooled by their mean, as in `medhub embed`."""
+        outputs = [pool_tiles(output) for output in self._run("features", model_inputs(self.processor, self._image(data, limits)))]
+        result: dict[str, Any] = {"embedding": outputs[0], "dim": int(outputs[0].shape[0])}
         if layers:
             hidden = outputs[1:]
             for layer in layers:
                 if not -len(hidden) <= layer < len(hidden):
                     raise InputError(f"layer {layer} does not exist; model {self.id} has layers 0..{len(hidden) - 1}")
-            result["layers"] = {str(layer): hidden[layer][0] for layer in layers}
+            result["layers"] = {str(layer): hidden[layer] for layer in layers}
         return result
 
     def classify(self, data: bytes, limits: ReadLimits) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from onnxscript import ir
 from torch import nn
 
 from hub import __version__
+from hub.embed import pool_hidden_state
 from hub.errors import MedhubError, RepoError
 from hub.export.resolve import read_config
 from hub.models import get_family
@@ -59,13 +60,8 @@ class TaskGraph(nn.Module):
         if self.task != "features":
             return (self.model(pixel_values=pixel_values).logits,)
         outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        layers = tuple(_pool_hidden_state(hidden) for hidden in outputs.hidden_states or ())
+        layers = tuple(pool_hidden_state(hidden) for hidden in outputs.hidden_states or ())
         return (outputs.pooler_output, *layers)
-
-
-def _pool_hidden_state(hidden: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens for (B, N, C) sequences, over space for (B, C, *spatial) maps."""
-    return hidden.mean(dim=1) if hidden.ndim == 3 else hidden.flatten(2).mean(dim=2)
 
 
 def available_tasks(repo_dir: Path) -> list[str]:
