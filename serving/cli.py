@@ -1,4 +1,4 @@
-"""`medhub onnx` and `medhub serve` (contributed to the hub's CLI through the `medhub.commands` entry point)."""
+"""`medhub onnx`, `medhub serve` and `medhub embed` (contributed to the hub's CLI through the `medhub.commands` entry point)."""
 
 import argparse
 import os
@@ -11,6 +11,7 @@ from hub.export.resolve import resolve_repo
 from hub.io import read_image
 from hub.processing import MedicalImageProcessor
 
+from . import embed
 from .onnx_export import FP16_PARITY_RTOL, PARITY_ATOL, TASKS, available_tasks, export_onnx
 from .runtime import active_provider, create_session
 from .settings import ServeSettings
@@ -38,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--example", action="append", type=Path, default=[],
                        help="an image or volume to use in the printed curl examples (2D and 3D picked by content)")
     serve.set_defaults(handler=cmd_serve)
+
+    embed.register(subparsers)
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:

@@ -72,7 +72,7 @@ class ServedModel:
             raise TaskNotAvailableError(f"model {self.id} has no {task} head; it serves {', '.join(sorted(self.sessions))}")
         if task in self.batchers and len(pixel_values) == 1:
             return [output[None] for output in self.batchers[task].submit(pixel_values[0])]
-        return _pixels_runner(self.sessions[task])(pixel_values)
+        return pixels_runner(self.sessions[task])(pixel_values)
 
     def _image(self, data: bytes, limits: ReadLimits) -> MedicalImage:
         image = read_image(data, limits)
@@ -128,9 +128,19 @@ class ServedModel:
         }
 
 
-def _pixels_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], list[np.ndarray]]:
+def pixels_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], list[np.ndarray]]:
     """All outputs of the session for a batch of `pixel_values`."""
     return lambda pixel_values: session.run(None, {"pixel_values": pixel_values})
+
+
+def task_graph(repo_dir: Path, model_id: str, revision: str, task: str, onnx_cache: Path, fp16: bool = False) -> Path:
+    """The cached ONNX graph of a repo's task, exported (and parity-checked) on first use."""
+    path = onnx_cache / revision / (f"{task}.fp16.onnx" if fp16 else f"{task}.onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # several workers may start at once
+        if not path.is_file():
+            export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision, fp16=fp16)
+    return path
 
 
 def load_served_model(
@@ -157,19 +167,15 @@ def load_served_model(
     if batched and not threads:
         threads = max(1, default_threads() // cpu_runners)
     for task in available_tasks(repo_dir):
-        path = onnx_cache / revision / (f"{task}.fp16.onnx" if fp16 else f"{task}.onnx")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):  # several workers may start at once
-            if not path.is_file():
-                export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision, fp16=fp16)
+        path = task_graph(repo_dir, model_id, revision, task, onnx_cache, fp16)
         session = model.sessions[task] = create_session(path, threads, device)
         if batched:
             on_cuda = active_provider(session) == CUDA
             wide = create_session(path, default_threads(), device) if not on_cuda and threads < default_threads() else None
             model.batchers[task] = MicroBatcher(
-                _pixels_runner(session),
+                pixels_runner(session),
                 max_batch_size=max_batch or (8 if on_cuda else 2),
                 workers=(runners or 1) if on_cuda else cpu_runners,
-                solo=None if wide is None else _pixels_runner(wide),
+                solo=None if wide is None else pixels_runner(wide),
             )
     return model
