@@ -28,6 +28,7 @@ from .models import DimensionalityError, ServedModel, TaskNotAvailableError, Unk
 from .settings import ServeSettings  # noqa: E402
 
 logger = logging.getLogger("medhub.serving")
+logging.getLogger("medhub").setLevel(logging.INFO)  # BentoML's root handler then shows loads and exports
 # Request threads preprocess in parallel; torch's own thread pool (used for resizing) would fight ONNX Runtime's.
 torch.set_num_threads(1)
 SETTINGS = ServeSettings.from_env()
