@@ -84,3 +84,18 @@ def test_int8_graphs_answer_over_http_from_both_workers(two_workers):
     labels = httpx.post(f"{two_workers['url']}/classify", files={"file": ("x.png", buffer.getvalue())},
                         data={"model": classifier}, timeout=60).json()["labels"]
     assert sum(label["probability"] for label in labels) == pytest.approx(1.0)
+
+
+def test_gpu_check_stops_with_one_line_without_a_gpu(tmp_path):
+    """nvidia-smi answering as it does on a machine without an NVIDIA driver (exit 9) stops the check at once."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with "
+                                     "the NVIDIA driver.' >&2\nexit 9\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "gpu_check: no NVIDIA GPU on this machine (nvidia-smi lists none); run it on a machine with one"]
