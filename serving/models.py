@@ -1,5 +1,6 @@
 """A served model: a repo's processor plus one ONNX Runtime session per task, exported once per revision."""
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,8 +20,10 @@ from hub.processing import MedicalImageProcessor
 
 from .batching import MicroBatcher
 from .onnx_export import available_tasks, export_onnx
+from .quantize import export_int8
 from .runtime import CUDA, active_provider, create_session, default_threads
 
+logger = logging.getLogger("medhub.serving")
 
 class UnknownModelError(RepoError):
     """A request naming a model the service did not load."""
@@ -133,19 +136,9 @@ def pixels_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], list[
     return lambda pixel_values: session.run(None, {"pixel_values": pixel_values})
 
 
-def task_graph(repo_dir: Path, model_id: str, revision: str, task: str, onnx_cache: Path, fp16: bool = False) -> Path:
-    """The cached ONNX graph of a repo's task, exported (and parity-checked) on first use."""
-    path = onnx_cache / revision / (f"{task}.fp16.onnx" if fp16 else f"{task}.onnx")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):  # several workers may start at once
-        if not path.is_file():
-            export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision, fp16=fp16)
-    return path
-
-
 def load_served_model(
     model_id: str, onnx_cache: Path, device: str = "auto", threads: int | None = None, fp16: bool = False,
-    runners: int | None = None, max_batch: int | None = None,
+    runners: int | None = None, max_batch: int | None = None, int8: bool = False, workers: int = 1,
 ) -> ServedModel:
     """Resolve the repo, load its processor, and open (exporting on first use) a session per task.
 
@@ -157,21 +150,27 @@ def load_served_model(
     with 3 runs, 14.8-15.7 with 2, 15.6 with 4; 32 clients 17.1 img/s with batches of 2, 15.9 with 8). A lone
     request, with nothing else in flight, runs on a second session that uses every core (a second copy of the
     weights). On CUDA one run at a time, of up to 8 images. 3D tasks run in the request's thread on `threads`
-    (default: all cores). float16 graphs are cached as `<revision>/<task>.fp16.onnx`, beside and never in place of the float32 ones."""
+    (default: all cores). float16 graphs are cached as `<revision>/<task>.fp16.onnx` and int8 graphs (calibrated on
+    the repo's golden input and phantoms, gated against float32) as `<revision>/<task>.int8.onnx`, beside and never
+    in place of the float32 ones; each file is exported once, under a file lock, by whichever of `workers` worker
+    processes comes first. The `workers` processes of one service share the cores: each takes cores / workers."""
+    if fp16 and int8:
+        raise InputError("a service serves float16 or int8 graphs, not both: drop --fp16 or --int8")
     repo_dir = resolve_repo(model_id)
     revision = repo_revision(repo_dir)
     processor = MedicalImageProcessor.from_pretrained(repo_dir)
     model = ServedModel(model_id, repo_dir, revision, read_config(repo_dir), processor)
     batched = processor.spatial_dims == 2
-    cpu_runners = runners or default_threads() + 1
+    cores = max(1, default_threads() // max(1, workers))
+    cpu_runners = runners or cores + 1
     if batched and not threads:
-        threads = max(1, default_threads() // cpu_runners)
+        threads = max(1, cores // cpu_runners)
     for task in available_tasks(repo_dir):
-        path = task_graph(repo_dir, model_id, revision, task, onnx_cache, fp16)
+        path = task_graph(repo_dir, model_id, revision, task, onnx_cache, fp16=fp16, int8=int8, processor=processor)
         session = model.sessions[task] = create_session(path, threads, device)
         if batched:
             on_cuda = active_provider(session) == CUDA
-            wide = create_session(path, default_threads(), device) if not on_cuda and threads < default_threads() else None
+            wide = create_session(path, cores, device) if not on_cuda and threads < cores else None
             model.batchers[task] = MicroBatcher(
                 pixels_runner(session),
                 max_batch_size=max_batch or (8 if on_cuda else 2),
@@ -179,3 +178,25 @@ def load_served_model(
                 solo=None if wide is None else pixels_runner(wide),
             )
     return model
+
+
+def task_graph(
+    repo_dir: Path, model_id: str, revision: str, task: str, onnx_cache: Path, *, fp16: bool = False,
+    int8: bool = False, processor: MedicalImageProcessor | None = None,
+) -> Path:
+    """The cached graph of `task` in the wanted precision, exported (and checked) on first use; int8 from the fp32."""
+    folder = onnx_cache / revision
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32 = folder / f"{task}.onnx"
+    wanted = folder / (f"{task}.int8.onnx" if int8 else f"{task}.fp16.onnx" if fp16 else f"{task}.onnx")
+    for path in dict.fromkeys([fp32, wanted] if int8 else [wanted]):
+        with FileLock(str(path) + ".lock"):  # several workers may start at once: one exports, the others wait
+            if path.is_file():
+                continue
+            if path.name.endswith(".int8.onnx"):
+                export_int8(repo_dir, task, path, repo_id=model_id, revision=revision,
+                            processor=processor or MedicalImageProcessor.from_pretrained(repo_dir), fp32_path=fp32)
+            else:
+                export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision, fp16=fp16)
+            logger.info("exported the %s graph of %s to the ONNX cache as %s", task, model_id, path.name)
+    return wanted
