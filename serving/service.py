@@ -33,7 +33,9 @@ torch.set_num_threads(1)
 SETTINGS = ServeSettings.from_env()
 LOADED: dict[str, ServedModel] = {}  # this worker's models, shared with the /models route and the guard
 MASK_MEDIA = {"png": "image/png", "nifti": "application/gzip"}
-FORMS = {"/embed": {"file", "model", "layers"}, "/classify": {"file", "model"}, "/segment": {"file", "model", "format"}}
+DICOM_MEDIA = "application/dicom"
+FORMS = {"/embed": {"file", "model", "layers"}, "/classify": {"file", "model", "format"},
+         "/segment": {"file", "model", "format"}}
 
 
 class JSONResponse(Response):
@@ -111,10 +113,15 @@ class MedhubService:
         return _handle(file, model, run)
 
     @bentoml.api(route="/classify")
-    def classify(self, file: Path, model: str = "") -> dict:
-        """Label probabilities (softmax, or per-label sigmoid for multi-label models), most likely first."""
+    def classify(self, file: Path, model: str = "", format: str = "") -> dict:
+        """Label probabilities (softmax, or per-label sigmoid for multi-label models), most likely first;
+        `format=dicom-sr`: the same as a DICOM Comprehensive SR (DICOM inputs)."""
 
         def run(served: ServedModel, data: bytes) -> Response:
+            if format == "dicom-sr":
+                return Response(served.classification_sr(data, SETTINGS.read_limits()), media_type=DICOM_MEDIA)
+            if format not in ("", "json"):
+                raise InputError(f"format {format!r} is unknown; expected json or dicom-sr")
             labels = served.classify(data, SETTINGS.read_limits())
             return JSONResponse({"model": served.id, "labels": labels, "provider": served.provider})
 
@@ -122,15 +129,18 @@ class MedhubService:
 
     @bentoml.api(route="/segment")
     def segment(self, file: Path, model: str = "", format: str = "") -> dict:
-        """A label mask in the input's geometry: `png` (2D), `nifti` (3D, .nii.gz) or a `json` summary."""
+        """A label mask in the input's geometry: `png` (2D), `nifti` (3D, .nii.gz), a `json` summary or a
+        `dicom-seg` DICOM Segmentation (DICOM inputs)."""
 
         def run(served: ServedModel, data: bytes) -> Response:
+            if format == "dicom-seg":
+                return Response(served.segmentation_dicom(data, SETTINGS.read_limits()), media_type=DICOM_MEDIA)
             mask, image = served.segment(data, SETTINGS.read_limits())
             wanted = format or ("png" if image.spatial_dims == 2 else "nifti")
             if wanted == "json":
                 return JSONResponse(served.mask_summary(mask, image))
             if wanted not in MASK_MEDIA:
-                raise InputError(f"format {wanted!r} is unknown; expected png, nifti or json")
+                raise InputError(f"format {wanted!r} is unknown; expected png, nifti, json or dicom-seg")
             from hub.io import encode_mask
 
             return Response(encode_mask(mask, image, wanted), media_type=MASK_MEDIA[wanted])
