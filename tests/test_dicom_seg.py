@@ -9,15 +9,20 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from io_fixtures import dicom_file
 from PIL import Image
 
 from hub.data.phantoms import ct_volume, write_dicom_series
 from hub.errors import InputError
 from hub.io import read_image
-from hub.io.dicom_seg import UNKNOWN_SPACING, Algorithm, build_segmentation, dicom_bytes, segmentation_mask
+from hub.io.dicom_seg import (
+    UNKNOWN_SPACING,
+    Algorithm,
+    build_segmentation,
+    dicom_bytes,
+    segmentation_mask,
+)
 from hub.io.dicom_sr import build_classification_sr, classification_from_sr
-
-from io_fixtures import dicom_file
 
 ALGORITHM = Algorithm("org/tiny-segmenter", "0123456789abcdef0123456789abcdef01234567")
 
@@ -25,7 +30,7 @@ ALGORITHM = Algorithm("org/tiny-segmenter", "0123456789abcdef0123456789abcdef012
 def dciodvfy_errors(path: Path) -> list[str]:
     """dciodvfy's error lines for a file (it is installed by the project: Debian dicom3tools)."""
     assert shutil.which("dciodvfy"), "dciodvfy is missing; install the Debian package dicom3tools"
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
@@ -118,7 +123,10 @@ def test_classification_sr_is_valid_and_reads_back(tmp_path):
 
 # ----- the service -----------------------------------------------------------------------------------------
 
-from test_serving import AUTH, httpx, post, repos, server  # noqa: E402,F401  (the served tiny models)
+import test_serving
+from test_serving import post
+
+repos, server = test_serving.repos, test_serving.server  # the served tiny models, as fixtures of this module
 
 
 @pytest.mark.slow
