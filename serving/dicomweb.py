@@ -7,6 +7,7 @@ only then retrieves the instances. `store` sends a result back with STOW-RS.
 
 from __future__ import annotations
 
+import io
 import re
 import tempfile
 from dataclasses import dataclass
@@ -136,10 +137,12 @@ def fetch(value: str, urls: tuple[str, ...], token: str | None, limits: ReadLimi
         return read_image(folder, limits)
 
 
-def store(dataset: pydicom.Dataset, urls: tuple[str, ...], token: str | None) -> str:
-    """STOW-RS ``dataset`` to the first configured server; its SOP Instance UID."""
+def store_result(data: bytes, urls: tuple[str, ...], token: str | None) -> dict[str, str]:
+    """STOW-RS a DICOM file (a result) to the first configured server; its study, series and SOP instance UIDs."""
+    dataset = pydicom.dcmread(io.BytesIO(data))
     try:
         _client(urls[0], token).store_instances([dataset])
     except requests.RequestException as exc:
         raise DicomwebUnavailableError("the DICOMweb server did not store the result") from exc
-    return str(dataset.SOPInstanceUID)
+    return {"study_instance_uid": str(dataset.StudyInstanceUID), "series_instance_uid": str(dataset.SeriesInstanceUID),
+            "sop_instance_uid": str(dataset.SOPInstanceUID)}

@@ -13,7 +13,7 @@ from filelock import FileLock
 
 from hub.errors import InputError, RepoError
 from hub.export.resolve import read_config, resolve_repo
-from hub.io import ReadLimits, read_image
+from hub.io import ImageSource, ReadLimits, read_image
 from hub.io.dicom_seg import Algorithm, build_segmentation, dicom_bytes
 from hub.io.dicom_sr import build_classification_sr
 from hub.io.image import MedicalImage
@@ -83,14 +83,14 @@ class ServedModel:
             return [output[None] for output in self.batchers[task].submit(pixel_values[0])]
         return _pixels_runner(self.sessions[task])(pixel_values)
 
-    def _image(self, data: bytes, limits: ReadLimits) -> MedicalImage:
+    def _image(self, data: ImageSource, limits: ReadLimits) -> MedicalImage:
         image = read_image(data, limits)
         wanted = self.processor.spatial_dims
         if image.spatial_dims != wanted:
             raise DimensionalityError(f"the upload is a {image.spatial_dims}D image but model {self.id} takes {wanted}D input")
         return image
 
-    def embed(self, data: bytes, limits: ReadLimits, layers: list[int] | None = None) -> dict[str, Any]:
+    def embed(self, data: ImageSource, limits: ReadLimits, layers: list[int] | None = None) -> dict[str, Any]:
         """The pooled embedding and any wanted hidden states, as float32 arrays (the service writes them as JSON)."""
         pixel_values = self.processor.prepare(self._image(data, limits)).pixel_values[None]
         outputs = self._run("features", pixel_values)
@@ -103,7 +103,7 @@ class ServedModel:
             result["layers"] = {str(layer): hidden[layer][0] for layer in layers}
         return result
 
-    def classify(self, data: bytes, limits: ReadLimits) -> list[dict[str, Any]]:
+    def classify(self, data: ImageSource, limits: ReadLimits) -> list[dict[str, Any]]:
         return self._classify_image(self._image(data, limits))
 
     def _classify_image(self, image: MedicalImage) -> list[dict[str, Any]]:
@@ -117,7 +117,7 @@ class ServedModel:
         ranked = sorted(zip(self.labels, probabilities.tolist()), key=lambda pair: -pair[1])
         return [{"label": label, "probability": probability} for label, probability in ranked]
 
-    def segment(self, data: bytes, limits: ReadLimits) -> tuple[np.ndarray, MedicalImage]:
+    def segment(self, data: ImageSource, limits: ReadLimits) -> tuple[np.ndarray, MedicalImage]:
         """Labels on the input's grid: argmax over classes (foreground > 0 for a single-channel head)."""
         image = self._image(data, limits)
         logits, image = self.processor.predict(image, lambda batch: self._run("segmentation", batch)[0])
@@ -127,7 +127,7 @@ class ServedModel:
     def algorithm(self) -> Algorithm:
         return Algorithm(self.id, self.revision)
 
-    def segmentation_dicom(self, data: bytes, limits: ReadLimits) -> bytes:
+    def segmentation_dicom(self, data: ImageSource, limits: ReadLimits) -> bytes:
         """A DICOM SEG of the input's mask (binary; fractional probabilities where the repo's config says
         `"dicom_seg_type": "fractional"`, with coded concepts from its `label_codes`)."""
         image = self._image(data, limits)
@@ -144,7 +144,7 @@ class ServedModel:
                                  probabilities if fractional else None, self.config.get("label_codes"))
         return dicom_bytes(seg)
 
-    def classification_sr(self, data: bytes, limits: ReadLimits) -> bytes:
+    def classification_sr(self, data: ImageSource, limits: ReadLimits) -> bytes:
         """A DICOM Comprehensive SR of the labels and probabilities `classify` returns."""
         image = self._image(data, limits)
         return dicom_bytes(build_classification_sr(self._classify_image(image), image, self.algorithm))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import shutil
 import socket
 import subprocess
@@ -16,13 +17,13 @@ import requests
 from hub.data.phantoms import ct_volume, write_dicom_series
 from hub.errors import InputError, LimitExceededError
 from hub.io import ReadLimits, read_image
-from hub.io.dicom_seg import Algorithm, build_segmentation, segmentation_mask
+from hub.io.dicom_seg import Algorithm, build_segmentation, dicom_bytes, segmentation_mask
 from serving.dicomweb import (
     DicomwebNotFoundError,
     DicomwebUnavailableError,
     Reference,
     fetch,
-    store,
+    store_result,
 )
 
 pytestmark = pytest.mark.slow
@@ -70,9 +71,10 @@ def orthanc(tmp_path_factory):
     else:
         process.kill()
         pytest.fail("Orthanc did not answer in 60 s")
-    yield {"url": url, "dicomweb": f"{url}/dicom-web"}
-    process.terminate()
-    process.wait(timeout=30)
+    yield {"url": url, "dicomweb": f"{url}/dicom-web", "process": process}
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=30)
     log.close()
 
 
@@ -131,9 +133,108 @@ def test_stored_seg_is_found_in_the_study_and_retrieved(orthanc, series):
     image = fetch(f"{series['study']}/{series['series']}", (orthanc["dicomweb"],), None, ReadLimits())
     mask = (image.array > -300).astype(np.uint8)
     seg = build_segmentation(mask, image, ["background", "body"], Algorithm("org/model", "f" * 40))
-    uid = store(seg, (orthanc["dicomweb"],), None)
+    uid = store_result(dicom_bytes(seg), (orthanc["dicomweb"],), None)["sop_instance_uid"]
     client = DICOMwebClient(orthanc["dicomweb"])
     found = client.search_for_series(series["study"], search_filters={"Modality": "SEG"})
     assert len(found) == 1
     back = client.retrieve_instance(series["study"], found[0]["0020000E"]["Value"][0], uid)
     assert np.array_equal(segmentation_mask(back, series["instances"]), mask)
+
+
+# ----- the service, reading from and storing to Orthanc ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def service(orthanc, tmp_path_factory):
+    """medhub serving a tiny 3D segmenter, reading DICOMweb references from Orthanc, at most 4000 voxels."""
+    import test_serving
+    from hub.models.macl import MaclForSemanticSegmentation
+
+    root = tmp_path_factory.mktemp("service")
+    repo = test_serving.tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["background", "liver"],
+                                       "macl-unet3d-tiny")
+    port = free_port()
+    env = {**os.environ, "MEDHUB_MODELS": str(repo), "MEDHUB_ONNX_CACHE": str(root / "onnx"), "MEDHUB_THREADS": "1",
+           "MEDHUB_MAX_VOXELS": "4000", "MEDHUB_DICOMWEB_URL": orthanc["dicomweb"]}
+    env.pop("MEDHUB_API_TOKEN", None)
+    log = open(root / "server.log", "w+")
+    bentoml = Path(sys.executable).parent / "bentoml"
+    process = subprocess.Popen(
+        [str(bentoml), "serve", "serving.service:MedhubService", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"server exited early:\n{log.read()[-3000:]}")
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    else:
+        process.kill()
+        pytest.fail("server did not become ready in 240 s")
+    yield {"url": url, "repo": repo}
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def segment(service, **fields) -> requests.Response:
+    form = {key: (None, value) for key, value in {"model": str(service["repo"]), **fields}.items()}
+    return requests.post(f"{service['url']}/segment", files=form, timeout=120)
+
+
+def test_service_stores_the_seg_of_a_dicomweb_series(orthanc, series, service, tmp_path):
+    from dicomweb_client.api import DICOMwebClient
+
+    from serving.models import load_served_model
+
+    reference = f"{series['study']}/{series['series']}"
+    stored = segment(service, dicomweb=reference, store="true")
+    assert stored.status_code == 200, stored.text
+    uids = stored.json()["stored"]
+    assert uids["study_instance_uid"] == series["study"]
+    client = DICOMwebClient(orthanc["dicomweb"])
+    found = client.search_for_instances(series["study"], search_filters={"Modality": "SEG",
+                                                                         "SOPInstanceUID": uids["sop_instance_uid"]})
+    assert len(found) == 1
+    seg = client.retrieve_instance(series["study"], uids["series_instance_uid"], uids["sop_instance_uid"])
+    nifti = segment(service, dicomweb=reference, format="nifti")
+    assert nifti.status_code == 200, nifti.text
+    (tmp_path / "mask.nii.gz").write_bytes(nifti.content)
+    import SimpleITK as sitk
+
+    served_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.nii.gz")))
+    upload_mask, _ = load_served_model(str(service["repo"]), tmp_path / "onnx", "cpu", 1).segment(
+        series["folder"], ReadLimits())
+    assert np.array_equal(segmentation_mask(seg, series["instances"]), upload_mask)
+    assert np.array_equal(served_mask, upload_mask)
+
+
+def test_service_errors_for_dicomweb_references(orthanc, series, service, tmp_path):
+    unknown = segment(service, dicomweb=f"{series['study']}/1.2.3.4.5")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"] == "no configured DICOMweb server holds the referenced study/series/instance"
+    assert segment(service, dicomweb="http://127.0.0.1/evil").status_code == 400
+    big = write_dicom_series(ct_volume(np.random.default_rng(6), (8, 24, 28))["image"], tmp_path / "big", "big",
+                             spacing=(1.0, 1.0, 1.0))
+    from dicomweb_client.api import DICOMwebClient
+
+    datasets = [pydicom.dcmread(path) for path in sorted(big.iterdir())]
+    DICOMwebClient(orthanc["dicomweb"]).store_instances(datasets)
+    oversize = segment(service, dicomweb=f"{datasets[0].StudyInstanceUID}/{datasets[0].SeriesInstanceUID}")
+    assert oversize.status_code == 413
+    assert "8x24x28x1 = 5376 voxels, over the limit of 4000" in oversize.json()["error"]
+
+
+def test_service_answers_502_when_the_server_is_gone(orthanc, series, service):
+    """Last in the module: stops Orthanc."""
+    orthanc["process"].terminate()
+    orthanc["process"].wait(timeout=30)
+    gone = segment(service, dicomweb=f"{series['study']}/{series['series']}")
+    assert gone.status_code == 502
+    assert gone.json()["error"] == "no configured DICOMweb server could be reached"
