@@ -14,7 +14,9 @@ from filelock import FileLock
 from hub.embed import model_inputs, pool_tiles
 from hub.errors import InputError, RepoError
 from hub.export.resolve import read_config, repo_revision, resolve_repo
-from hub.io import ReadLimits, read_image
+from hub.io import ImageSource, ReadLimits, read_image
+from hub.io.dicom_seg import Algorithm, build_segmentation, dicom_bytes
+from hub.io.dicom_sr import build_classification_sr
 from hub.io.image import MedicalImage
 from hub.processing import MedicalImageProcessor
 
@@ -77,14 +79,14 @@ class ServedModel:
             return [output[None] for output in self.batchers[task].submit(pixel_values[0])]
         return pixels_runner(self.sessions[task])(pixel_values)
 
-    def _image(self, data: bytes, limits: ReadLimits) -> MedicalImage:
+    def _image(self, data: ImageSource, limits: ReadLimits) -> MedicalImage:
         image = read_image(data, limits)
         wanted = self.processor.spatial_dims
         if image.spatial_dims != wanted:
             raise DimensionalityError(f"the upload is a {image.spatial_dims}D image but model {self.id} takes {wanted}D input")
         return image
 
-    def embed(self, data: bytes, limits: ReadLimits, layers: list[int] | None = None) -> dict[str, Any]:
+    def embed(self, data: ImageSource, limits: ReadLimits, layers: list[int] | None = None) -> dict[str, Any]:
         """The pooled embedding and any wanted hidden states, as float32 arrays (the service writes them as JSON);
         a 3D volume's sliding-window tiles are pooled by their mean, as in `medhub embed`."""
         outputs = [pool_tiles(output) for output in self._run("features", model_inputs(self.processor, self._image(data, limits)))]
@@ -97,8 +99,11 @@ class ServedModel:
             result["layers"] = {str(layer): hidden[layer] for layer in layers}
         return result
 
-    def classify(self, data: bytes, limits: ReadLimits) -> list[dict[str, Any]]:
-        pixel_values = self.processor.prepare(self._image(data, limits)).pixel_values[None]
+    def classify(self, data: ImageSource, limits: ReadLimits) -> list[dict[str, Any]]:
+        return self._classify_image(self._image(data, limits))
+
+    def _classify_image(self, image: MedicalImage) -> list[dict[str, Any]]:
+        pixel_values = self.processor.prepare(image).pixel_values[None]
         logits = self._run("classification", pixel_values)[0][0].astype(np.float64)
         if self.config.get("problem_type") == "multi_label_classification":
             probabilities = 1.0 / (1.0 + np.exp(-logits))
@@ -108,12 +113,37 @@ class ServedModel:
         ranked = sorted(zip(self.labels, probabilities.tolist()), key=lambda pair: -pair[1])
         return [{"label": label, "probability": probability} for label, probability in ranked]
 
-    def segment(self, data: bytes, limits: ReadLimits) -> tuple[np.ndarray, MedicalImage]:
+    def segment(self, data: ImageSource, limits: ReadLimits) -> tuple[np.ndarray, MedicalImage]:
         """Labels on the input's grid: argmax over classes (foreground > 0 for a single-channel head)."""
         image = self._image(data, limits)
         logits, image = self.processor.predict(image, lambda batch: self._run("segmentation", batch)[0])
-        mask = (logits[0] > 0).astype(np.uint8) if logits.shape[0] == 1 else logits.argmax(axis=0).astype(np.uint8)
-        return mask, image
+        return label_mask(logits), image
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return Algorithm(self.id, self.revision)
+
+    def segmentation_dicom(self, data: ImageSource, limits: ReadLimits) -> bytes:
+        """A DICOM SEG of the input's mask (binary; fractional probabilities where the repo's config says
+        `"dicom_seg_type": "fractional"`, with coded concepts from its `label_codes`)."""
+        image = self._image(data, limits)
+        logits, image = self.processor.predict(image, lambda batch: self._run("segmentation", batch)[0])
+        if logits.shape[0] == 1:
+            foreground = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+            probabilities = np.concatenate([1.0 - foreground, foreground])
+        else:
+            shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
+            probabilities = shifted / shifted.sum(axis=0, keepdims=True)
+        mask = label_mask(logits)
+        fractional = self.config.get("dicom_seg_type") == "fractional"
+        seg = build_segmentation(mask, image, self.labels or ["background", "foreground"], self.algorithm,
+                                 probabilities if fractional else None, self.config.get("label_codes"))
+        return dicom_bytes(seg)
+
+    def classification_sr(self, data: ImageSource, limits: ReadLimits) -> bytes:
+        """A DICOM Comprehensive SR of the labels and probabilities `classify` returns."""
+        image = self._image(data, limits)
+        return dicom_bytes(build_classification_sr(self._classify_image(image), image, self.algorithm))
 
     def mask_summary(self, mask: np.ndarray, image: MedicalImage) -> dict[str, Any]:
         voxel_ml = math.prod(image.spacing) / 1000.0
@@ -129,6 +159,11 @@ class ServedModel:
                 for index, count in enumerate(counts)
             ],
         }
+
+
+def label_mask(logits: np.ndarray) -> np.ndarray:
+    """Labels from (K, *spatial) logits: argmax over classes, foreground > 0 for a single-channel head."""
+    return (logits[0] > 0).astype(np.uint8) if logits.shape[0] == 1 else logits.argmax(axis=0).astype(np.uint8)
 
 
 def pixels_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], list[np.ndarray]]:

@@ -30,7 +30,9 @@ class ServeSettings:
     and task; 0 = cores + 1 on CPU, 1 on CUDA), `MEDHUB_MAX_BATCH` (images per 2D run; 0 = 2 on CPU, 8 on
     CUDA), `MEDHUB_THREADS` (ORT intra-op threads per run; 0 = cores / runners for 2D, all cores for 3D),
     `MEDHUB_INT8` (1 = int8 graphs, calibrated and gated at export), `MEDHUB_WORKERS` (service worker processes,
-    sharing the cores and the ONNX cache; 0 = one per 8 cores, at least 1), `MEDHUB_ONNX_CACHE`."""
+    sharing the cores and the ONNX cache; 0 = one per 8 cores, at least 1), `MEDHUB_ONNX_CACHE`,
+    `MEDHUB_DICOMWEB_URL` (comma-separated DICOMweb roots a `dicomweb` field may read from, tried in order; results
+    are stored to the first) and `MEDHUB_DICOMWEB_TOKEN` (bearer token for them)."""
 
     models: tuple[str, ...] = ()
     max_body_bytes: int = 64 * MIB
@@ -47,6 +49,8 @@ class ServeSettings:
     runners: int = 0
     max_batch: int = 0
     onnx_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "medhub" / "onnx")
+    dicomweb_urls: tuple[str, ...] = ()
+    dicomweb_token: str | None = None
 
     @classmethod
     def from_env(cls) -> "ServeSettings":
@@ -68,6 +72,8 @@ class ServeSettings:
             runners=_int("MEDHUB_RUNNERS", 0),
             max_batch=_int("MEDHUB_MAX_BATCH", 0),
             onnx_cache=Path(cache) if cache else Path.home() / ".cache" / "medhub" / "onnx",
+            dicomweb_urls=tuple(url.strip() for url in os.environ.get("MEDHUB_DICOMWEB_URL", "").split(",") if url.strip()),
+            dicomweb_token=os.environ.get("MEDHUB_DICOMWEB_TOKEN") or None,
         )
 
     def worker_count(self) -> int:
