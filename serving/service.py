@@ -37,6 +37,9 @@ SETTINGS = ServeSettings.from_env()
 LOADED: dict[str, ServedModel] = {}  # this worker's models, shared with the /models route and the guard
 MASK_MEDIA = {"png": "image/png", "nifti": "application/gzip"}
 DICOM_MEDIA = "application/dicom"
+# An upload is typed `file: Path = None` (a `dicomweb` reference may stand instead), not `Path | None`: BentoML 1.4
+# builds an upload's schema only for a bare Path; with `Path | None` it refuses every upload, with Optional[Path]
+# it cannot build the route.
 FORMS = {"/embed": {"file", "dicomweb", "model", "layers"}, "/classify": {"file", "dicomweb", "model", "format"},
          "/segment": {"file", "dicomweb", "model", "format", "store"}}
 
@@ -109,7 +112,7 @@ class MedhubService:
         return len(LOADED) == len(SETTINGS.models)
 
     @bentoml.api(route="/embed")
-    def embed(self, file: Path | None = None, dicomweb: str = "", model: str = "", layers: str = "") -> dict:
+    def embed(self, file: Path = None, dicomweb: str = "", model: str = "", layers: str = "") -> dict:
         """Pooled embedding (`pooler_output`) of the upload; `layers` = comma-separated hidden-state indices."""
 
         def run(served: ServedModel, data: ImageSource) -> Response:
@@ -120,7 +123,7 @@ class MedhubService:
         return _handle(file, dicomweb, model, run)
 
     @bentoml.api(route="/classify")
-    def classify(self, file: Path | None = None, dicomweb: str = "", model: str = "", format: str = "") -> dict:
+    def classify(self, file: Path = None, dicomweb: str = "", model: str = "", format: str = "") -> dict:
         """Label probabilities (softmax, or per-label sigmoid for multi-label models), most likely first;
         `format=dicom-sr`: the same as a DICOM Comprehensive SR (DICOM inputs)."""
 
@@ -135,7 +138,7 @@ class MedhubService:
         return _handle(file, dicomweb, model, run)
 
     @bentoml.api(route="/segment")
-    def segment(self, file: Path | None = None, dicomweb: str = "", model: str = "", format: str = "",
+    def segment(self, file: Path = None, dicomweb: str = "", model: str = "", format: str = "",
                 store: bool = False) -> dict:
         """A label mask in the input's geometry: `png` (2D), `nifti` (3D, .nii.gz), a `json` summary or a
         `dicom-seg` DICOM Segmentation (DICOM inputs). `store=true` (with `dicomweb`) stores the SEG on the
