@@ -107,7 +107,7 @@ def export_onnx(
     else:
         program.save(str(out_path))
     precision = "fp16" if fp16 else "fp32"
-    _write_metadata(out_path, repo_id=repo_id, revision=revision, task=task, config=config, repo_dir=repo_dir,
+    write_metadata(out_path, repo_id=repo_id, revision=revision, task=task, config=config, repo_dir=repo_dir,
                     precision=precision)
     # parity is a property of the file, checked on the CPU provider (CUDA's TF32 matmuls would blur the 1e-4 limit)
     actual = create_session(out_path, threads=1, device="cpu").run(None, {"pixel_values": example.numpy()})
@@ -159,9 +159,11 @@ def _output_names(task: str, count: int) -> list[str]:
     return ["pooler_output"] + [f"layer_{index}" for index in range(count - 1)]
 
 
-def _write_metadata(
-    path: Path, *, repo_id: str, revision: str, task: str, config: dict, repo_dir: Path, precision: str
+def write_metadata(
+    path: Path, *, repo_id: str, revision: str, task: str, config: dict, repo_dir: Path, precision: str,
+    extra: dict[str, str] | None = None,
 ) -> None:
+    """Replace the graph's metadata: repo, revision, task, precision, labels, input spec (and `extra` entries)."""
     model = onnx.load(str(path))
     preprocessor = repo_dir / "preprocessor_config.json"
     entries = {
@@ -173,6 +175,7 @@ def _write_metadata(
         "model_type": config["model_type"],
         "labels": json.dumps(config.get("id2label") or {}),
         "input_spec": preprocessor.read_text() if preprocessor.is_file() else "{}",
+        **(extra or {}),
     }
     del model.metadata_props[:]
     for key, value in entries.items():
