@@ -89,7 +89,7 @@ def ray_batches(repo: str, backend: str, device: str, batch_size: int, layers: l
         items = ray.data.from_items([{"id": s.id, "path": str(s.path)} for s in sources])
         embedded = items.map_batches(
             _EmbedActor, fn_constructor_args=(repo, backend, device, 1, batch_size, layers),
-            batch_size=batch_size, concurrency=actors, num_cpus=1, num_gpus=gpus, batch_format="numpy",
+            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=gpus, batch_format="numpy",
         )
         for batch in embedded.iter_batches(batch_size=batch_size, batch_format="numpy"):
             yield _from_columns(batch, layers)
@@ -127,9 +127,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.set_defaults(handler=cmd_embed)
 
 
-def _threads(device: str, workers: int) -> int:
-    """ONNX Runtime threads: the cores the decoders leave free (at least one)."""
-    return max(1, default_threads() - workers // 2) if device != "cuda" else 1
+def _threads(device: str) -> int | None:
+    """ONNX Runtime threads on CPU: every core. The decoders stop once the bounded queue is full, so while the
+    model runs they only refill what it takes."""
+    return None if device == "cuda" else default_threads()
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -144,7 +145,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         result = embed_dataset(args.model, args.data, args.out, batches=batches, **common)
         where = f"ray ({max(1, args.workers)} actors)"
     else:
-        backend = _backend(args.backend, args.device, _threads(args.device, args.workers))
+        backend = _backend(args.backend, args.device, _threads(args.device))
         result = embed_dataset(args.model, args.data, args.out, backend=backend, workers=args.workers, **common)
         where = backend.describe()
     print(f"wrote {result.count} embeddings (dim {result.dim}) to {result.out} on {where}; "

@@ -70,13 +70,14 @@ def test_values_equal_the_service(dims, setup, server, tmp_path):
     got = embedded(tmp_path / "out")
     worst = 0.0
     for source in list_sources(data):
-        response = httpx.post(f"{server}/embed", files={"file": ("f", source.path.read_bytes())},
+        response = httpx.post(f"{server}/embed", files={"file": ("upload.bin", source.path.read_bytes(), "application/octet-stream")},
                               data={"model": str(repo), "layers": "0,-1"}, timeout=120)
         assert response.status_code == 200, response.text
         body = response.json()
         for column, value in (("embedding", body["embedding"]), ("layer_0", body["layers"]["0"]),
                               ("layer_-1", body["layers"]["-1"])):
             worst = max(worst, float(np.abs(got[source.id][column] - np.asarray(value, np.float32)).max()))
+    print(f"max abs diff vs /embed ({dims}D): {worst:.2e}")
     assert len(got) == len(list_sources(data)) and worst <= 1e-5, worst
 
 

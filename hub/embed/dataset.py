@@ -29,7 +29,7 @@ from hub.io import ReadLimits
 from hub.processing import MedicalImageProcessor
 
 from .backends import Backend, TorchBackend
-from .batches import EmbeddedBatch, embed_batches
+from .batches import EmbeddedBatch, EmbedError, embed_batches
 from .sources import EmbedSource, list_sources
 
 INFO = "embedding_info.json"
@@ -125,7 +125,7 @@ def embed_dataset(
     Shards a previous run into ``out`` finished (same revision, spec, layers) are kept, so a killed run resumes
     where it stopped and never writes a row twice; ``resume=True`` insists that there is such a run. Unreadable
     sources go to ``errors.parquet`` (``strict``: the first one raises). ``batches`` replaces the local
-    pipeline (the Ray engine); it gets a shard's sources and yields their batches.
+    pipeline (the Ray engine): it gets the sources still to do and yields their batches in input order.
     """
     repo_dir = resolve_repo(repo)
     out = Path(out)
@@ -153,30 +153,41 @@ def embed_dataset(
                                               workers=workers, limits=limits, runner=runner)
     bar = tqdm(total=sum(len(g) for _, g in plan), initial=sum(len(g) for _, g in plan) - sum(len(g) for _, g in todo),
                unit="img", disable=not progress, smoothing=0.1)
+    shard_of = {s.id: name for name, group in todo for s in group}
+    state = {name: {"group": group, "rows": [], "errors": [], "left": len(group)} for name, group in todo}
     dims: dict[str, int] = {}
-    for name, group in todo:
-        by_id = {s.id: s for s in group}
-        rows, errors = [], []
-        for batch in batches(group):
-            if strict and batch.errors:
-                error = batch.errors[0]
-                raise InputError(f"{error.id}: {error.message}")
-            errors += batch.errors
-            for i, source_id in enumerate(batch.ids):
-                rows.append((by_id[source_id], batch.embeddings[i], {k: v[i] for k, v in batch.layers.items()}))
-            if batch.ids:
-                dims = {"embedding": batch.embeddings.shape[1],
-                        **{f"layer_{k}": v.shape[1] for k, v in batch.layers.items()}}
-            bar.update(len(batch.ids) + len(batch.errors))
-        if not dims:
-            dims = _dims_from_done(out, layers)
-        if dims:
-            table = _table(rows, layers, label_names, dims)
-            _atomic_write(out / "data" / f"{name}.parquet", lambda tmp, table=table: pq.write_table(table, tmp))
-        _write_json(out / ".shards" / f"{name}.json",
-                    {"ids": [s.id for s in group], "errors": [e.__dict__ for e in errors]})
+    for batch in batches([s for _, group in todo for s in group]):
+        if strict and batch.errors:
+            raise InputError(f"{batch.errors[0].id}: {batch.errors[0].message}")
+        if batch.ids:
+            dims = {"embedding": batch.embeddings.shape[1], **{f"layer_{k}": v.shape[1] for k, v in batch.layers.items()}}
+        for error in batch.errors:
+            _add(state[shard_of[error.id]], error)
+        for i, source_id in enumerate(batch.ids):
+            _add(state[shard_of[source_id]], (source_id, batch.embeddings[i], {k: v[i] for k, v in batch.layers.items()}))
+        for name in {shard_of[i] for i in batch.ids + [e.id for e in batch.errors]}:
+            if state[name]["left"] == 0:
+                dims = dims or _dims_from_done(out, layers)
+                _write_shard(out, name, state.pop(name), layers, label_names, dims)
+        bar.update(len(batch.ids) + len(batch.errors))
     bar.close()
     return _finish(out, info, plan, len(plan) - len(todo))
+
+
+def _add(shard: dict[str, Any], item: EmbedError | tuple[str, np.ndarray, dict[int, np.ndarray]]) -> None:
+    shard["errors" if isinstance(item, EmbedError) else "rows"].append(item)
+    shard["left"] -= 1
+
+
+def _write_shard(out: Path, name: str, shard: dict[str, Any], layers: list[int], label_names: list[str],
+                 dims: dict[str, int]) -> None:
+    """The shard's Parquet file (when any row embedded anywhere), then its state file, each atomically."""
+    by_id = {s.id: s for s in shard["group"]}
+    if dims:
+        table = _table([(by_id[i], e, h) for i, e, h in shard["rows"]], layers, label_names, dims)
+        _atomic_write(out / "data" / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+    _write_json(out / ".shards" / f"{name}.json",
+                {"ids": list(by_id), "errors": [e.__dict__ for e in shard["errors"]]})
 
 
 def _dims_from_done(out: Path, layers: list[int]) -> dict[str, int]:
