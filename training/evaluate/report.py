@@ -66,6 +66,14 @@ def write_report(summaries: list[Summary], baseline: str, out: Path) -> Path:
 
 
 def task_figure(task: str, summaries: list[Summary], rows: list[dict[str, Any]], out: Path) -> Path:
+    figure = task_plot(task, summaries, rows)
+    path = out / f"task_{task}.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def task_plot(task: str, summaries: list[Summary], rows: list[dict[str, Any]]) -> plt.Figure:
     """Bars: mean per backbone, grouped by protocol (all label fractions side by side), sample std error bars,
     single runs as points."""
     cells = [s for s in summaries if s.task == task]
@@ -93,10 +101,7 @@ def task_figure(task: str, summaries: list[Summary], rows: list[dict[str, Any]],
     axes.set_title(f"{task}: mean +- sample std over runs (points: single runs)")
     axes.legend(title="backbone")
     figure.tight_layout()
-    path = out / f"task_{task}.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def efficiency_figure(backbone: str, summaries: list[Summary], out: Path) -> Path:
