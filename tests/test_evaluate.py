@@ -101,3 +101,27 @@ def test_study_runs_resumes_and_reports(study_file, tmp_path, cli):
     assert bars.keys() == expected.keys()
     for backbone, heights in bars.items():
         assert heights == pytest.approx(expected[backbone])
+
+
+@pytest.mark.slow
+def test_linear_protocol_auc_equals_logistic_regression_on_the_embed_output(study_file, tmp_path):
+    import pyarrow.dataset as ds
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from hub.embed import embed_dataset
+    from training.evaluate.runner import run_study
+
+    study = load_study(study_file)
+    study.backbones, study.protocols, study.runs = {"seeded": study.backbones["seeded"]}, ["linear"], 2
+    study.baseline = "seeded"
+    rows = run_study(study, tmp_path / "out", progress=False)
+    assert [r["run"] for r in rows] == [0, 1] and all(r["n_train"] == 8 for r in rows)
+
+    manifest = study.tasks["nodule"].manifest
+    table = ds.dataset(embed_dataset(study.backbones["seeded"], manifest, tmp_path / "emb").out).to_table().to_pandas()
+    x, y = np.stack(table["embedding"].to_numpy()), table["label_nodule"].to_numpy().astype(int)
+    train, test = (table["split"] == "train").to_numpy(), (table["split"] == "test").to_numpy()
+    for row in rows:
+        model = LogisticRegression(max_iter=5000, random_state=row["seed"]).fit(x[train], y[train])
+        assert row["metrics"]["roc_auc"] == pytest.approx(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1]))
