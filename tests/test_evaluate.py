@@ -119,7 +119,9 @@ def test_linear_protocol_auc_equals_logistic_regression_on_the_embed_output(stud
     assert [r["run"] for r in rows] == [0, 1] and all(r["n_train"] == 8 for r in rows)
 
     manifest = study.tasks["nodule"].manifest
-    table = ds.dataset(embed_dataset(study.backbones["seeded"], manifest, tmp_path / "emb").out).to_table().to_pandas()
+    out = embed_dataset(study.backbones["seeded"], manifest, tmp_path / "emb").out
+    shards = [str(p) for p in sorted(out.rglob("*.parquet")) if p.name != "errors.parquet"]
+    table = ds.dataset(shards, format="parquet").to_table().to_pandas()
     x, y = np.stack(table["embedding"].to_numpy()), table["label_nodule"].to_numpy().astype(int)
     train, test = (table["split"] == "train").to_numpy(), (table["split"] == "test").to_numpy()
     for row in rows:
