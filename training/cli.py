@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=cmd_train)
     register_finetune(subparsers)
     register_demo(subparsers)
+    register_evaluate(subparsers)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -86,4 +87,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     for repo_id in run_demo(args.out, org=args.org, force=args.force, progress=not args.no_progress):
         print(repo_id)
+    return 0
+
+
+def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    evaluate = subparsers.add_parser("evaluate", help="run a transfer study: repeated runs, t-tests, report, figures")
+    evaluate.add_argument("study", nargs="?", type=Path, help="study YAML (see --example)")
+    evaluate.add_argument("--out", type=Path, metavar="DIR", help="results.jsonl, report.md, summary.csv, figures")
+    evaluate.add_argument("--example", action="store_true", help="print a commented study that runs on the phantoms")
+    evaluate.add_argument("--jobs", type=int, default=1, help="units run in parallel local processes")
+    evaluate.add_argument("--engine", choices=["local", "ray"], default="local", help="local processes or Ray tasks")
+    evaluate.add_argument("--resume", action="store_true", help="skip the units already in DIR/results.jsonl")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .errors import TrainingConfigError
+    from .evaluate.report import write_all
+    from .evaluate.runner import run_study
+    from .evaluate.stats import summarise
+    from .evaluate.study import EXAMPLE, load_study
+
+    if args.example:
+        print(EXAMPLE, end="")
+        return 0
+    if args.study is None or args.out is None:
+        raise TrainingConfigError("medhub evaluate needs a STUDY.yaml and --out DIR (or --example)")
+    study = load_study(args.study)
+    rows = run_study(study, args.out, jobs=args.jobs, engine=args.engine, resume=args.resume,
+                     progress=not args.no_progress)
+    for path in write_all(summarise(rows, study.baseline), rows, study.baseline, args.out):
+        print(f"wrote {path}")
     return 0

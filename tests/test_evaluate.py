@@ -1,0 +1,129 @@
+"""`medhub evaluate`: a 2-backbone x 1-task x 2-protocol x 3-run study on the phantoms end to end (rows, the
+t-test against scipy by hand, report, summary, figure data), a killed study resumed without repeating a unit,
+and the statistics helpers."""
+
+import dataclasses
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from scipy import stats
+from training_fixtures import MEDHUB, REPO_ROOT, write_config, xray_manifest
+
+from hub.data.manifest import load_manifest, write_manifest
+from training.evaluate.report import task_plot
+from training.evaluate.runner import read_results
+from training.evaluate.stats import holm, summarise
+from training.evaluate.study import load_study
+
+QUICK = {"progress": False, "classification": {"epochs": 2, "optim": {"batch_size": 4}}}
+
+
+@pytest.fixture(scope="module")
+def study_file(tmp_path_factory):
+    """16 X-rays: 8 train, 4 val, 4 test (two of each label in val and test); a random and a seeded-init repo."""
+    from hub.cli.main import main
+
+    folder = tmp_path_factory.mktemp("evaluate")
+    rows = load_manifest(xray_manifest(folder / "phantoms", n_xray=16))
+    splits = ["train"] * 8 + ["val"] * 4 + ["test"] * 4
+    write_manifest([dataclasses.replace(r, split=s) for r, s in zip(rows, splits)], folder / "phantoms" / "task.jsonl")
+    assert main(["init", "muscle-resnet18-tiny", "--seed", "7", "--out", str(folder / "seeded")]) == 0
+    write_config(folder / "quick.yaml", QUICK)
+    study = {"backbones": {"random": "random:muscle-resnet18-tiny", "seeded": str(folder / "seeded")},
+             "baseline": "random", "tasks": {"nodule": {"manifest": "phantoms/task.jsonl", "label": "nodule"}},
+             "protocols": ["finetune", "frozen-head"], "runs": 3, "seed": 0, "config": "quick.yaml"}
+    return write_config(folder / "study.yaml", study)
+
+
+def test_example_study_parses(cli, tmp_path):
+    result = cli("evaluate", "--example")
+    assert result.code == 0
+    (tmp_path / "s.yaml").write_text(result.out)
+    study = load_study(tmp_path / "s.yaml")
+    assert study.baseline == "random" and study.runs == 10
+    assert len(study.units()) == 2 * 1 * 2 * 1 * 10
+
+
+def test_holm_matches_the_step_down_rule():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+@pytest.mark.slow
+def test_study_runs_resumes_and_reports(study_file, tmp_path, cli):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen([MEDHUB, "evaluate", str(study_file), "--out", str(out), "--no-progress"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(read_results(out)) < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    before = {row["key"]: row["seconds"] for row in read_results(out)}
+    assert 2 <= len(before) < 12
+    assert cli("evaluate", study_file, "--out", out).code != 0  # results there and no --resume
+    result = cli("evaluate", study_file, "--out", out, "--resume", "--no-progress")
+    assert result.code == 0, result.err
+    rows = read_results(out)
+    keys = [row["key"] for row in rows]
+    assert len(keys) == 12 and len(set(keys)) == 12
+    assert {k: r["seconds"] for k, r in zip(keys, rows) if k in before} == before  # done units not rerun
+    assert all(0 <= row["metrics"]["roc_auc"] <= 1 and row["n_test"] == 4 for row in rows)
+
+    by_hand = {}
+    for protocol in ("finetune", "frozen-head"):
+        arm = {b: [r["metrics"]["roc_auc"] for r in rows if r["backbone"] == b and r["protocol"] == protocol]
+               for b in ("random", "seeded")}
+        by_hand[protocol] = (float(np.mean(arm["seeded"])), stats.ttest_ind(arm["seeded"], arm["random"]).pvalue,
+                             stats.ttest_ind(arm["seeded"], arm["random"], equal_var=False).pvalue,
+                             float(np.std(arm["seeded"], ddof=1)))
+    summaries = summarise(rows, "random")
+    for s in summaries:
+        if s.backbone == "seeded":
+            mean, student, welch, std = by_hand[s.protocol]
+            assert (s.mean, s.std) == pytest.approx((mean, std))
+            if np.isfinite(student):
+                assert (s.p_student, s.p_welch, s.p_holm) == pytest.approx((student, welch, student))
+        else:
+            assert s.p_student is None
+    report = (out / "report.md").read_text()
+    assert "## nodule (ROC AUC)" in report and "| seeded |" in report and "**" in report
+    assert (out / "summary.csv").read_text().count("\n") == 1 + 4
+    assert (out / "task_nodule.png").stat().st_size > 1000
+    axes = task_plot("nodule", summaries, rows).axes[0]
+    assert axes.get_ylabel() == "test ROC AUC"
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["finetune\n1 of labels", "frozen-head\n1 of labels"]
+    bars = {c.get_label(): [p.get_height() for p in c.patches] for c in axes.containers if hasattr(c, "patches")}
+    expected = {b: [s.mean for s in summaries if s.backbone == b] for b in ("random", "seeded")}
+    assert bars.keys() == expected.keys()
+    for backbone, heights in bars.items():
+        assert heights == pytest.approx(expected[backbone])
+
+
+@pytest.mark.slow
+def test_linear_protocol_auc_equals_logistic_regression_on_the_embed_output(study_file, tmp_path):
+    import pyarrow.dataset as ds
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from hub.embed import embed_dataset
+    from training.evaluate.runner import run_study
+
+    study = load_study(study_file)
+    study.backbones, study.protocols, study.runs = {"seeded": study.backbones["seeded"]}, ["linear"], 2
+    study.baseline = "seeded"
+    rows = run_study(study, tmp_path / "out", progress=False)
+    assert [r["run"] for r in rows] == [0, 1] and all(r["n_train"] == 8 for r in rows)
+
+    manifest = study.tasks["nodule"].manifest
+    out = embed_dataset(study.backbones["seeded"], manifest, tmp_path / "emb").out
+    shards = [str(p) for p in sorted(out.rglob("*.parquet")) if p.name != "errors.parquet"]
+    table = ds.dataset(shards, format="parquet").to_table().to_pandas()
+    x, y = np.stack(table["embedding"].to_numpy()), table["label_nodule"].to_numpy().astype(int)
+    train, test = (table["split"] == "train").to_numpy(), (table["split"] == "test").to_numpy()
+    for row in rows:
+        model = LogisticRegression(max_iter=5000, random_state=row["seed"]).fit(x[train], y[train])
+        assert row["metrics"]["roc_auc"] == pytest.approx(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1]))

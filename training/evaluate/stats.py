@@ -1,0 +1,72 @@
+"""Per (task, protocol, fraction) and backbone: mean, sample standard deviation (ddof 1; the study reported
+numpy's population std), 95% t confidence interval, and Student's and Welch's two-sample t-tests against the
+baseline with Holm-corrected p-values (Student's, over the comparisons of one cell)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass
+class Summary:
+    task: str
+    protocol: str
+    fraction: float
+    backbone: str
+    metric: str
+    runs: int
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+    p_student: float | None
+    p_welch: float | None
+    p_holm: float | None
+
+
+def metric_of(row: dict[str, Any]) -> str:
+    return "roc_auc" if "roc_auc" in row["metrics"] else ("dice" if "dice" in row["metrics"] else "accuracy")
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order."""
+    order = np.argsort(pvalues)
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def summarise(rows: list[dict[str, Any]], baseline: str) -> list[Summary]:
+    cells: dict[tuple[str, str, float], dict[str, list[float]]] = {}
+    metrics: dict[tuple[str, str, float], str] = {}
+    for row in rows:
+        cell = (row["task"], row["protocol"], float(row["fraction"]))
+        metric = metrics.setdefault(cell, metric_of(row))
+        cells.setdefault(cell, {}).setdefault(row["backbone"], []).append(float(row["metrics"].get(metric, math.nan)))
+    out = []
+    for cell, arms in sorted(cells.items()):
+        base = np.asarray(arms.get(baseline, []))
+        tests = {}
+        for backbone, values in arms.items():
+            values = np.asarray(values)
+            if backbone != baseline and len(values) > 1 and len(base) > 1:
+                tests[backbone] = (float(stats.ttest_ind(values, base).pvalue),
+                                   float(stats.ttest_ind(values, base, equal_var=False).pvalue))
+        names = sorted(tests)
+        adjusted = dict(zip(names, holm([tests[n][0] for n in names]))) if names else {}
+        for backbone, values in sorted(arms.items()):
+            values = np.asarray(values)
+            n, mean = len(values), float(values.mean())
+            std = float(values.std(ddof=1)) if n > 1 else math.nan
+            half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+            p = tests.get(backbone, (None, None))
+            out.append(Summary(*cell, backbone, metrics[cell], n, mean, std, mean - half, mean + half, p[0], p[1],
+                               adjusted.get(backbone)))
+    return out
