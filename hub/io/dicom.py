@@ -113,7 +113,9 @@ _SITK_DTYPES = {sitk.sitkUInt8: np.uint8, sitk.sitkInt8: np.int8, sitk.sitkUInt1
                 sitk.sitkFloat64: np.float64}
 
 
-def _decoded_by_pydicom(path: str, ds: pydicom.Dataset, frames: int, samples: int, source: str) -> MedicalImage | None:
+def _decoded_by_pydicom(
+    path: str, ds: pydicom.Dataset, frames: int, samples: int, source: str
+) -> MedicalImage | None:
     """The file's image via pydicom when it is uncompressed, single-frame, 8/16/32-bit greyscale; else None (GDCM
     decodes it). MONOCHROME1 with a rescale is left to GDCM: no shipped file shows in which order it applies them."""
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
@@ -141,7 +143,9 @@ def _decoded_by_pydicom(path: str, ds: pydicom.Dataset, frames: int, samples: in
         values = stored * rescale.get("rescale_slope", 1.0) + rescale.get("rescale_intercept", 0.0)
     else:
         values = stored
-    return MedicalImage.from_sitk(reader, array=values.astype(dtype, copy=False)[None], **_facts(ds, False, frames, source))
+    return MedicalImage.from_sitk(reader, array=values.astype(dtype, copy=False)[None],
+                                  **_facts(ds, False, frames, source),
+                                  dicom_headers=(ds,))
 
 
 def _execute(reader: sitk.ImageFileReader | sitk.ImageSeriesReader, source: str) -> sitk.Image:
@@ -167,7 +171,8 @@ def read_dicom_file(path: str, limits: ReadLimits, source: str) -> MedicalImage:
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(path)
     image = _execute(reader, source)
-    return MedicalImage.from_sitk(image, **_facts(ds, image.GetNumberOfComponentsPerPixel() > 1, frames, source))
+    return MedicalImage.from_sitk(image, **_facts(ds, image.GetNumberOfComponentsPerPixel() > 1, frames, source),
+                                  dicom_headers=(ds,))
 
 
 def series_files(folder: str | os.PathLike, limits: ReadLimits) -> list[str]:
@@ -194,12 +199,13 @@ def read_dicom_series(folder: str | os.PathLike, limits: ReadLimits) -> MedicalI
     if frames != 1:
         raise UnsupportedFormatError(f"{source} holds multi-frame files; pass each multi-frame file on its own")
     limits.check_voxels((len(files), rows, cols, samples), source)
-    return _read_files(files, headers[0], source)
+    return _read_files(files, headers, source)
 
 
-def _read_files(files: Sequence[str], first: pydicom.Dataset, source: str) -> MedicalImage:
+def _read_files(files: Sequence[str], headers: Sequence[pydicom.Dataset], source: str) -> MedicalImage:
     reader = sitk.ImageSeriesReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileNames(list(files))
     image = _execute(reader, source)
-    return MedicalImage.from_sitk(image, **_facts(first, image.GetNumberOfComponentsPerPixel() > 1, 1, source))
+    return MedicalImage.from_sitk(image, **_facts(headers[0], image.GetNumberOfComponentsPerPixel() > 1, 1, source),
+                                  dicom_headers=tuple(headers))
