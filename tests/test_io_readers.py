@@ -93,7 +93,7 @@ def test_pydicom_decodes_uncompressed_greyscale_exactly_as_gdcm(monkeypatch):
             frames, _, _, samples = dicom._declared_shape(ds, path.name)
         except InputError:
             continue
-        fast = dicom._decoded_by_pydicom(str(path), ds, frames, samples)
+        fast = dicom._decoded_by_pydicom(str(path), ds, frames, samples, path.name)
         if fast is None:
             continue
         reference = MedicalImage.from_sitk(sitk.ReadImage(str(path), imageIO="GDCMImageIO"))
@@ -113,7 +113,7 @@ def test_palette_compressed_multiframe_and_colour_files_stay_with_gdcm(name):
     path = next(path for path in _shipped_dicom_files() if path.name == name)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     frames, _, _, samples = dicom._declared_shape(ds, name)
-    assert dicom._decoded_by_pydicom(str(path), ds, frames, samples) is None
+    assert dicom._decoded_by_pydicom(str(path), ds, frames, samples, path.name) is None
 
 
 def test_multiframe_dicom_is_a_volume():

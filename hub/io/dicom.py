@@ -12,6 +12,7 @@ file that ships with pydicom-data and pydicom gives identical arrays, types and 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,10 +56,41 @@ def _declared_shape(ds: pydicom.Dataset, source: str) -> tuple[int, int, int, in
         raise CorruptFileError(f"{source} has an unreadable image size in its DICOM header: {exc}") from exc
 
 
-def _facts(ds: pydicom.Dataset, colour: bool, frames: int) -> dict:
+def _bits_stored(ds: pydicom.Dataset, source: str) -> int | None:
+    """BitsStored as an int in 1..32, None when absent; anything else is a corrupt header."""
+    bits = ds.get("BitsStored")
+    if bits is None or bits == "":
+        return None
+    try:
+        value = int(bits)
+    except (TypeError, ValueError):
+        value = 0
+    if not 1 <= value <= 32:
+        raise CorruptFileError(f"{source} has an invalid BitsStored in its DICOM header; expected 1 to 32")
+    return value
+
+
+def _rescale(ds: pydicom.Dataset, source: str) -> dict[str, float]:
+    """RescaleSlope/RescaleIntercept as finite floats (absent or empty: not set); multi-valued is corrupt."""
+    out = {}
+    for key, tag in (("rescale_slope", "RescaleSlope"), ("rescale_intercept", "RescaleIntercept")):
+        value = ds.get(tag)
+        if value is None or value == "":
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise CorruptFileError(f"{source} has an invalid {tag} in its DICOM header; expected one finite number")
+        out[key] = number
+    return out
+
+
+def _facts(ds: pydicom.Dataset, colour: bool, frames: int, source: str) -> dict:
     photometric = str(ds.get("PhotometricInterpretation", MONOCHROME2))
     dicom_modality = str(ds.get("Modality", ""))
-    bits = ds.get("BitsStored")
+    bits = _bits_stored(ds, source)
     meta = {
         "format": "dicom",
         "dicom_modality": dicom_modality,
@@ -66,9 +98,7 @@ def _facts(ds: pydicom.Dataset, colour: bool, frames: int) -> dict:
         "source_photometric": photometric,
         "frames": frames,
     }
-    for key, tag in (("rescale_slope", "RescaleSlope"), ("rescale_intercept", "RescaleIntercept")):
-        if tag in ds:
-            meta[key] = float(ds.get(tag))
+    meta.update(_rescale(ds, source))
     return {
         "modality": MODALITIES.get(dicom_modality),
         "photometric": RGB if colour else MONOCHROME2,
@@ -83,7 +113,9 @@ _SITK_DTYPES = {sitk.sitkUInt8: np.uint8, sitk.sitkInt8: np.int8, sitk.sitkUInt1
                 sitk.sitkFloat64: np.float64}
 
 
-def _decoded_by_pydicom(path: str, ds: pydicom.Dataset, frames: int, samples: int) -> MedicalImage | None:
+def _decoded_by_pydicom(
+    path: str, ds: pydicom.Dataset, frames: int, samples: int, source: str
+) -> MedicalImage | None:
     """The file's image via pydicom when it is uncompressed, single-frame, 8/16/32-bit greyscale; else None (GDCM
     decodes it). MONOCHROME1 with a rescale is left to GDCM: no shipped file shows in which order it applies them."""
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
@@ -105,12 +137,14 @@ def _decoded_by_pydicom(path: str, ds: pydicom.Dataset, frames: int, samples: in
         return None
     if photometric == "MONOCHROME1":  # pydicom has cleared the bits above BitsStored, so unsigned cannot wrap
         wide = stored if stored.dtype.kind == "u" else stored.astype(np.int64)
-        values = np.subtract(2 ** int(ds.BitsStored) - 1, wide, dtype=wide.dtype)
+        values = np.subtract(2 ** (_bits_stored(ds, source) or 16) - 1, wide, dtype=wide.dtype)
     elif rescaled:
-        values = stored * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+        rescale = _rescale(ds, source)
+        values = stored * rescale.get("rescale_slope", 1.0) + rescale.get("rescale_intercept", 0.0)
     else:
         values = stored
-    return MedicalImage.from_sitk(reader, array=values.astype(dtype, copy=False)[None], **_facts(ds, False, frames),
+    return MedicalImage.from_sitk(reader, array=values.astype(dtype, copy=False)[None],
+                                  **_facts(ds, False, frames, source),
                                   dicom_headers=(ds,))
 
 
@@ -130,14 +164,14 @@ def read_dicom_file(path: str, limits: ReadLimits, source: str) -> MedicalImage:
         limits.check_pixels((rows, cols), source)
     else:
         limits.check_voxels((frames, rows, cols, samples), source)
-    decoded = _decoded_by_pydicom(path, ds, frames, samples)
+    decoded = _decoded_by_pydicom(path, ds, frames, samples, source)
     if decoded is not None:
         return decoded
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(path)
     image = _execute(reader, source)
-    return MedicalImage.from_sitk(image, **_facts(ds, image.GetNumberOfComponentsPerPixel() > 1, frames),
+    return MedicalImage.from_sitk(image, **_facts(ds, image.GetNumberOfComponentsPerPixel() > 1, frames, source),
                                   dicom_headers=(ds,))
 
 
@@ -173,5 +207,5 @@ def _read_files(files: Sequence[str], headers: Sequence[pydicom.Dataset], source
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileNames(list(files))
     image = _execute(reader, source)
-    return MedicalImage.from_sitk(image, **_facts(headers[0], image.GetNumberOfComponentsPerPixel() > 1, 1),
+    return MedicalImage.from_sitk(image, **_facts(headers[0], image.GetNumberOfComponentsPerPixel() > 1, 1, source),
                                   dicom_headers=tuple(headers))

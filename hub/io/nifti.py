@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import tempfile
@@ -33,7 +34,11 @@ def parse_header(head: bytes, source: str) -> NiftiHeader:
         if len(head) >= 348 and struct.unpack_from(order + "i", head, 0)[0] == 348:
             dims = struct.unpack_from(order + "8h", head, 40)
             datatype = struct.unpack_from(order + "h", head, 70)[0]
-            offset = int(struct.unpack_from(order + "f", head, 108)[0])
+            offset = struct.unpack_from(order + "f", head, 108)[0]
+            if not math.isfinite(offset) or not 0 <= offset < 2**40:
+                raise CorruptFileError(f"{source} declares a data offset of {offset} in its NIfTI header; expected a "
+                                       "finite non-negative number")
+            offset = int(offset)
             return _validated(dims, datatype, max(offset, 352), source)
         if len(head) >= 540 and struct.unpack_from(order + "i", head, 0)[0] == 540:
             datatype = struct.unpack_from(order + "h", head, 12)[0]
