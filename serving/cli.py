@@ -13,7 +13,13 @@ from hub.io import read_image
 from hub.processing import MedicalImageProcessor
 
 from . import embed
-from .onnx_export import FP16_PARITY_RTOL, PARITY_ATOL, TASKS, available_tasks, export_onnx
+from .onnx_export import (
+    FP16_PARITY_RTOL,
+    PARITY_ATOL,
+    TASKS,
+    available_tasks,
+    export_onnx,
+)
 from .quantize import DEFAULT_CALIBRATION_SIZE, Gate, export_int8
 from .runtime import active_provider, create_session
 from .settings import ServeSettings
