@@ -4,6 +4,7 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from hub.errors import MedhubError
@@ -12,7 +13,13 @@ from hub.io import read_image
 from hub.processing import MedicalImageProcessor
 
 from . import embed
-from .onnx_export import FP16_PARITY_RTOL, PARITY_ATOL, TASKS, available_tasks, export_onnx
+from .onnx_export import (
+    FP16_PARITY_RTOL,
+    PARITY_ATOL,
+    TASKS,
+    available_tasks,
+    export_onnx,
+)
 from .quantize import DEFAULT_CALIBRATION_SIZE, Gate, export_int8
 from .runtime import active_provider, create_session
 from .settings import ServeSettings
@@ -41,13 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", action="append", required=True, help="repo folder or ORG/NAME; repeat for several")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=3000)
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: MEDHUB_DEVICE, else auto")
     serve.add_argument("--fp16", action="store_true", help="serve float16 ONNX graphs (for GPUs; slower on CPU)")
     serve.add_argument("--int8", action="store_true", help="serve int8 ONNX graphs (calibrated and gated at export)")
-    serve.add_argument("--workers", type=int, default=0, help="worker processes (0: one per 8 cores, at least 1)")
-    serve.add_argument("--max-body-mb", type=int, default=ServeSettings.max_body_bytes // (1024 * 1024))
-    serve.add_argument("--max-concurrency", type=int, default=ServeSettings.max_concurrency)
-    serve.add_argument("--timeout", type=int, default=ServeSettings.timeout, help="seconds per request")
+    serve.add_argument("--workers", type=int, help="worker processes (0: one per 8 cores, at least 1); default: "
+                       "MEDHUB_WORKERS, else 0")
+    serve.add_argument("--max-body-mb", type=int, help="default: MEDHUB_MAX_BODY_MB, else "
+                       f"{ServeSettings.max_body_bytes // (1024 * 1024)}")
+    serve.add_argument("--max-concurrency", type=int,
+                       help=f"default: MEDHUB_MAX_CONCURRENCY, else {ServeSettings.max_concurrency}")
+    serve.add_argument("--timeout", type=int, help=f"seconds per request; default: MEDHUB_TIMEOUT, else {ServeSettings.timeout}")
     serve.add_argument("--example", action="append", type=Path, default=[],
                        help="an image or volume to use in the printed curl examples (2D and 3D picked by content)")
     serve.set_defaults(handler=cmd_serve)
@@ -100,6 +110,22 @@ def curl_examples(models: list[str], url: str, examples: list[Path]) -> list[str
     return lines + [f"curl {url}/models"]
 
 
+def serve_environment(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment: a flag given on the command line wins, else the variable already set in
+    `environ`, else (unset) the service's default; flags left out never overwrite the environment."""
+    given = {
+        "MEDHUB_DEVICE": args.device,
+        "MEDHUB_FP16": "1" if args.fp16 else None,
+        "MEDHUB_INT8": "1" if args.int8 else None,
+        "MEDHUB_WORKERS": args.workers,
+        "MEDHUB_MAX_BODY_MB": args.max_body_mb,
+        "MEDHUB_MAX_CONCURRENCY": args.max_concurrency,
+        "MEDHUB_TIMEOUT": args.timeout,
+    }
+    flags = {name: str(value) for name, value in given.items() if value is not None}
+    return {**environ, "MEDHUB_MODELS": ",".join(args.model), **flags, "BENTOML_DO_NOT_TRACK": "True"}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.fp16 and args.int8:
         raise MedhubError("choose one of --fp16 and --int8")
@@ -108,18 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     bentoml = shutil.which("bentoml", path=os.path.dirname(sys.executable)) or shutil.which("bentoml")
     if bentoml is None:
         raise MedhubError("the bentoml command is not installed in this environment")
-    env = {
-        **os.environ,
-        "MEDHUB_MODELS": ",".join(args.model),
-        "MEDHUB_DEVICE": args.device,
-        "MEDHUB_FP16": "1" if args.fp16 else "0",
-        "MEDHUB_INT8": "1" if args.int8 else "0",
-        "MEDHUB_WORKERS": str(args.workers),
-        "MEDHUB_MAX_BODY_MB": str(args.max_body_mb),
-        "MEDHUB_MAX_CONCURRENCY": str(args.max_concurrency),
-        "MEDHUB_TIMEOUT": str(args.timeout),
-        "BENTOML_DO_NOT_TRACK": "True",
-    }
+    env = serve_environment(args, os.environ)
     root = Path(__file__).resolve().parents[1]
     command = [bentoml, "serve", "serving.service:MedhubService", "--host", args.host, "--port", str(args.port),
                "--working-dir", str(root)]

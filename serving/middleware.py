@@ -6,13 +6,14 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from python_multipart.multipart import parse_options_header
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 OPEN_PATHS = ("/livez", "/healthz", "/readyz", "/metrics")
-PART_HEADER = re.compile(rb'content-disposition:\s*form-data;\s*name="([^"]*)"(;\s*filename=)?', re.IGNORECASE)
 BOUNDARY = re.compile(rb'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
 
@@ -91,18 +92,34 @@ class RequestGuard:
         return wrapped
 
 
+MAX_PART_HEADER = 8 * 1024  # bytes of one part's header block; a browser or curl sends about 100
+MAX_TEXT_FIELD = 64 * 1024  # bytes of a text field (a model id, layer list, format or DICOMweb reference)
+
+
 def form_problem(content_type: bytes, body: bytes, allowed: set[str]) -> tuple[int, str] | None:
-    """Why a form request cannot be served (status, message), or None when its fields are acceptable."""
+    """Why a form request cannot be served (status, message), or None when its fields are acceptable.
+
+    Content-Disposition parameters are parsed as Starlette parses them (`filename=` may come before `name=`).
+    Each field may appear once: BentoML reads the first `file` part (and would fetch a text one as a URL),
+    Starlette refuses more than 1,000 parts or a text part over 1 MiB with an error that surfaces as a 500."""
     if not content_type.lower().startswith(b"multipart/form-data"):
         return 415, "expected a multipart/form-data upload with a 'file' field"
     boundary = BOUNDARY.search(content_type)
     if boundary is None:
         return 400, "the multipart/form-data Content-Type names no boundary"
-    fields = {}
-    for header in part_headers(body, boundary.group(1) or boundary.group(2)):
-        match = PART_HEADER.search(header)
-        if match is not None:
-            fields[match.group(1).decode("utf-8", "replace")] = bool(match.group(2))
+    fields: dict[str, bool] = {}
+    for header, size in parts(body, boundary.group(1) or boundary.group(2)):
+        if len(header) > MAX_PART_HEADER:
+            return 400, f"a multipart part header is over {MAX_PART_HEADER // 1024} KiB"
+        disposition = part_disposition(header)
+        if disposition is None:
+            continue
+        name, is_upload = disposition
+        if name in fields:
+            return 400, f"form field {name!r} appears more than once; send each field once"
+        if not is_upload and size > MAX_TEXT_FIELD:
+            return 400, f"form field {name!r} is over {MAX_TEXT_FIELD // 1024} KiB"
+        fields[name] = is_upload
     unknown = sorted(set(fields) - allowed)
     if unknown:
         return 400, f"unknown form field {unknown[0]!r}; expected {', '.join(sorted(allowed))}"
@@ -114,17 +131,32 @@ def form_problem(content_type: bytes, body: bytes, allowed: set[str]) -> tuple[i
     return None
 
 
-def part_headers(body: bytes, boundary: bytes) -> Iterator[bytes]:
-    """The header block of each part of a multipart body; part contents are skipped, not scanned."""
+def part_disposition(header: bytes) -> tuple[str, bool] | None:
+    """(field name, whether it is a file upload) from a part's Content-Disposition, or None without one."""
+    for line in header.split(b"\r\n"):
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-disposition":
+            _, options = parse_options_header(value.strip())
+            return options.get(b"name", b"").decode("utf-8", "replace"), b"filename" in options
+    return None
+
+
+def parts(body: bytes, boundary: bytes) -> Iterator[tuple[bytes, int]]:
+    """(header block, content size) of each part of a multipart body; contents are skipped, not scanned, and a
+    truncated last part has size -1."""
     delimiter = b"--" + boundary
     position = body.find(delimiter)
     while position != -1:
         start = position + len(delimiter)
-        end = body.find(b"\r\n\r\n", start)
-        if body.startswith(b"--", start) or end == -1:  # the closing delimiter, or a truncated part
+        end = body.find(b"\r\n\r\n", start, start + MAX_PART_HEADER + 4)
+        if body.startswith(b"--", start):  # the closing delimiter
             return
-        yield body[start:end]
+        if end == -1:  # a header block over the limit, or a truncated part
+            if len(body) - start > MAX_PART_HEADER:
+                yield body[start : start + MAX_PART_HEADER + 1], -1
+            return
         position = body.find(b"\r\n" + delimiter, end)
+        yield body[start:end], (position - end - 4 if position != -1 else -1)
         position = position + 2 if position != -1 else -1
 
 

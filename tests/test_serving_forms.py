@@ -46,3 +46,41 @@ def test_quoted_boundary_and_missing_boundary():
 def test_truncated_body_has_no_upload():
     content_type, body = encoded(files={"file": ("x.png", b"png")})
     assert form_problem(content_type, body[:30], ALLOWED)[0] == 400
+
+
+def raw_form(*parts: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """(Content-Type, body) from (part header block, content) pairs written byte for byte."""
+    boundary = b"b0undary"
+    body = b"".join(b"--" + boundary + b"\r\n" + header + b"\r\n\r\n" + content + b"\r\n" for header, content in parts)
+    return b"multipart/form-data; boundary=" + boundary, body + b"--" + boundary + b"--\r\n"
+
+
+UPLOAD = (b'Content-Disposition: form-data; name="file"; filename="x.png"', b"\x89PNG...")
+MODEL = (b'Content-Disposition: form-data; name="model"', b"org/m")
+
+
+def test_filename_before_name_is_an_upload():
+    content_type, body = raw_form((b'Content-Disposition: form-data; filename="x.png"; name="file"', b"png"), MODEL)
+    assert form_problem(content_type, body, ALLOWED) is None
+    content_type, body = raw_form((b'content-disposition: form-data; name=file; filename=x.png', b"png"), MODEL)
+    assert form_problem(content_type, body, ALLOWED) is None
+
+
+def test_a_text_file_part_before_the_upload_is_refused():
+    url = (b'Content-Disposition: form-data; name="file"', b"http://169.254.169.254/latest/meta-data")
+    for order in ((url, UPLOAD, MODEL), (UPLOAD, url, MODEL), (UPLOAD, UPLOAD, MODEL)):
+        content_type, body = raw_form(*order)
+        assert form_problem(content_type, body, ALLOWED) == (400, "form field 'file' appears more than once; send each field once")
+
+
+def test_forms_starlette_refuses_get_a_400_here():
+    content_type, body = raw_form(UPLOAD, *[MODEL] * 1001)  # over Starlette's 1,000 fields
+    assert form_problem(content_type, body, ALLOWED)[0] == 400
+    content_type, body = raw_form(UPLOAD, *[UPLOAD] * 1001)  # over its 1,000 files
+    assert form_problem(content_type, body, ALLOWED)[0] == 400
+    huge_header = (b'Content-Disposition: form-data; name="file"; filename="x.png"\r\nX-Pad: ' + b"a" * 2**20, b"png")
+    content_type, body = raw_form(huge_header, MODEL)
+    assert form_problem(content_type, body, ALLOWED) == (400, "a multipart part header is over 8 KiB")
+    content_type, body = raw_form(UPLOAD, (MODEL[0], b"m" * (2**20 + 1)))  # a text part over its 1 MiB
+    assert form_problem(content_type, body, ALLOWED) == (400, "form field 'model' is over 64 KiB")
+

@@ -35,3 +35,31 @@ def test_a_non_integer_names_the_variable(monkeypatch):
     monkeypatch.setenv("MEDHUB_MAX_BATCH", "two")
     with pytest.raises(ValueError, match=r"MEDHUB_MAX_BATCH='two' must be an integer"):
         ServeSettings.from_env()
+
+
+def serve_args(*flags: str):
+    import argparse
+
+    from serving.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return parser.parse_args(["serve", "--model", "org/a", *flags])
+
+
+def test_serve_flags_win_only_when_given(monkeypatch):
+    from serving.cli import serve_environment
+
+    environ = {"MEDHUB_MAX_CONCURRENCY": "2", "MEDHUB_MAX_BODY_MB": "1", "MEDHUB_TIMEOUT": "7", "MEDHUB_DEVICE": "cpu",
+               "MEDHUB_FP16": "1", "MEDHUB_WORKERS": "3"}
+    env = serve_environment(serve_args(), environ)
+    assert {name: env[name] for name in environ} == environ and env["MEDHUB_MODELS"] == "org/a"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = ServeSettings.from_env()
+    assert (settings.max_concurrency, settings.max_body_bytes, settings.timeout, settings.device) == (2, MIB, 7, "cpu")
+    env = serve_environment(serve_args("--max-concurrency", "5", "--timeout", "10", "--device", "auto"), environ)
+    assert (env["MEDHUB_MAX_CONCURRENCY"], env["MEDHUB_TIMEOUT"], env["MEDHUB_DEVICE"]) == ("5", "10", "auto")
+    assert env["MEDHUB_MAX_BODY_MB"] == "1"
+    env = serve_environment(serve_args(), {})
+    assert not {"MEDHUB_MAX_CONCURRENCY", "MEDHUB_MAX_BODY_MB", "MEDHUB_TIMEOUT", "MEDHUB_FP16"} & set(env)

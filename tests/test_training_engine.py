@@ -33,6 +33,11 @@ def test_stopped_and_resumed_runs_end_with_the_uninterrupted_weights(tmp_path, m
     # stop inside MoCo, then again inside a task visit (L2-SP anchor and queue must survive), then finish
     run = tmp_path / "resumed"
     assert not train("muscle", [manifest], run, config_file=config, stop_after=2).completed
+    # what a kill -9 after step 2's checkpoint leaves: records of steps past it, a cut record, a partial checkpoint
+    with open(run / "metrics.jsonl", "a") as stream:
+        stream.write("".join(json.dumps({"stage": "moco", "step": s, "global_step": s}) + "\n" for s in (3, 4)))
+        stream.write('{"stage": "moco", "st')
+    (run / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"partial")
     assert not train("muscle", [manifest], run, config_file=config, resume=True, stop_after=4).completed
     assert checkpoint.load(run / "checkpoint.pt")["step"] == 3  # continual step 3 = second step of a visit
     assert train("muscle", [manifest], run, config_file=config, resume=True).completed
@@ -41,7 +46,8 @@ def test_stopped_and_resumed_runs_end_with_the_uninterrupted_weights(tmp_path, m
     different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
     assert different == []
     assert (run / "repos" / "encoder" / "model.safetensors").is_file()
-    # the stopped-and-resumed run logged every step exactly once
+    # the stopped, killed and resumed run logged every step exactly once, and no partial checkpoint stayed
+    assert not list(run.glob(".checkpoint.pt.*.tmp"))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in records] == list(range(1, 12))
 

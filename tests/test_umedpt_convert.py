@@ -145,3 +145,19 @@ def test_a_zip_with_any_other_global_is_refused_without_running_it(function, tmp
     name = "builtins.eval" if function is eval else f"{os.system.__module__}.system"
     assert result.code != 0 and f"global {name} is not allowed" in result.err, result.err
     assert not marker.exists() and not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("damage", ["bad crc", "truncated"])
+def test_a_damaged_zip_is_one_line_and_exit_1(damage, upstream_zip, tmp_path, cli):
+    data = bytearray(upstream_zip[0].read_bytes())
+    if damage == "bad crc":
+        with zipfile.ZipFile(upstream_zip[0]) as archive:
+            info = archive.getinfo("encoder.pt")
+        data[info.header_offset + 30 + len(info.filename) + 200] ^= 0xFF  # inside the stored member's bytes
+    else:
+        data = data[: len(data) // 2]
+    path = tmp_path / "damaged.pt.zip"
+    path.write_bytes(bytes(data))
+    result = cli("convert", "umedpt", path, "--out", tmp_path / "repo", "--accept-license")
+    assert result.code == 1 and "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1, result.err
+    assert str(path) in result.err and not (tmp_path / "repo").exists()

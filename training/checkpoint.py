@@ -2,7 +2,8 @@
 
 A checkpoint is written to a temporary file in the run folder, flushed to disk, then renamed over
 `checkpoint.pt` with `os.replace` (atomic on POSIX). A crash or interruption mid-write leaves the previous
-checkpoint untouched and removes the partial file. Everything stored is plain tensors, numbers, strings and
+checkpoint untouched and removes the partial file; a process killed mid-write (`kill -9`) cannot, so every run
+removes such leftovers when it starts (`remove_stale_temporaries`). Everything stored is plain tensors, numbers, strings and
 containers, so checkpoints load with `torch.load(weights_only=True)`.
 """
 
@@ -37,6 +38,15 @@ def save_atomic(state: dict[str, Any], path: Path) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the partial files (`.checkpoint.pt.*.tmp`) that a process killed mid-write left beside `path`."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for temporary in stale:
+        temporary.unlink(missing_ok=True)
+    return stale
 
 
 def load(path: Path) -> dict[str, Any]:

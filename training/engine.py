@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -117,20 +118,41 @@ def make_optimizer(parameters: list[nn.Parameter] | list[dict[str, Any]], optim:
     return torch.optim.AdamW(parameters, lr=optim.lr, betas=betas, weight_decay=optim.weight_decay)
 
 
+def _complete_record_through(line: str, global_step: int) -> bool:
+    """Whether a metrics.jsonl line is a whole record (a kill can cut the last one) at or before `global_step`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and isinstance(record.get("global_step"), int) and record["global_step"] <= global_step
+
+
 class _Logger:
     """metrics.jsonl on rank 0, plus TensorBoard when the `tensorboard` package is installed."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, global_step: int):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
         if enabled:
+            self._keep_through(global_step)
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 self.writer = None
             else:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def _keep_through(self, global_step: int) -> None:
+        """Drop the records past the step a run starts from (a resumed run logs those steps again), so that
+        `metrics.jsonl` holds one record per step after any number of resumes; a fresh run starts it empty."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if _complete_record_through(line, global_step)]
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        temporary.write_text("".join(kept), encoding="utf-8")
+        os.replace(temporary, self.path)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -170,7 +192,9 @@ class Engine:
         start_step = state["step"] if state else 0
         global_step = state["global_step"] if state else 0
         total = sum(stage.num_steps for stage in stages)
-        logger = _Logger(self.run_dir, self.dist.is_main)
+        if self.dist.is_main:
+            checkpoint.remove_stale_temporaries(self.checkpoint_path)
+        logger = _Logger(self.run_dir, self.dist.is_main, global_step)
         bar = tqdm(total=total, initial=global_step, desc=recipe.name, unit="step",
                    disable=not (self.settings.progress and self.dist.is_main))
         steps_this_run = 0

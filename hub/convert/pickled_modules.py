@@ -14,6 +14,7 @@ import io
 import pickle
 import types
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,12 @@ def read_module_zip(path: Path) -> dict[str, dict[str, torch.Tensor]]:
             if info.file_size > MAX_MEMBER_BYTES:
                 raise ConversionError(f"{path}: member {info.filename} claims {info.file_size:,} bytes, over the 4 GiB limit")
             label = f"{path.name}:{info.filename}"
-            modules[Path(info.filename).stem] = module_tensors(load_restricted(archive.read(info), label), label)
+            try:
+                data = archive.read(info)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
+                raise ConversionError(f"{path}: member {info.filename} cannot be extracted ({type(error).__name__}); "
+                                      "expected an intact zip") from None
+            modules[Path(info.filename).stem] = module_tensors(load_restricted(data, label), label)
     if not modules:
         raise ConversionError(f"checkpoint {path} holds no <module>.pt members")
     return modules
