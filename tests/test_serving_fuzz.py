@@ -1,0 +1,66 @@
+"""Fuzz a real `bentoml serve` process with mutated PNG, JPEG, DICOM and NIfTI uploads (tests/fuzzing.py).
+
+300 inputs per format, default limits, two keep-alive clients. Every answer must be a non-5xx status within 5 s;
+afterwards /readyz is 200, and the server's resident memory (all its processes) grew by less than 1 GiB over its
+warmed-up start and never passed 4 GiB."""
+
+import collections
+
+import numpy as np
+import pytest
+from fuzzing import FORMATS, campaign, seeds, serve, server_exceptions
+from test_serving import png_bytes, tiny_head_repo
+
+from hub.models.macl import MaclForSemanticSegmentation
+from hub.models.muscle import MuscleForImageClassification
+
+pytestmark = pytest.mark.slow
+httpx = pytest.importorskip("httpx")
+
+PER_FORMAT = 300
+SLOWEST_S = 5.0
+GIB = 1024**3
+GROWTH_BOUND = 1 * GIB
+PEAK_BOUND = 4 * GIB
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz")
+    models = {
+        "2d": tiny_head_repo(root / "classifier", MuscleForImageClassification, ["normal", "nodule"]),
+        "3d": tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["background", "liver"], "macl-unet3d-tiny"),
+    }
+    with serve(list(models.values()), root / "server") as server:
+        warm = {"2d": png_bytes(np.zeros((64, 64), dtype=np.uint8)), "3d": seeds("nifti")[0]}
+        for key, model in models.items():  # build each model's ONNX session before RSS is measured
+            response = httpx.post(f"{server.url}/embed", files={"file": ("upload.bin", warm[key])},
+                                  data={"model": str(model)}, timeout=120)
+            assert response.status_code == 200, response.text
+        server.rss_start = server.rss()
+        yield server, {key: str(model) for key, model in models.items()}
+
+
+def test_mutated_uploads_never_get_5xx_hang_or_leak(fuzz_server):
+    server, models = fuzz_server
+    outcomes = campaign(server, models, PER_FORMAT, seed=0, clients=2, timeout=30)
+    rss_end = server.rss()
+
+    counts = {fmt: collections.Counter(o.status for o in outcomes if o.fmt == fmt) for fmt in FORMATS}
+    failures = [o for o in outcomes if o.status >= 500 or o.status == 0]
+    slow = [o for o in outcomes if o.seconds > SLOWEST_S]
+    report = (
+        f"status counts {counts}; server exceptions {server_exceptions(server.log)}; "
+        f"first failures {[(o.fmt, o.index, o.mutation, o.status, o.body[:120]) for o in failures[:8]]}; "
+        f"slow {[(o.fmt, o.index, o.mutation, round(o.seconds, 1)) for o in slow[:8]]}"
+    )
+    assert len(outcomes) == PER_FORMAT * len(FORMATS)
+    for fmt in FORMATS:  # the mutations must reach both decoded (200) and refused (4xx) inputs in each format
+        assert counts[fmt][200] > 0 and any(400 <= status < 500 for status in counts[fmt]), report
+    assert not server.killed_for_memory, report
+    assert not failures, report
+    assert not slow, report
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200, report
+    assert server.restarts == 0, report
+    assert rss_end - server.rss_start < GROWTH_BOUND, f"RSS {server.rss_start} -> {rss_end} bytes; {report}"
+    assert server.rss_peak < PEAK_BOUND, f"peak RSS {server.rss_peak} bytes; {report}"
