@@ -13,7 +13,7 @@ from scipy import stats
 from training_fixtures import MEDHUB, REPO_ROOT, write_config, xray_manifest
 
 from hub.data.manifest import load_manifest, write_manifest
-from training.evaluate.report import task_plot
+from training.evaluate.report import task_plot, write_report, write_summary_csv
 from training.evaluate.runner import read_results
 from training.evaluate.stats import holm, summarise
 from training.evaluate.study import load_study
@@ -49,6 +49,34 @@ def test_example_study_parses(cli, tmp_path):
 
 def test_holm_matches_the_step_down_rule():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = holm([0.01, float("nan"), 0.03])  # an undefined p-value neither counts nor gets adjusted
+    assert adjusted[0] == pytest.approx(0.02) and np.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.03)
+
+
+def _row(backbone, value, run, protocol="linear"):
+    return {"task": "nodule", "protocol": protocol, "fraction": 1.0, "backbone": backbone, "run": run,
+            "metrics": {"roc_auc": value}}
+
+
+def test_p_value_is_undefined_without_spread_or_runs_and_shown_as_n_a(tmp_path):
+    rows = [_row("base", 0.7, r) for r in range(3)] + [_row("other", 0.9, r) for r in range(3)]  # both constant
+    rows += [_row("base", v, r, "finetune") for r, v in enumerate([0.6, 0.7, 0.65])]
+    rows += [_row("other", 0.8, 0, "finetune"), _row("single", 0.9, 0, "finetune")]  # n = 1 arms
+    rows += [_row("spread", v, r, "finetune") for r, v in enumerate([0.8, 0.85, 0.9])]
+    summaries = {(s.protocol, s.backbone): s for s in summarise(rows, "base")}
+    constant = summaries["linear", "other"]
+    assert constant.identical and constant.std == 0 and np.isnan(constant.p_student) and np.isnan(constant.p_welch)
+    assert np.isnan(constant.p_holm) and summaries["linear", "base"].identical
+    for name in ("other", "single"):
+        assert np.isnan(summaries["finetune", name].p_student) and not summaries["finetune", name].identical
+    spread = summaries["finetune", "spread"]
+    student = stats.ttest_ind([0.8, 0.85, 0.9], [0.6, 0.7, 0.65]).pvalue
+    assert spread.p_student == pytest.approx(student) and spread.p_holm == pytest.approx(student)  # the only test
+    report = write_report(list(summaries.values()), "base", tmp_path).read_text()
+    assert "0.900 +- 0.000 (n=3, identical runs, p n/a)" in report and "<1e-4" not in report
+    csv_lines = write_summary_csv(list(summaries.values()), tmp_path).read_text().splitlines()
+    constant_line = next(line for line in csv_lines if line.startswith("nodule,linear,1.0,other,"))
+    assert constant_line.endswith(",n/a,n/a,n/a,True") and "nan" not in "".join(csv_lines)
 
 
 @pytest.mark.slow
@@ -117,6 +145,9 @@ def test_linear_protocol_auc_equals_logistic_regression_on_the_embed_output(stud
     study.baseline = "seeded"
     rows = run_study(study, tmp_path / "out", progress=False)
     assert [r["run"] for r in rows] == [0, 1] and all(r["n_train"] == 8 for r in rows)
+    # all labels + a deterministic solver: the runs repeat one value, and the report says so instead of a p-value
+    assert rows[0]["metrics"]["roc_auc"] == rows[1]["metrics"]["roc_auc"]
+    assert [s.identical for s in summarise(rows, "seeded")] == [True]
 
     manifest = study.tasks["nodule"].manifest
     out = embed_dataset(study.backbones["seeded"], manifest, tmp_path / "emb").out
