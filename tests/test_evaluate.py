@@ -158,3 +158,51 @@ def test_linear_protocol_auc_equals_logistic_regression_on_the_embed_output(stud
     for row in rows:
         model = LogisticRegression(max_iter=5000, random_state=row["seed"]).fit(x[train], y[train])
         assert row["metrics"]["roc_auc"] == pytest.approx(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1]))
+
+
+@pytest.mark.slow
+def test_update_cards_publishes_new_revisions_with_the_summary_in_the_model_index(study_file, tmp_path, hf_cache,
+                                                                                  cli):
+    import csv
+
+    import yaml
+    from huggingface_hub import ModelCard
+    from transformers import AutoModel
+
+    from hub.export import install_in_cache, verify_checksums, verify_repo
+
+    first = install_in_cache(study_file.parent / "seeded", "org/seeded")
+    raw = yaml.safe_load(study_file.read_text())
+    raw.update(backbones={"random": "random:muscle-resnet18-tiny", "cached": "org/seeded"}, protocols=["linear"],
+               runs=2, label_fractions=[0.5])
+    study = write_config(study_file.parent / "cards_study.yaml", raw)
+    out = tmp_path / "out"
+    result = cli("evaluate", study, "--out", out, "--update-cards", "--no-progress")
+    assert result.code == 0, result.err
+    new = (hf_cache / "models--org--seeded" / "refs" / "main").read_text()
+    assert new != first.commit and f"card of cached updated: new cache revision {new}" in result.out
+    # rerun: the entries are replaced, not repeated, and each run is one more revision
+    result = cli("evaluate", study, "--out", out, "--resume", "--update-cards", "--no-progress")
+    assert result.code == 0, result.err
+    newest = (hf_cache / "models--org--seeded" / "refs" / "main").read_text()
+    assert newest not in (new, first.commit)
+
+    summary = {row["backbone"]: row for row in csv.DictReader((out / "summary.csv").open())}
+    cards = {"cached": verify_repo("org/seeded").repo_dir, "random": out / "cards" / "random"}
+    assert cards["cached"].name == newest
+    verify_checksums(cards["random"])
+    for backbone, folder in cards.items():
+        card = ModelCard.load(folder / "README.md")
+        ours = [r for r in card.data.eval_results if r.dataset_type == "medhub-manifest"]
+        assert len(ours) == 1
+        entry, row = ours[0], summary[backbone]
+        assert (entry.task_type, entry.task_name, entry.dataset_name, entry.metric_type) == (
+            "image-classification", "nodule", "task.jsonl", "roc_auc")
+        assert entry.metric_value == pytest.approx(float(row["mean"]))
+        assert "linear @ 0.5 labels (mean of 2 runs" in entry.metric_name
+        assert card.text.count("## Transfer evaluation (medhub evaluate)") == 1
+        assert f"| nodule | task.jsonl | linear | 0.5 | ROC AUC | {float(row['mean']):.4f} |" in card.text
+    old = hf_cache / "models--org--seeded" / "snapshots" / first.commit
+    assert "medhub evaluate" not in (old / "README.md").read_text()
+    assert AutoModel.from_pretrained("org/seeded", revision=first.commit) is not None
+    assert "medhub evaluate" not in (out / "backbones" / "random-muscle-resnet18-tiny" / "README.md").read_text()
