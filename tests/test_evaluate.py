@@ -206,3 +206,40 @@ def test_update_cards_publishes_new_revisions_with_the_summary_in_the_model_inde
     assert "medhub evaluate" not in (old / "README.md").read_text()
     assert AutoModel.from_pretrained("org/seeded", revision=first.commit) is not None
     assert "medhub evaluate" not in (out / "backbones" / "random-muscle-resnet18-tiny" / "README.md").read_text()
+
+
+def test_imagenet_backbone_without_local_weights_is_one_clear_error(tmp_path, monkeypatch):
+    from training.errors import TrainingConfigError
+    from training.evaluate.units import backbone_repo
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    expected = str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth")
+    with pytest.raises(TrainingConfigError, match=f"no ImageNet weights at {expected} .offline.") as error:
+        backbone_repo("torchvision:resnet50", tmp_path / "backbones")
+    assert "\n" not in str(error.value) and not (tmp_path / "backbones").exists()
+    with pytest.raises(TrainingConfigError, match="only torchvision:resnet50 converts"):
+        backbone_repo("torchvision:vit_b_16", tmp_path / "backbones")
+
+
+@pytest.mark.slow
+def test_imagenet_backbone_is_converted_from_torch_hub_cache(tmp_path, monkeypatch):
+    import torch
+    import torchvision
+    from transformers import AutoModel
+
+    from training.evaluate.units import backbone_repo
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(3)
+    network = torchvision.models.resnet50().eval()
+    checkpoint = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save(network.state_dict(), checkpoint)
+    repo = backbone_repo("torchvision:resnet50", tmp_path / "backbones")
+    assert repo == tmp_path / "backbones" / "torchvision-resnet50"
+    model = AutoModel.from_pretrained(repo).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = torch.nn.Sequential(*list(network.children())[:-1])(x).flatten(1)
+        assert torch.allclose(model(pixel_values=x).pooler_output.flatten(1), features, atol=1e-4)
+    assert backbone_repo("torchvision:resnet50", tmp_path / "backbones") == repo  # written once

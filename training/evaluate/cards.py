@@ -19,7 +19,7 @@ from hub.export.card import MANIFEST_DATASET, with_evaluation
 from .report import METRIC_NAMES, format_p
 from .stats import Summary
 from .study import Study
-from .units import backbone_repo
+from .units import GENERATED, backbone_repo
 
 TASK_TYPES = {"classification": "image-classification", "segmentation": "image-segmentation"}
 
@@ -74,7 +74,7 @@ def update_cards(study: Study, summaries: list[Summary], out: Path) -> list[Card
         own = [s for s in summaries if s.backbone == backbone]
         if not own:
             continue
-        is_folder = source.startswith("random:") or Path(source).is_dir()
+        is_folder = source.startswith(GENERATED) or Path(source).is_dir()
         repo = backbone_repo(source, out / "backbones") if is_folder else resolve_repo(source)
         readme = repo / "README.md"
         card = with_evaluation(readme.read_text(encoding="utf-8") if readme.is_file() else "",
