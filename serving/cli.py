@@ -11,7 +11,13 @@ from hub.export.resolve import resolve_repo
 from hub.io import read_image
 from hub.processing import MedicalImageProcessor
 
-from .onnx_export import FP16_PARITY_RTOL, PARITY_ATOL, TASKS, available_tasks, export_onnx
+from .onnx_export import (
+    FP16_PARITY_RTOL,
+    PARITY_ATOL,
+    TASKS,
+    available_tasks,
+    export_onnx,
+)
 from .runtime import active_provider, create_session
 from .settings import ServeSettings
 
@@ -69,7 +75,8 @@ def curl_examples(models: list[str], url: str, examples: list[Path]) -> list[str
             if task in tasks and dims not in shown:
                 shown.add(dims)
                 example = by_dims.get(dims, Path("image.png" if dims == 2 else "volume.nii.gz"))
-                lines.append(f"curl -F file=@{example} -F model={model} {url}/{route}")
+                output = f" -o mask{'.png' if dims == 2 else '.nii.gz'}" if route == "segment" else ""
+                lines.append(f"curl -F file=@{example} -F model={model} {url}/{route}{output}")
     return lines + [f"curl {url}/models"]
 
 
