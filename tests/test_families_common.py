@@ -231,7 +231,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(variant_id):
 
     model.train()
     plain = gradients()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert layers and all(m.gradient_checkpointing for m in layers)
     calls = []
