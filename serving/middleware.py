@@ -106,8 +106,11 @@ def form_problem(content_type: bytes, body: bytes, allowed: set[str]) -> tuple[i
     unknown = sorted(set(fields) - allowed)
     if unknown:
         return 400, f"unknown form field {unknown[0]!r}; expected {', '.join(sorted(allowed))}"
+    if fields.get("dicomweb") is False:  # a reference to an image on a configured DICOMweb server
+        return (400, "send either an uploaded 'file' or a 'dicomweb' reference, not both") if "file" in fields else None
     if not fields.get("file"):
-        return 400, "missing form field 'file' holding the uploaded image or volume"
+        alternative = " (or a 'dicomweb' reference)" if "dicomweb" in allowed else ""
+        return 400, f"missing form field 'file' holding the uploaded image or volume{alternative}"
     return None
 
 

@@ -20,20 +20,25 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
+from hub.io import ImageSource  # noqa: E402
 from hub.errors import CorruptFileError, InputError, LimitExceededError, MedhubError, UnsupportedFormatError  # noqa: E402
 
 from .batching import ServiceOverloaded  # noqa: E402
+from .dicomweb import DicomwebNotFoundError, DicomwebUnavailableError, fetch, store_result  # noqa: E402
 from .middleware import RequestGuard  # noqa: E402
 from .models import DimensionalityError, ServedModel, TaskNotAvailableError, UnknownModelError, load_served_model  # noqa: E402
 from .settings import ServeSettings  # noqa: E402
 
 logger = logging.getLogger("medhub.serving")
+logging.getLogger("medhub").setLevel(logging.INFO)  # BentoML's root handler then shows loads and exports
 # Request threads preprocess in parallel; torch's own thread pool (used for resizing) would fight ONNX Runtime's.
 torch.set_num_threads(1)
 SETTINGS = ServeSettings.from_env()
 LOADED: dict[str, ServedModel] = {}  # this worker's models, shared with the /models route and the guard
 MASK_MEDIA = {"png": "image/png", "nifti": "application/gzip"}
-FORMS = {"/embed": {"file", "model", "layers"}, "/classify": {"file", "model"}, "/segment": {"file", "model", "format"}}
+DICOM_MEDIA = "application/dicom"
+FORMS = {"/embed": {"file", "dicomweb", "model", "layers"}, "/classify": {"file", "dicomweb", "model", "format"},
+         "/segment": {"file", "dicomweb", "model", "format", "store"}}
 
 
 class JSONResponse(Response):
@@ -48,8 +53,10 @@ class JSONResponse(Response):
 
 def status_for(error: MedhubError) -> int:
     """The HTTP status of a user error; the message is safe to return (no file names, no header values)."""
-    if isinstance(error, UnknownModelError):
+    if isinstance(error, (UnknownModelError, DicomwebNotFoundError)):
         return 404
+    if isinstance(error, DicomwebUnavailableError):
+        return 502
     if isinstance(error, LimitExceededError):
         return 413
     if isinstance(error, ServiceOverloaded):
@@ -72,7 +79,9 @@ def providers() -> str:
 
 
 async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse({"models": [model.describe() for model in LOADED.values()]})
+    # the worker's pid tells clients (and the workers test) which of the service's processes answered
+    return JSONResponse({"models": [model.describe() for model in LOADED.values()]},
+                        headers={"x-medhub-worker": str(os.getpid())})
 
 
 models_app = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
@@ -80,7 +89,7 @@ models_app = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
 
 @bentoml.service(
     name="medhub",
-    workers=1,
+    workers=SETTINGS.worker_count(),  # processes; each loads every model and shares the ONNX cache
     threads=SETTINGS.max_concurrency,  # request threads mostly wait on the micro-batcher
     traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
 )
@@ -93,59 +102,78 @@ class MedhubService:
         for model_id in SETTINGS.models:
             LOADED[model_id] = load_served_model(model_id, SETTINGS.onnx_cache, SETTINGS.device,
                                                  SETTINGS.threads or None, SETTINGS.fp16, SETTINGS.runners or None,
-                                                 SETTINGS.max_batch or None)
+                                                 SETTINGS.max_batch or None, SETTINGS.int8, SETTINGS.worker_count())
             logger.info("serving %s on %s", model_id, LOADED[model_id].provider)
 
     def __is_ready__(self) -> bool:
         return len(LOADED) == len(SETTINGS.models)
 
     @bentoml.api(route="/embed")
-    def embed(self, file: Path, model: str = "", layers: str = "") -> dict:
+    def embed(self, file: Path | None = None, dicomweb: str = "", model: str = "", layers: str = "") -> dict:
         """Pooled embedding (`pooler_output`) of the upload; `layers` = comma-separated hidden-state indices."""
 
-        def run(served: ServedModel, data: bytes) -> Response:
+        def run(served: ServedModel, data: ImageSource) -> Response:
             wanted = [int(item) for item in layers.split(",") if item.strip()] if layers else None
             result = served.embed(data, SETTINGS.read_limits(), wanted)
             return JSONResponse({"model": served.id, **result, "provider": served.provider})
 
-        return _handle(file, model, run)
+        return _handle(file, dicomweb, model, run)
 
     @bentoml.api(route="/classify")
-    def classify(self, file: Path, model: str = "") -> dict:
-        """Label probabilities (softmax, or per-label sigmoid for multi-label models), most likely first."""
+    def classify(self, file: Path | None = None, dicomweb: str = "", model: str = "", format: str = "") -> dict:
+        """Label probabilities (softmax, or per-label sigmoid for multi-label models), most likely first;
+        `format=dicom-sr`: the same as a DICOM Comprehensive SR (DICOM inputs)."""
 
-        def run(served: ServedModel, data: bytes) -> Response:
+        def run(served: ServedModel, data: ImageSource) -> Response:
+            if format == "dicom-sr":
+                return Response(served.classification_sr(data, SETTINGS.read_limits()), media_type=DICOM_MEDIA)
+            if format not in ("", "json"):
+                raise InputError(f"format {format!r} is unknown; expected json or dicom-sr")
             labels = served.classify(data, SETTINGS.read_limits())
             return JSONResponse({"model": served.id, "labels": labels, "provider": served.provider})
 
-        return _handle(file, model, run)
+        return _handle(file, dicomweb, model, run)
 
     @bentoml.api(route="/segment")
-    def segment(self, file: Path, model: str = "", format: str = "") -> dict:
-        """A label mask in the input's geometry: `png` (2D), `nifti` (3D, .nii.gz) or a `json` summary."""
+    def segment(self, file: Path | None = None, dicomweb: str = "", model: str = "", format: str = "",
+                store: bool = False) -> dict:
+        """A label mask in the input's geometry: `png` (2D), `nifti` (3D, .nii.gz), a `json` summary or a
+        `dicom-seg` DICOM Segmentation (DICOM inputs). `store=true` (with `dicomweb`) stores the SEG on the
+        first configured DICOMweb server instead and answers its UIDs as JSON."""
 
-        def run(served: ServedModel, data: bytes) -> Response:
+        def run(served: ServedModel, data: ImageSource) -> Response:
+            if store:
+                if not dicomweb:
+                    raise InputError("field 'store' needs a 'dicomweb' reference; an uploaded file has no server to store to")
+                seg = served.segmentation_dicom(data, SETTINGS.read_limits())
+                uids = store_result(seg, SETTINGS.dicomweb_urls, SETTINGS.dicomweb_token)
+                return JSONResponse({"model": served.id, "stored": uids})
+            if format == "dicom-seg":
+                return Response(served.segmentation_dicom(data, SETTINGS.read_limits()), media_type=DICOM_MEDIA)
             mask, image = served.segment(data, SETTINGS.read_limits())
             wanted = format or ("png" if image.spatial_dims == 2 else "nifti")
             if wanted == "json":
                 return JSONResponse(served.mask_summary(mask, image))
             if wanted not in MASK_MEDIA:
-                raise InputError(f"format {wanted!r} is unknown; expected png, nifti or json")
+                raise InputError(f"format {wanted!r} is unknown; expected png, nifti, json or dicom-seg")
             from hub.io import encode_mask
 
             return Response(encode_mask(mask, image, wanted), media_type=MASK_MEDIA[wanted])
 
-        return _handle(file, model, run)
+        return _handle(file, dicomweb, model, run)
 
 
-def _handle(file: Path, model: str, run: Callable[[ServedModel, bytes], Response]) -> Response:
+def _handle(file: Path | None, dicomweb: str, model: str, run: Callable[[ServedModel, ImageSource], Response]) -> Response:
     try:
-        if not isinstance(file, Path):  # the guard admits only multipart uploads; never open a client string
+        if not dicomweb and not isinstance(file, Path):  # the guard admits only multipart uploads; never open a client string
             raise InputError("field 'file' must be a multipart upload of a PNG, JPEG, DICOM or NIfTI file")
         if not model:
             raise InputError(f"missing field 'model'; this service has {', '.join(LOADED)}")
         if model not in LOADED:
             raise UnknownModelError(f"model {model!r} is not loaded; this service has {', '.join(LOADED)}")
+        if dicomweb:  # UIDs on a configured server, checked against the limits before any pixel data
+            return run(LOADED[model], fetch(dicomweb, SETTINGS.dicomweb_urls, SETTINGS.dicomweb_token,
+                                            SETTINGS.read_limits()))
         data = file.read_bytes()
         if not data:
             raise InputError("the uploaded file is empty")

@@ -110,7 +110,8 @@ def _decoded_by_pydicom(path: str, ds: pydicom.Dataset, frames: int, samples: in
         values = stored * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
     else:
         values = stored
-    return MedicalImage.from_sitk(reader, array=values.astype(dtype, copy=False)[None], **_facts(ds, False, frames))
+    return MedicalImage.from_sitk(reader, array=values.astype(dtype, copy=False)[None], **_facts(ds, False, frames),
+                                  dicom_headers=(ds,))
 
 
 def _execute(reader: sitk.ImageFileReader | sitk.ImageSeriesReader, source: str) -> sitk.Image:
@@ -136,7 +137,8 @@ def read_dicom_file(path: str, limits: ReadLimits, source: str) -> MedicalImage:
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(path)
     image = _execute(reader, source)
-    return MedicalImage.from_sitk(image, **_facts(ds, image.GetNumberOfComponentsPerPixel() > 1, frames))
+    return MedicalImage.from_sitk(image, **_facts(ds, image.GetNumberOfComponentsPerPixel() > 1, frames),
+                                  dicom_headers=(ds,))
 
 
 def series_files(folder: str | os.PathLike, limits: ReadLimits) -> list[str]:
@@ -163,12 +165,13 @@ def read_dicom_series(folder: str | os.PathLike, limits: ReadLimits) -> MedicalI
     if frames != 1:
         raise UnsupportedFormatError(f"{source} holds multi-frame files; pass each multi-frame file on its own")
     limits.check_voxels((len(files), rows, cols, samples), source)
-    return _read_files(files, headers[0], source)
+    return _read_files(files, headers, source)
 
 
-def _read_files(files: Sequence[str], first: pydicom.Dataset, source: str) -> MedicalImage:
+def _read_files(files: Sequence[str], headers: Sequence[pydicom.Dataset], source: str) -> MedicalImage:
     reader = sitk.ImageSeriesReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileNames(list(files))
     image = _execute(reader, source)
-    return MedicalImage.from_sitk(image, **_facts(first, image.GetNumberOfComponentsPerPixel() > 1, 1))
+    return MedicalImage.from_sitk(image, **_facts(headers[0], image.GetNumberOfComponentsPerPixel() > 1, 1),
+                                  dicom_headers=tuple(headers))

@@ -24,7 +24,9 @@ class MedicalImage:
 
     ``photometric`` describes ``array`` as it is (readers turn MONOCHROME1 into MONOCHROME2 values);
     ``bit_depth`` is the stored bit depth of the source (None when unknown, e.g. float input);
-    ``meta`` holds non-identifying facts about the source (format, DICOM modality, transfer syntax, ...).
+    ``meta`` holds non-identifying facts about the source (format, DICOM modality, transfer syntax, ...);
+    ``dicom_headers`` the source's DICOM headers without pixel data, one per slice in array order (empty for
+    other inputs): the DICOM SEG/SR writers reference them. They identify the patient: never log them.
     """
 
     array: np.ndarray
@@ -36,6 +38,7 @@ class MedicalImage:
     photometric: str = MONOCHROME2
     bit_depth: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    dicom_headers: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
