@@ -192,7 +192,8 @@ def embed_row() -> None:
     for index in range(256):
         Image.fromarray((np.random.default_rng(index).random((256, 256)) * 255).astype(np.uint8)).save(folder / f"{index}.png")
     start = time.perf_counter()
-    done = medhub("embed", str(repos["muscle-resnet50"]), str(folder), "--out", str(root / "embed-out"), timeout=180)
+    done = medhub("embed", str(repos["muscle-resnet50"]), "--data", str(folder), "--out", str(root / "embed-out"),
+                  "--device", "cuda", "--batch-size", "64", "--no-progress", timeout=180)
     elapsed = time.perf_counter() - start
     detail = (f"{256 / elapsed:.0f} img/s over 256 PNGs (muscle-resnet50, with start-up)" if done.returncode == 0
               else (done.stderr.strip().splitlines() or ["no output"])[-1][:160])
