@@ -142,8 +142,9 @@ def http_rows() -> None:
         picture = (rng.random((224, 224)) * 4095).astype(np.uint16)
         buffer = io.BytesIO()
         Image.fromarray((picture // 16).astype(np.uint8)).save(buffer, format="PNG")
-        bodies = {"PNG": ("x.png", buffer.getvalue()),
-                  "DICOM": ("x.dcm", write_dicom_image(picture, root / "x.dcm", "gpu-check").read_bytes())}
+        bodies = {"PNG": ("x.png", buffer.getvalue(), "application/octet-stream"),
+                  "DICOM": ("x.dcm", write_dicom_image(picture, root / "x.dcm", "gpu-check").read_bytes(),
+                            "application/octet-stream")}
         for name, repo in repos.items():
             for kind, upload in bodies.items():
                 request = httpx.Request("POST", f"{url}/embed", files={"file": upload}, data={"model": str(repo)})
