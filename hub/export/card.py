@@ -82,8 +82,9 @@ MANIFEST_DATASET = "medhub-manifest"  # the dataset_type of results measured on 
 _SECTION_START, _SECTION_END = "<!-- medhub-evaluate:start -->", "<!-- medhub-evaluate:end -->"
 
 
-def with_evaluation(card_text: str, results: list[EvalResult], table: str) -> str:
-    """`card_text` with `results` in its model-index and `table` as its transfer-evaluation section.
+def with_evaluation(card_text: str, results: list[EvalResult], table: str, model_name: str) -> str:
+    """`card_text` with `results` in its model-index (named `model_name` where the card names no model) and
+    `table` as its transfer-evaluation section.
 
     Earlier entries on a medhub manifest for the same task names are replaced (other results are kept), and the
     section between the medhub-evaluate markers is rewritten, so updating twice does not repeat anything.
@@ -95,7 +96,7 @@ def with_evaluation(card_text: str, results: list[EvalResult], table: str) -> st
     kept = [r for r in card.data.eval_results or [] if not (r.dataset_type == MANIFEST_DATASET and r.task_name in names)]
     card.data.eval_results = kept + results
     if not card.data.model_name:
-        card.data.model_name = "model"
+        card.data.model_name = model_name
     section = f"{_SECTION_START}\n## Transfer evaluation ({EVALUATION_SOURCE})\n\n{table}\n{_SECTION_END}"
     body = card.text
     if _SECTION_START in body and _SECTION_END in body:

@@ -78,7 +78,7 @@ def update_cards(study: Study, summaries: list[Summary], out: Path) -> list[Card
         repo = backbone_repo(source, out / "backbones") if is_folder else resolve_repo(source)
         readme = repo / "README.md"
         card = with_evaluation(readme.read_text(encoding="utf-8") if readme.is_file() else "",
-                               eval_results(study, own), results_table(study, own))
+                               eval_results(study, own), results_table(study, own), backbone)
         if is_folder:
             target = out / "cards" / backbone
             if target.exists():
