@@ -23,7 +23,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzzing import FORMATS, campaign, encode, seeds, serve, server_exceptions
+from fuzzing import (
+    FORMATS,
+    campaign,
+    encode,
+    ready_status,
+    seeds,
+    serve,
+    server_exceptions,
+)
 
 import hub  # noqa: F401
 from hub.catalogue import get_variant
@@ -76,7 +84,7 @@ def main() -> None:
                 outcomes = campaign(server, models, args.per_format, seed=args.seed, clients=args.clients,
                                     timeout=args.timeout, progress=bar.update)
             rss_end = server.rss()
-            ready = httpx.get(f"{server.url}/readyz", timeout=10).status_code
+            ready = ready_status(server)
             exceptions = server_exceptions(server.log)
 
     print(f"\nfuzz_serving: {args.per_format} inputs per format, seed {args.seed}, {args.clients} clients, default limits")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fuzz_serving import head_repo, percentile, warm_up
-from fuzzing import encode, seeds, serve
+from fuzzing import encode, ready_status, seeds, serve
 
 from hub.models.macl import MaclForSemanticSegmentation
 from hub.models.muscle import MuscleForImageClassification
@@ -114,7 +114,7 @@ def main() -> None:
             heavy = ("embed", models["2d"], encode((rng.random((1500, 1500)) * 65535).astype(np.uint16), "PNG"))
             burst_results = burst(server.url, heavy, args.burst, args.timeout)
             rss_end = server.rss()
-            ready = httpx.get(f"{server.url}/readyz", timeout=10).status_code
+            ready = ready_status(server)
 
     statuses = collections.Counter(status for status, _ in results)
     seconds = [s for _, s in results]

@@ -434,6 +434,14 @@ def serve(models: list[Path], root: Path, kill_above: int = 8 * 1024**3, **env: 
                 process.wait()
 
 
+def ready_status(server: Server) -> int:
+    """/readyz's status code, 0 when the server no longer answers."""
+    try:
+        return httpx.get(f"{server.url}/readyz", timeout=10).status_code
+    except httpx.TransportError:
+        return 0
+
+
 def _wait_ready(server: Server, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -8,7 +8,7 @@ import collections
 
 import numpy as np
 import pytest
-from fuzzing import FORMATS, campaign, seeds, serve, server_exceptions
+from fuzzing import FORMATS, campaign, ready_status, seeds, serve, server_exceptions
 from test_serving import png_bytes, tiny_head_repo
 
 from hub.models.macl import MaclForSemanticSegmentation
@@ -50,17 +50,17 @@ def test_mutated_uploads_never_get_5xx_hang_or_leak(fuzz_server):
     failures = [o for o in outcomes if o.status >= 500 or o.status == 0]
     slow = [o for o in outcomes if o.seconds > SLOWEST_S]
     report = (
-        f"status counts {counts}; server exceptions {server_exceptions(server.log)}; "
+        f"status counts {counts}; peak RSS {server.rss_peak >> 20} MiB; restarts {server.restarts}; server exceptions {server_exceptions(server.log)}; "
         f"first failures {[(o.fmt, o.index, o.mutation, o.status, o.body[:120]) for o in failures[:8]]}; "
         f"slow {[(o.fmt, o.index, o.mutation, round(o.seconds, 1)) for o in slow[:8]]}"
     )
     assert len(outcomes) == PER_FORMAT * len(FORMATS)
+    assert not server.killed_for_memory, f"server killed at {server.rss_peak} bytes RSS; {report}"
+    assert not failures, report
     for fmt in FORMATS:  # the mutations must reach both decoded (200) and refused (4xx) inputs in each format
         assert counts[fmt][200] > 0 and any(400 <= status < 500 for status in counts[fmt]), report
-    assert not server.killed_for_memory, report
-    assert not failures, report
     assert not slow, report
-    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200, report
+    assert ready_status(server) == 200, report
     assert server.restarts == 0, report
     assert rss_end - server.rss_start < GROWTH_BOUND, f"RSS {server.rss_start} -> {rss_end} bytes; {report}"
     assert server.rss_peak < PEAK_BOUND, f"peak RSS {server.rss_peak} bytes; {report}"
