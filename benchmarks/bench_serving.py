@@ -1,10 +1,14 @@
-"""Serving throughput: torch eager vs ONNX Runtime in process vs HTTP /embed with 1, 8 and 32 clients.
+"""Serving throughput: torch eager vs ONNX Runtime in process vs HTTP /embed with 1, 8 and 32 clients, in float32
+and int8, with 1 and 2 service workers.
 
 For muscle-resnet50 and medcoss-vitb (random weights; speed does not depend on them) at 224 px on this machine.
 Prints images/s in process at batch 1 and 8, HTTP images/s with p50/p99 latency (compared with ORT at batch 8),
-and the service's resident memory, side by side. Throughput on this shared CPU drifts by about 6% from one 8 s run
+the int8 graph's in-process and HTTP throughput (8 and 32 clients; 1 and 2 workers) with its gate figures
+(pooled-feature cosine to float32: minimum and mean over the calibration inputs), and the service's resident
+memory, side by side. Throughput on this shared CPU drifts by about 6% from one 8 s run
 to the next, so ORT at batch 8 is measured again right before each HTTP run and the mean is the baseline.
-Goals (issue #8): ORT/eager >= 1.5 for ResNet-50; HTTP with 8+ clients >= 0.85 of ORT in process.
+Goals (issue #8): ORT/eager >= 1.5 for ResNet-50; HTTP with 8+ clients >= 0.85 of ORT in process. Goals (issue
+#17): int8 >= 2.5x float32 ORT for ResNet-50 in process, >= 2.2x over HTTP at 8+ clients.
 """
 
 import concurrent.futures
@@ -29,11 +33,13 @@ from hub.catalogue import VARIANTS, get_variant
 from hub.export import Provenance, export_repo
 from hub.models import get_family
 from serving.models import repo_revision
+from hub.processing import MedicalImageProcessor
 from serving.onnx_export import export_onnx
+from serving.quantize import export_int8
 from serving.runtime import create_session
 
 MODELS = [name for name in ("muscle-resnet50", "medcoss-vitb") if name in VARIANTS]
-BATCH, SECONDS, CLIENTS = 8, 8.0, (1, 8, 32)
+BATCH, SECONDS, CLIENTS, INT8_CLIENTS, WORKERS = 8, 8.0, (1, 8, 32), (8, 32), (1, 2)
 
 
 def build_repo(variant_id: str, root: Path) -> Path:
@@ -59,10 +65,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(repos: list[Path], cache: Path) -> tuple[subprocess.Popen, str]:
+def start_server(repos: list[Path], cache: Path, int8: bool = False, workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "MEDHUB_MODELS": ",".join(map(str, repos)), "MEDHUB_ONNX_CACHE": str(cache),
-           "MEDHUB_MAX_CONCURRENCY": "64", "BENTOML_DO_NOT_TRACK": "True"}
+           "MEDHUB_MAX_CONCURRENCY": "64", "BENTOML_DO_NOT_TRACK": "True", "MEDHUB_INT8": "1" if int8 else "0",
+           "MEDHUB_WORKERS": str(workers)}
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:MedhubService", "--host",
          "127.0.0.1", "--port", str(port)], cwd=Path(__file__).resolve().parents[1], env=env,
@@ -127,20 +134,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         repos = {name: build_repo(name, root) for name in MODELS}
-        rows, ort_runs = {}, {}
+        rows, ort_runs, int8_rows, int8_runs, gates = {}, {}, {}, {}, {}
         for name, repo in repos.items():
             model = get_family(get_variant(name).family).encoder_class.from_pretrained(repo).eval()
-            onnx_path = root / "onnx-cache" / repo_revision(repo) / "features.onnx"  # where the service looks
-            export_onnx(repo, "features", onnx_path, repo_id=str(repo), revision=repo_revision(repo))
-            session = create_session(onnx_path)
-            rows[name] = []
+            folder = root / "onnx-cache" / repo_revision(repo)  # where the service looks
+            onnx_path = export_onnx(repo, "features", folder / "features.onnx", repo_id=str(repo),
+                                    revision=repo_revision(repo)).path
+            quantized = export_int8(repo, "features", folder / "features.int8.onnx", repo_id=str(repo),
+                                    revision=repo_revision(repo), processor=MedicalImageProcessor.from_pretrained(repo),
+                                    fp32_path=onnx_path)
+            gates[name] = quantized
+            session, int8_session = create_session(onnx_path), create_session(quantized.path)
+            rows[name], int8_rows[name] = [], []
             for batch in (1, BATCH):
                 pixels = torch.randn(batch, 3, 224, 224)
                 with torch.no_grad():
                     rows[name].append(images_per_second(lambda: model(pixel_values=pixels), batch))
                 rows[name].append(images_per_second(lambda: session.run(None, {"pixel_values": pixels.numpy()}), batch))
+                int8_rows[name].append(
+                    images_per_second(lambda: int8_session.run(None, {"pixel_values": pixels.numpy()}), batch))
             pixels = np.random.default_rng(1).standard_normal((BATCH, 3, 224, 224), dtype=np.float32)
             ort_runs[name] = (lambda session=session, pixels=pixels: session.run(None, {"pixel_values": pixels}))
+            int8_runs[name] = (lambda session=int8_session, pixels=pixels: session.run(None, {"pixel_values": pixels}))
             del model
         process, url = start_server(list(repos.values()), root / "onnx-cache")
         try:
@@ -154,6 +169,15 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(timeout=30)
+        int8_http = {}  # (name, workers) -> [(img/s, p50, p99)] for INT8_CLIENTS
+        for workers in WORKERS:
+            process, url = start_server(list(repos.values()), root / "onnx-cache", int8=True, workers=workers)
+            try:
+                for name in repos:
+                    int8_http[name, workers] = [http_load(url, str(repos[name]), png, c) for c in INT8_CLIENTS]
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
     print(f"{'model':<16}" + "".join(f"{f'eager b{b}':>10}{f'ORT b{b}':>9}{'ORT/eager':>10}" for b in (1, BATCH))
           + "".join(f"{f'HTTP c={c} img/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'/ORT':>6}" for c in CLIENTS))
     for name, (eager1, ort1, eager_b, _) in rows.items():
@@ -165,6 +189,26 @@ def main() -> None:
         print(f"{name}: ORT b{BATCH} is the mean of {len(samples)} runs of {SECONDS:g} s, one before each HTTP run: "
               + " ".join(f"{value:.1f}" for value in samples) + " img/s")
     print(f"service resident memory: {memory:.0f} MiB ({len(repos)} models)")
+    print()
+    print(f"{'int8':<16}{'ORT fp32 b1':>12}{'int8 b1':>9}{'x':>6}{f'ORT fp32 b{BATCH}':>12}{f'int8 b{BATCH}':>9}{'x':>6}"
+          + "".join(f"{f'HTTP int8 c={c} w={w}':>22}{'x fp32':>7}" for w in WORKERS for c in INT8_CLIENTS)
+          + f"{'cos min':>9}{'cos mean':>9}  calibration")
+    for name, (_, ort1, _, _) in rows.items():
+        ort_b = float(np.mean(ort_samples[name]))
+        fp32_http = dict(zip(CLIENTS, (ips for ips, _, _ in http[name])))
+        int8_1, int8_b = int8_rows[name][0], int8_rows[name][1]
+        line = f"{name:<16}{ort1:>12.1f}{int8_1:>9.1f}{int8_1 / ort1:>6.2f}{ort_b:>12.1f}{int8_b:>9.1f}{int8_b / ort_b:>6.2f}"
+        for workers in WORKERS:
+            line += "".join(f"{ips:>22.1f}{ips / fp32_http[c]:>7.2f}"
+                            for c, (ips, _, _) in zip(INT8_CLIENTS, int8_http[name, workers]))
+        gate = gates[name]
+        line += f"{gate.value:>9.4f}{gate.cosine:>9.4f}  {gate.method}, {gate.plan}, {gate.calibration_size} inputs"
+        print(line)
+    print("x fp32 over HTTP: int8 img/s / float32 img/s of the 1-worker float32 service at the same client count; "
+          "int8 p50/p99 ms: " + "; ".join(
+              f"{name} w={w} " + " ".join(f"c={c} {p50:.0f}/{p99:.0f}" for c, (_, p50, p99) in
+                                          zip(INT8_CLIENTS, int8_http[name, w]))
+              for name in rows for w in WORKERS))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Registers every medhub family with the transformers auto classes (runs once, at `import hub`)."""
+"""Registers every medhub family with the transformers auto classes, and the image pipelines that read what
+the processor reads (runs once, at `import hub`)."""
 
 import transformers
 from transformers import AutoConfig, AutoImageProcessor
 
 from .models import FAMILIES
+from .pipelines import register_pipelines
 from .processing import MedicalImageProcessor
 
 
@@ -17,3 +19,4 @@ def register_families() -> None:
         )
         for auto_name, model_class in family.auto_classes.items():
             getattr(transformers, auto_name).register(family.config_class, model_class, exist_ok=True)
+    register_pipelines()

@@ -1,4 +1,4 @@
-"""`medhub onnx` and `medhub serve` (contributed to the hub's CLI through the `medhub.commands` entry point)."""
+"""`medhub onnx`, `medhub serve` and `medhub embed` (contributed to the hub's CLI through the `medhub.commands` entry point)."""
 
 import argparse
 import os
@@ -11,7 +11,9 @@ from hub.export.resolve import resolve_repo
 from hub.io import read_image
 from hub.processing import MedicalImageProcessor
 
+from . import embed
 from .onnx_export import FP16_PARITY_RTOL, PARITY_ATOL, TASKS, available_tasks, export_onnx
+from .quantize import DEFAULT_CALIBRATION_SIZE, Gate, export_int8
 from .runtime import active_provider, create_session
 from .settings import ServeSettings
 
@@ -24,6 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     onnx.add_argument("--fp16", action="store_true",
                       help="float16 weights and compute (inputs and outputs stay float32); parity limit "
                            f"{FP16_PARITY_RTOL:g} x max(1, output scale) instead of {PARITY_ATOL:g}")
+    onnx.add_argument("--int8", action="store_true",
+                      help="int8 graph (ONNX Runtime static QDQ quantization), refused below the gate's thresholds")
+    onnx.add_argument("--calibration", type=Path, help="a manifest or folder of images to calibrate int8 on "
+                      "(default: the repo's golden input and phantoms of its modality)")
+    onnx.add_argument("--calibration-size", type=int, default=DEFAULT_CALIBRATION_SIZE, help="calibration inputs")
+    onnx.add_argument("--min-cosine", type=float, default=Gate.min_cosine, help="int8 gate: pooled-feature cosine")
+    onnx.add_argument("--min-agreement", type=float, default=Gate.min_agreement, help="int8 gate: top-1 agreement")
+    onnx.add_argument("--min-dice", type=float, default=Gate.min_dice, help="int8 gate: Dice to the fp32 mask")
+    onnx.add_argument("--no-progress", action="store_true", help="no progress bar")
     onnx.set_defaults(handler=cmd_onnx)
 
     serve = subparsers.add_parser("serve", help="serve models over HTTP (BentoML + ONNX Runtime)")
@@ -32,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=3000)
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     serve.add_argument("--fp16", action="store_true", help="serve float16 ONNX graphs (for GPUs; slower on CPU)")
+    serve.add_argument("--int8", action="store_true", help="serve int8 ONNX graphs (calibrated and gated at export)")
+    serve.add_argument("--workers", type=int, default=0, help="worker processes (0: one per 8 cores, at least 1)")
     serve.add_argument("--max-body-mb", type=int, default=ServeSettings.max_body_bytes // (1024 * 1024))
     serve.add_argument("--max-concurrency", type=int, default=ServeSettings.max_concurrency)
     serve.add_argument("--timeout", type=int, default=ServeSettings.timeout, help="seconds per request")
@@ -39,10 +52,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="an image or volume to use in the printed curl examples (2D and 3D picked by content)")
     serve.set_defaults(handler=cmd_serve)
 
+    embed.register(subparsers)
+
 
 def cmd_onnx(args: argparse.Namespace) -> int:
     repo_dir = resolve_repo(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.int8:
+        if args.fp16:
+            raise MedhubError("choose one of --fp16 and --int8")
+        gate = Gate(args.min_cosine, args.min_agreement, args.min_dice)
+        quantized = export_int8(repo_dir, args.task, args.out / "model.onnx", repo_id=args.model,
+                                revision=repo_dir.name, processor=MedicalImageProcessor.from_pretrained(repo_dir),
+                                calibration=args.calibration, calibration_size=args.calibration_size, gate=gate,
+                                progress=not args.no_progress)
+        print(f"wrote {quantized.path} ({args.task}, int8, {quantized.method} calibration on "
+              f"{quantized.calibration_size} inputs from {quantized.calibration}); gate: {quantized.metric} "
+              f"{quantized.value:.4f} to float32 (mean cosine {quantized.cosine:.5f})")
+        return 0
     result = export_onnx(repo_dir, args.task, args.out / "model.onnx", repo_id=args.model, revision=repo_dir.name,
                          fp16=args.fp16)
     provider = active_provider(create_session(result.path))
@@ -74,6 +101,8 @@ def curl_examples(models: list[str], url: str, examples: list[Path]) -> list[str
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.fp16 and args.int8:
+        raise MedhubError("choose one of --fp16 and --int8")
     for model in args.model:
         resolve_repo(model)  # fail here, in one line, rather than inside the server's worker
     bentoml = shutil.which("bentoml", path=os.path.dirname(sys.executable)) or shutil.which("bentoml")
@@ -84,6 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "MEDHUB_MODELS": ",".join(args.model),
         "MEDHUB_DEVICE": args.device,
         "MEDHUB_FP16": "1" if args.fp16 else "0",
+        "MEDHUB_INT8": "1" if args.int8 else "0",
+        "MEDHUB_WORKERS": str(args.workers),
         "MEDHUB_MAX_BODY_MB": str(args.max_body_mb),
         "MEDHUB_MAX_CONCURRENCY": str(args.max_concurrency),
         "MEDHUB_TIMEOUT": str(args.timeout),

@@ -1,6 +1,6 @@
 """A served model: a repo's processor plus one ONNX Runtime session per task, exported once per revision."""
 
-import hashlib
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,8 +11,9 @@ import numpy as np
 import onnxruntime as ort
 from filelock import FileLock
 
+from hub.embed import model_inputs, pool_tiles
 from hub.errors import InputError, RepoError
-from hub.export.resolve import read_config, resolve_repo
+from hub.export.resolve import read_config, repo_revision, resolve_repo
 from hub.io import ImageSource, ReadLimits, read_image
 from hub.io.dicom_seg import Algorithm, build_segmentation, dicom_bytes
 from hub.io.dicom_sr import build_classification_sr
@@ -21,8 +22,10 @@ from hub.processing import MedicalImageProcessor
 
 from .batching import MicroBatcher
 from .onnx_export import available_tasks, export_onnx
+from .quantize import export_int8
 from .runtime import CUDA, active_provider, create_session, default_threads
 
+logger = logging.getLogger("medhub.serving")
 
 class UnknownModelError(RepoError):
     """A request naming a model the service did not load."""
@@ -34,13 +37,6 @@ class TaskNotAvailableError(InputError):
 
 class DimensionalityError(InputError):
     """A 2D image sent to a 3D model, or the reverse."""
-
-
-def repo_revision(repo_dir: Path) -> str:
-    """The cache commit sha for a snapshot; else a digest of the repo's checksum list (same content, same id)."""
-    if repo_dir.parent.name == "snapshots" and len(repo_dir.name) == 40:
-        return repo_dir.name
-    return hashlib.sha256((repo_dir / "checksums.sha256").read_bytes()).hexdigest()[:40]
 
 
 @dataclass
@@ -81,7 +77,7 @@ class ServedModel:
             raise TaskNotAvailableError(f"model {self.id} has no {task} head; it serves {', '.join(sorted(self.sessions))}")
         if task in self.batchers and len(pixel_values) == 1:
             return [output[None] for output in self.batchers[task].submit(pixel_values[0])]
-        return _pixels_runner(self.sessions[task])(pixel_values)
+        return pixels_runner(self.sessions[task])(pixel_values)
 
     def _image(self, data: ImageSource, limits: ReadLimits) -> MedicalImage:
         image = read_image(data, limits)
@@ -91,16 +87,16 @@ class ServedModel:
         return image
 
     def embed(self, data: ImageSource, limits: ReadLimits, layers: list[int] | None = None) -> dict[str, Any]:
-        """The pooled embedding and any wanted hidden states, as float32 arrays (the service writes them as JSON)."""
-        pixel_values = self.processor.prepare(self._image(data, limits)).pixel_values[None]
-        outputs = self._run("features", pixel_values)
-        result: dict[str, Any] = {"embedding": outputs[0][0], "dim": int(outputs[0].shape[1])}
+        """The pooled embedding and any wanted hidden states, as float32 arrays (the service writes them as JSON);
+        a 3D volume's sliding-window tiles are pooled by their mean, as in `medhub embed`."""
+        outputs = [pool_tiles(output) for output in self._run("features", model_inputs(self.processor, self._image(data, limits)))]
+        result: dict[str, Any] = {"embedding": outputs[0], "dim": int(outputs[0].shape[0])}
         if layers:
             hidden = outputs[1:]
             for layer in layers:
                 if not -len(hidden) <= layer < len(hidden):
                     raise InputError(f"layer {layer} does not exist; model {self.id} has layers 0..{len(hidden) - 1}")
-            result["layers"] = {str(layer): hidden[layer][0] for layer in layers}
+            result["layers"] = {str(layer): hidden[layer] for layer in layers}
         return result
 
     def classify(self, data: ImageSource, limits: ReadLimits) -> list[dict[str, Any]]:
@@ -170,14 +166,14 @@ def label_mask(logits: np.ndarray) -> np.ndarray:
     return (logits[0] > 0).astype(np.uint8) if logits.shape[0] == 1 else logits.argmax(axis=0).astype(np.uint8)
 
 
-def _pixels_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], list[np.ndarray]]:
+def pixels_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], list[np.ndarray]]:
     """All outputs of the session for a batch of `pixel_values`."""
     return lambda pixel_values: session.run(None, {"pixel_values": pixel_values})
 
 
 def load_served_model(
     model_id: str, onnx_cache: Path, device: str = "auto", threads: int | None = None, fp16: bool = False,
-    runners: int | None = None, max_batch: int | None = None,
+    runners: int | None = None, max_batch: int | None = None, int8: bool = False, workers: int = 1,
 ) -> ServedModel:
     """Resolve the repo, load its processor, and open (exporting on first use) a session per task.
 
@@ -189,29 +185,53 @@ def load_served_model(
     with 3 runs, 14.8-15.7 with 2, 15.6 with 4; 32 clients 17.1 img/s with batches of 2, 15.9 with 8). A lone
     request, with nothing else in flight, runs on a second session that uses every core (a second copy of the
     weights). On CUDA one run at a time, of up to 8 images. 3D tasks run in the request's thread on `threads`
-    (default: all cores). float16 graphs are cached as `<revision>/<task>.fp16.onnx`, beside and never in place of the float32 ones."""
+    (default: all cores). float16 graphs are cached as `<revision>/<task>.fp16.onnx` and int8 graphs (calibrated on
+    the repo's golden input and phantoms, gated against float32) as `<revision>/<task>.int8.onnx`, beside and never
+    in place of the float32 ones; each file is exported once, under a file lock, by whichever of `workers` worker
+    processes comes first. The `workers` processes of one service share the cores: each takes cores / workers."""
+    if fp16 and int8:
+        raise InputError("a service serves float16 or int8 graphs, not both: drop --fp16 or --int8")
     repo_dir = resolve_repo(model_id)
     revision = repo_revision(repo_dir)
     processor = MedicalImageProcessor.from_pretrained(repo_dir)
     model = ServedModel(model_id, repo_dir, revision, read_config(repo_dir), processor)
     batched = processor.spatial_dims == 2
-    cpu_runners = runners or default_threads() + 1
+    cores = max(1, default_threads() // max(1, workers))
+    cpu_runners = runners or cores + 1
     if batched and not threads:
-        threads = max(1, default_threads() // cpu_runners)
+        threads = max(1, cores // cpu_runners)
     for task in available_tasks(repo_dir):
-        path = onnx_cache / revision / (f"{task}.fp16.onnx" if fp16 else f"{task}.onnx")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):  # several workers may start at once
-            if not path.is_file():
-                export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision, fp16=fp16)
+        path = task_graph(repo_dir, model_id, revision, task, onnx_cache, fp16=fp16, int8=int8, processor=processor)
         session = model.sessions[task] = create_session(path, threads, device)
         if batched:
             on_cuda = active_provider(session) == CUDA
-            wide = create_session(path, default_threads(), device) if not on_cuda and threads < default_threads() else None
+            wide = create_session(path, cores, device) if not on_cuda and threads < cores else None
             model.batchers[task] = MicroBatcher(
-                _pixels_runner(session),
+                pixels_runner(session),
                 max_batch_size=max_batch or (8 if on_cuda else 2),
                 workers=(runners or 1) if on_cuda else cpu_runners,
-                solo=None if wide is None else _pixels_runner(wide),
+                solo=None if wide is None else pixels_runner(wide),
             )
     return model
+
+
+def task_graph(
+    repo_dir: Path, model_id: str, revision: str, task: str, onnx_cache: Path, *, fp16: bool = False,
+    int8: bool = False, processor: MedicalImageProcessor | None = None,
+) -> Path:
+    """The cached graph of `task` in the wanted precision, exported (and checked) on first use; int8 from the fp32."""
+    folder = onnx_cache / revision
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32 = folder / f"{task}.onnx"
+    wanted = folder / (f"{task}.int8.onnx" if int8 else f"{task}.fp16.onnx" if fp16 else f"{task}.onnx")
+    for path in dict.fromkeys([fp32, wanted] if int8 else [wanted]):
+        with FileLock(str(path) + ".lock"):  # several workers may start at once: one exports, the others wait
+            if path.is_file():
+                continue
+            if path.name.endswith(".int8.onnx"):
+                export_int8(repo_dir, task, path, repo_id=model_id, revision=revision,
+                            processor=processor or MedicalImageProcessor.from_pretrained(repo_dir), fp32_path=fp32)
+            else:
+                export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision, fp16=fp16)
+            logger.info("exported the %s graph of %s to the ONNX cache as %s", task, model_id, path.name)
+    return wanted

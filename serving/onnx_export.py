@@ -14,6 +14,7 @@ from onnxscript import ir
 from torch import nn
 
 from hub import __version__
+from hub.embed import pool_hidden_state
 from hub.errors import MedhubError, RepoError
 from hub.export.resolve import read_config
 from hub.models import get_family
@@ -59,13 +60,8 @@ class TaskGraph(nn.Module):
         if self.task != "features":
             return (self.model(pixel_values=pixel_values).logits,)
         outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        layers = tuple(_pool_hidden_state(hidden) for hidden in outputs.hidden_states or ())
+        layers = tuple(pool_hidden_state(hidden) for hidden in outputs.hidden_states or ())
         return (outputs.pooler_output, *layers)
-
-
-def _pool_hidden_state(hidden: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens for (B, N, C) sequences, over space for (B, C, *spatial) maps."""
-    return hidden.mean(dim=1) if hidden.ndim == 3 else hidden.flatten(2).mean(dim=2)
 
 
 def available_tasks(repo_dir: Path) -> list[str]:
@@ -111,7 +107,7 @@ def export_onnx(
     else:
         program.save(str(out_path))
     precision = "fp16" if fp16 else "fp32"
-    _write_metadata(out_path, repo_id=repo_id, revision=revision, task=task, config=config, repo_dir=repo_dir,
+    write_metadata(out_path, repo_id=repo_id, revision=revision, task=task, config=config, repo_dir=repo_dir,
                     precision=precision)
     # parity is a property of the file, checked on the CPU provider (CUDA's TF32 matmuls would blur the 1e-4 limit)
     actual = create_session(out_path, threads=1, device="cpu").run(None, {"pixel_values": example.numpy()})
@@ -163,9 +159,11 @@ def _output_names(task: str, count: int) -> list[str]:
     return ["pooler_output"] + [f"layer_{index}" for index in range(count - 1)]
 
 
-def _write_metadata(
-    path: Path, *, repo_id: str, revision: str, task: str, config: dict, repo_dir: Path, precision: str
+def write_metadata(
+    path: Path, *, repo_id: str, revision: str, task: str, config: dict, repo_dir: Path, precision: str,
+    extra: dict[str, str] | None = None,
 ) -> None:
+    """Replace the graph's metadata: repo, revision, task, precision, labels, input spec (and `extra` entries)."""
     model = onnx.load(str(path))
     preprocessor = repo_dir / "preprocessor_config.json"
     entries = {
@@ -177,6 +175,7 @@ def _write_metadata(
         "model_type": config["model_type"],
         "labels": json.dumps(config.get("id2label") or {}),
         "input_spec": preprocessor.read_text() if preprocessor.is_file() else "{}",
+        **(extra or {}),
     }
     del model.metadata_props[:]
     for key, value in entries.items():

@@ -30,6 +30,7 @@ from .models import DimensionalityError, ServedModel, TaskNotAvailableError, Unk
 from .settings import ServeSettings  # noqa: E402
 
 logger = logging.getLogger("medhub.serving")
+logging.getLogger("medhub").setLevel(logging.INFO)  # BentoML's root handler then shows loads and exports
 # Request threads preprocess in parallel; torch's own thread pool (used for resizing) would fight ONNX Runtime's.
 torch.set_num_threads(1)
 SETTINGS = ServeSettings.from_env()
@@ -78,7 +79,9 @@ def providers() -> str:
 
 
 async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse({"models": [model.describe() for model in LOADED.values()]})
+    # the worker's pid tells clients (and the workers test) which of the service's processes answered
+    return JSONResponse({"models": [model.describe() for model in LOADED.values()]},
+                        headers={"x-medhub-worker": str(os.getpid())})
 
 
 models_app = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
@@ -86,7 +89,7 @@ models_app = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
 
 @bentoml.service(
     name="medhub",
-    workers=1,
+    workers=SETTINGS.worker_count(),  # processes; each loads every model and shares the ONNX cache
     threads=SETTINGS.max_concurrency,  # request threads mostly wait on the micro-batcher
     traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
 )
@@ -99,7 +102,7 @@ class MedhubService:
         for model_id in SETTINGS.models:
             LOADED[model_id] = load_served_model(model_id, SETTINGS.onnx_cache, SETTINGS.device,
                                                  SETTINGS.threads or None, SETTINGS.fp16, SETTINGS.runners or None,
-                                                 SETTINGS.max_batch or None)
+                                                 SETTINGS.max_batch or None, SETTINGS.int8, SETTINGS.worker_count())
             logger.info("serving %s on %s", model_id, LOADED[model_id].provider)
 
     def __is_ready__(self) -> bool:

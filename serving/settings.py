@@ -6,6 +6,8 @@ from pathlib import Path
 
 from hub.io import ReadLimits
 
+from .runtime import default_threads
+
 MIB = 1024 * 1024
 
 
@@ -27,8 +29,10 @@ class ServeSettings:
     (auto|cpu|cuda), `MEDHUB_FP16` (1 = float16 ONNX graphs), `MEDHUB_RUNNERS` (2D batches in flight per model
     and task; 0 = cores + 1 on CPU, 1 on CUDA), `MEDHUB_MAX_BATCH` (images per 2D run; 0 = 2 on CPU, 8 on
     CUDA), `MEDHUB_THREADS` (ORT intra-op threads per run; 0 = cores / runners for 2D, all cores for 3D),
-    `MEDHUB_ONNX_CACHE`, `MEDHUB_DICOMWEB_URL` (comma-separated DICOMweb roots a `dicomweb` field may read
-    from, tried in order; results are stored to the first) and `MEDHUB_DICOMWEB_TOKEN` (bearer token for them)."""
+    `MEDHUB_INT8` (1 = int8 graphs, calibrated and gated at export), `MEDHUB_WORKERS` (service worker processes,
+    sharing the cores and the ONNX cache; 0 = one per 8 cores, at least 1), `MEDHUB_ONNX_CACHE`,
+    `MEDHUB_DICOMWEB_URL` (comma-separated DICOMweb roots a `dicomweb` field may read from, tried in order; results
+    are stored to the first) and `MEDHUB_DICOMWEB_TOKEN` (bearer token for them)."""
 
     models: tuple[str, ...] = ()
     max_body_bytes: int = 64 * MIB
@@ -39,6 +43,8 @@ class ServeSettings:
     token: str | None = None
     device: str = "auto"
     fp16: bool = False
+    int8: bool = False
+    workers: int = 0
     threads: int = 0
     runners: int = 0
     max_batch: int = 0
@@ -60,6 +66,8 @@ class ServeSettings:
             token=os.environ.get("MEDHUB_API_TOKEN") or None,
             device=os.environ.get("MEDHUB_DEVICE", "auto"),
             fp16=_int("MEDHUB_FP16", 0) == 1,
+            int8=_int("MEDHUB_INT8", 0) == 1,
+            workers=_int("MEDHUB_WORKERS", 0),
             threads=_int("MEDHUB_THREADS", 0),
             runners=_int("MEDHUB_RUNNERS", 0),
             max_batch=_int("MEDHUB_MAX_BATCH", 0),
@@ -67,6 +75,10 @@ class ServeSettings:
             dicomweb_urls=tuple(url.strip() for url in os.environ.get("MEDHUB_DICOMWEB_URL", "").split(",") if url.strip()),
             dicomweb_token=os.environ.get("MEDHUB_DICOMWEB_TOKEN") or None,
         )
+
+    def worker_count(self) -> int:
+        """`workers`, or by default one worker process per 8 cores (a 2-core machine: 1; see bench_serving)."""
+        return self.workers or max(1, default_threads() // 8)
 
     def read_limits(self) -> ReadLimits:
         return ReadLimits(max_bytes=self.max_body_bytes, max_pixels=self.max_pixels, max_voxels=self.max_voxels)

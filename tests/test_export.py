@@ -42,6 +42,14 @@ def test_init_writes_every_repo_file(tiny_repo):
     assert processor["modality"] == "xray" and processor["size"] == [64, 64]
 
 
+def test_repo_files_are_readable_by_everyone(tiny_repo, hf_cache, cli):
+    """Repos are shared: 0644 for every file, weights and golden included (safetensors writes 0600)."""
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tiny_repo.iterdir()} == {n: "0o644" for n in REPO_FILES}
+    assert cli("publish", str(tiny_repo), "--repo-id", "org/muscle-tiny", "--cache").code == 0
+    blobs = [p for p in hf_cache.rglob("blobs/*") if p.is_file()]
+    assert len(blobs) == len(REPO_FILES) and all(p.stat().st_mode & 0o777 == 0o644 for p in blobs)
+
+
 def test_card_parses_with_model_card_and_has_the_contract(tiny_repo):
     card = ModelCard.load(tiny_repo / "README.md")
     assert card.data.license == "apache-2.0"

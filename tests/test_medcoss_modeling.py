@@ -82,7 +82,7 @@ def test_layer_equals_multihead_attention_with_upstream_order(mode):
         bias = text_attention_bias(attention_mask, 4, mode, -10000.0)
         reference_mask = upstream_text_mask(attention_mask, 4, batch_major=mode == "corrected")
     with torch.no_grad():
-        ours = layer(hidden, bias)
+        ours = layer(hidden, bias)[0]
         expected = upstream_layer_output(layer, hidden, reference_mask, 4)
     assert (ours - expected).abs().max() <= 1e-5
     assert (ours - hidden).abs().max() > 0.1  # layer scale of 0.3-ish: the block really changes the tokens

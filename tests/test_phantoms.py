@@ -76,3 +76,19 @@ def test_pathology_glands_match_their_mask(phantoms):
         assert bool(mask.any()) == bool(row.labels["glands"])
         stroma = image.array[mask == 0].mean(axis=0)
         assert stroma[0] > stroma[1]  # eosin pink: red above green
+
+
+def test_phantoms_command_writes_the_kinds_and_count_asked(tmp_path, cli):
+    result = cli("phantoms", "--out", str(tmp_path / "d"), "--kinds", "xray,pathology", "--count", "3", "--no-progress")
+    assert result.code == 0, result.err
+    rows = load_manifest(tmp_path / "d" / "manifest.jsonl")
+    assert [r.modality for r in rows] == ["xray"] * 3 + ["pathology"] * 3
+    assert [r.split for r in rows if r.modality == "xray"] == ["train", "val", "test"]
+    assert read_image(tmp_path / "d" / rows[0].path).spatial_dims == 2
+    assert str(tmp_path / "d" / "manifest.jsonl") in result.out
+
+
+def test_phantoms_command_names_unknown_kinds_in_one_line(tmp_path, cli):
+    result = cli("phantoms", "--out", str(tmp_path / "d"), "--kinds", "xray,ultrasound")
+    assert result.code == 1 and "ultrasound" not in result.out
+    assert "--kinds 'xray,ultrasound'" in result.err and len(result.err.strip().splitlines()) == 1

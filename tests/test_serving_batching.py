@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_a_lone_item_goes_to_solo_and_concurrent_items_do_not():
         calls.append(("solo", len(batch)))
         return [batch + 1]
 
-    batcher = MicroBatcher(run, max_batch_size=1, max_latency_ms=1, workers=2, solo=solo)
+    batcher = MicroBatcher(run, max_batch_size=1, max_latency_ms=1, workers=2, solo=solo, quiet_ms=300)
     np.testing.assert_array_equal(batcher.submit(np.zeros(2))[0], [1, 1])
     assert calls == [("solo", 1)]
     calls.clear()
@@ -92,3 +93,8 @@ def test_a_lone_item_goes_to_solo_and_concurrent_items_do_not():
         release.set()
         np.testing.assert_array_equal(busy.result(timeout=5)[0], [1, 1])
     assert calls == [("run", 1), ("run", 1)]
+    calls.clear()
+    batcher.submit(np.full(2, 5.0))  # alone, but right after an overlap: a loaded service keeps its narrow runs
+    time.sleep(0.4)
+    batcher.submit(np.full(2, 5.0))  # alone after the quiet period: the whole machine again
+    assert calls == [("run", 1), ("solo", 1)]

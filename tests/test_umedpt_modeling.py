@@ -50,7 +50,7 @@ def test_stage_maps_reproduce_torchvision_swin_v2_features():
         expected = reference.features(pixel_values).permute(0, 3, 1, 2)
         latent, pooled = model.squeezer(expected)
     torch.testing.assert_close(outputs.hidden_states[-1], expected, rtol=0, atol=0)
-    assert [tuple(m.shape[1:]) for m in outputs.hidden_states] == [(24, 16, 16), (48, 8, 8), (96, 4, 4), (192, 2, 2)]
+    assert [tuple(m.shape[1:]) for m in outputs.hidden_states] == [(24, 16, 16), (24, 16, 16), (48, 8, 8), (96, 4, 4), (192, 2, 2)]
     torch.testing.assert_close(outputs.pooler_output, pooled)
     torch.testing.assert_close(outputs.last_hidden_state, latent)
 

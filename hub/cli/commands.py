@@ -1,4 +1,4 @@
-"""The hub's own subcommands: models, init, export, publish, verify, convert."""
+"""The hub's own subcommands: models, init, export, publish, verify, convert, phantoms."""
 
 import argparse
 import json
@@ -8,12 +8,15 @@ import torch
 
 from ..catalogue import VARIANTS, get_variant
 from ..convert import CONVERTERS
-from ..errors import RepoError
+from ..data import generate
+from ..errors import InputError, RepoError
 from ..export import Provenance, export_repo, install_in_cache, resolve_repo, validate_repo_id, verify_repo
 from ..export.publish import upload_plan, upload_to_hub
 from ..export.resolve import read_config
 from ..models import get_family
 from ..processing.processor import MedicalImageProcessor
+
+PHANTOM_KINDS = ("xray", "ct", "mri", "pathology")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,6 +58,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("repo", help="repo folder or ORG/NAME")
     verify.add_argument("--revision")
     verify.set_defaults(handler=cmd_verify)
+
+    phantoms = subparsers.add_parser("phantoms", help="write a synthetic sample dataset and its manifest.jsonl")
+    phantoms.add_argument("--out", type=Path, required=True)
+    phantoms.add_argument("--kinds", default=",".join(PHANTOM_KINDS), help=f"comma-separated subset of {','.join(PHANTOM_KINDS)}")
+    phantoms.add_argument("--count", type=int, help="phantoms per kind (default: 8 X-rays, 2 CT, 2 MRI, 4 pathology)")
+    phantoms.add_argument("--seed", type=int, default=0)
+    phantoms.add_argument("--no-progress", action="store_true")
+    phantoms.set_defaults(handler=cmd_phantoms)
 
     convert = subparsers.add_parser("convert", help="convert an upstream checkpoint into a repo")
     sources = convert.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -152,6 +163,20 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     report = verify_repo(args.repo, args.revision)
     print(f"ok: {report.files_checked} files match checksums.sha256; golden output within {report.golden_max_abs_diff:.2g} ({report.repo_dir})")
+    return 0
+
+
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
+    unknown = sorted(set(kinds) - set(PHANTOM_KINDS))
+    if unknown or not kinds:
+        raise InputError(f"--kinds {args.kinds!r} names no known phantom kind; expected a comma-separated subset of {','.join(PHANTOM_KINDS)}")
+    if args.count is not None and args.count < 1:
+        raise InputError(f"--count must be a positive number of phantoms per kind, got {args.count}")
+    counts = {f"n_{kind}": (args.count if args.count is not None else None) if kind in kinds else 0 for kind in PHANTOM_KINDS}
+    manifest = generate(args.out, seed=args.seed, progress=not args.no_progress,
+                        **{name: n for name, n in counts.items() if n is not None})
+    print(f"wrote {', '.join(kinds)} phantoms and {manifest}")
     return 0
 
 

@@ -93,7 +93,15 @@ def export_repo(
     card = render_card(family, facts, encoder.config, processor.to_dict(), encoder.num_parameters())
     (out_dir / "README.md").write_text(card)
     write_checksums(out_dir)
+    _make_readable(out_dir)
     return out_dir
+
+
+def _make_readable(out_dir: Path) -> None:
+    """Repos are shared: every file 0644 (safetensors writes its files 0600)."""
+    for path in out_dir.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
 
 
 def weights_metadata(weights_path: Path) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Turning what a user typed (a folder or `org/name`) into a local repo folder."""
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -43,3 +44,10 @@ def read_config(repo_dir: Path) -> dict:
         return json.loads((repo_dir / "config.json").read_text())
     except json.JSONDecodeError as error:
         raise RepoError(f"config.json in {repo_dir} is not valid JSON ({error.msg} at line {error.lineno})") from None
+
+
+def repo_revision(repo_dir: Path) -> str:
+    """The cache commit sha for a snapshot; else a digest of the repo's checksum list (same content, same id)."""
+    if repo_dir.parent.name == "snapshots" and len(repo_dir.name) == 40:
+        return repo_dir.name
+    return hashlib.sha256((repo_dir / "checksums.sha256").read_bytes()).hexdigest()[:40]

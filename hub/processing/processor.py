@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from hub.errors import InputError
@@ -304,4 +306,32 @@ class MedicalImageProcessor(BaseImageProcessor):
 
     def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, **kwargs)
+
+    def post_process_semantic_segmentation(self, outputs: Any, target_sizes: Sequence[Any] | None = None
+                                           ) -> list[torch.Tensor]:
+        """Label maps from a segmentation head's ``logits`` (B, K, *spatial), as transformers' processors give.
+
+        Each ``target_sizes`` entry is a :class:`SpatialRecord` (from ``return_geometry=True``: the map comes back
+        on the input's grid through :meth:`restore`), a spatial size (logits resized to it), or ``None``.
+        """
+        logits = (outputs["logits"] if isinstance(outputs, dict) else outputs.logits).detach().float().cpu()
+        if target_sizes is not None and len(target_sizes) != len(logits):
+            raise ValueError(f"target_sizes holds {len(target_sizes)} entries for a batch of {len(logits)}")
+        maps = []
+        for i, item in enumerate(logits):
+            target = None if target_sizes is None else target_sizes[i]
+            if isinstance(target, SpatialRecord):
+                item = torch.from_numpy(self.restore(_resized(item, target.output_shape).numpy(), target))
+            elif target is not None:
+                item = _resized(item, tuple(int(n) for n in target))
+            maps.append(item.argmax(0))
+        return maps
+
+
+def _resized(logits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(K, *spatial) logits resized (bi/trilinearly) to ``shape``."""
+    if tuple(logits.shape[1:]) == tuple(shape):
+        return logits
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return F.interpolate(logits[None], size=shape, mode=mode, align_corners=False)[0]
 

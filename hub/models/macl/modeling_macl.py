@@ -184,14 +184,14 @@ class MaclForSemanticSegmentation(MaclPreTrainedModel):
         **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
         """`labels`: (batch, *spatial) class indices; the loss is pixel-wise cross-entropy (BCE for one label)."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
         maps = self.macl.stage_maps(pixel_values)
         logits = self.head(self.decoder(maps)[-1])
         loss = None if labels is None else segmentation_loss(self.config, logits, labels)
-        hidden_states = tuple(maps) if output_hidden_states else None
-        if not return_dict:
-            return tuple(value for value in (loss, logits, hidden_states) if value is not None)
-        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        output = SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=tuple(maps) if output_hidden_states else None)
+        return output if return_dict else output.to_tuple()
 
 
 def segmentation_loss(config: MaclConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -214,6 +214,7 @@ class MaclPreTrainingOutput(ModelOutput):
     auxiliary_dense / dominant_dense: the pixel projector's output and the dominant branch's second decoder
         stage (no projector, as upstream), both (batch, 4F, *spatial / 16).
     auxiliary_global / dominant_global: the two global projections, (batch, projection_dim).
+    hidden_states: the encoder's skip maps and bottleneck of `pixel_values` (the auxiliary view), when asked for.
     """
 
     loss: torch.Tensor | None = None
@@ -226,6 +227,7 @@ class MaclPreTrainingOutput(ModelOutput):
     dominant_dense: torch.Tensor | None = None
     auxiliary_global: torch.Tensor | None = None
     dominant_global: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class MaclForPreTraining(MaclPreTrainedModel):
@@ -266,12 +268,15 @@ class MaclForPreTraining(MaclPreTrainedModel):
         spatial_pixel_values: torch.Tensor,
         dominant_spatial_pixel_values: torch.Tensor,
         slice_positions: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MaclPreTrainingOutput | tuple:
         """Views I1, I2 (photometric pair) and V1, V2 (spatially transformed pair) of the same slices, all at full
         resolution; `slice_positions` (batch,) in (0, 1] make positives and turn on the loss."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
         multiple = round(self.config.input_multiple / self.config.dominant_scale)
         views = {
             "pixel_values": pixel_values, "dominant_pixel_values": dominant_pixel_values,
@@ -282,7 +287,8 @@ class MaclForPreTraining(MaclPreTrainedModel):
             if values.shape != pixel_values.shape:
                 raise ValueError(f"{name} has shape {tuple(values.shape)}, expected pixel_values' {tuple(pixel_values.shape)}")
         encoder = self.macl.encoder
-        auxiliary_bottleneck = encoder(pixel_values)[-1]
+        auxiliary_maps = encoder(pixel_values)
+        auxiliary_bottleneck = auxiliary_maps[-1]
         auxiliary_dense = self.target_pixel_projector(auxiliary_bottleneck)
         auxiliary_global = self.target_instance_projector(encoder(spatial_pixel_values)[-1])
         dominant_maps = encoder(self._down(dominant_pixel_values))
@@ -292,6 +298,7 @@ class MaclForPreTraining(MaclPreTrainedModel):
             auxiliary_bottleneck=auxiliary_bottleneck, dominant_bottleneck=dominant_maps[-1],
             auxiliary_dense=auxiliary_dense, dominant_dense=dominant_dense,
             auxiliary_global=auxiliary_global, dominant_global=dominant_global,
+            hidden_states=tuple(auxiliary_maps) if output_hidden_states else None,
         )
         if slice_positions is not None:
             self._add_losses(output, slice_positions)

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import (
     ImageClassifierOutput,
     SemanticSegmenterOutput,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -65,6 +66,16 @@ class MedCossAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.out_proj(fused_self_attention(hidden_states, self.qkv, self.num_heads, attention_bias))
 
+    def probabilities(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The softmax that `forward` applies, (batch, heads, queries, keys)."""
+        batch, length, width = hidden_states.shape
+        head_dim = width // self.num_heads
+        query, key, _ = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        scores = query @ key.transpose(-2, -1) / math.sqrt(head_dim)
+        if attention_bias is not None:
+            scores = scores + attention_bias.to(scores.dtype)
+        return scores.softmax(dim=-1)
+
 
 class MedCossMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
@@ -76,8 +87,9 @@ class MedCossMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(hidden_states)))
 
 
-class MedCossLayer(nn.Module):
-    """Pre-norm block with layer scale and drop path, as Uni-Perceiver's fused encoder layer."""
+class MedCossLayer(GradientCheckpointingLayer):
+    """Pre-norm block with layer scale and drop path, as Uni-Perceiver's fused encoder layer; returns its output
+    and, when asked, its attention probabilities."""
 
     def __init__(self, config: MedCossConfig):
         super().__init__()
@@ -89,11 +101,16 @@ class MedCossLayer(nn.Module):
         self.layer_scale1 = nn.Parameter(torch.empty(config.hidden_size))
         self.layer_scale2 = nn.Parameter(torch.empty(config.hidden_size))
 
-    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
-        attended = self.attention(self.layer_norm1(hidden_states), attention_bias)
+    def forward(
+        self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        normed = self.layer_norm1(hidden_states)
+        probabilities = self.attention.probabilities(normed, attention_bias) if output_attentions else None
+        attended = self.attention(normed, attention_bias)
         hidden_states = hidden_states + drop_path(self.layer_scale1 * attended, self.drop_path_rate, self.training)
         transformed = self.mlp(self.layer_norm2(hidden_states))
-        return hidden_states + drop_path(self.layer_scale2 * transformed, self.drop_path_rate, self.training)
+        hidden_states = hidden_states + drop_path(self.layer_scale2 * transformed, self.drop_path_rate, self.training)
+        return (hidden_states, probabilities) if output_attentions else (hidden_states,)
 
 
 class MedCossEncoder(nn.Module):
@@ -101,11 +118,20 @@ class MedCossEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(MedCossLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The input followed by the output of every layer (no final norm)."""
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_bias: torch.Tensor | None = None,
+        attentions: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """The input followed by the output of every layer (no final norm); when `attentions` is a list, each
+        layer's attention probabilities are appended to it."""
         states = [hidden_states]
         for layer in self.layers:
-            states.append(layer(states[-1], attention_bias))
+            output, *probabilities = layer(states[-1], attention_bias, output_attentions=attentions is not None)
+            states.append(output)
+            if attentions is not None:
+                attentions.extend(probabilities)
         return states
 
 
@@ -222,6 +248,7 @@ class MedCossPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "video", "text")
     _no_split_modules = ["MedCossLayer", "MedCossDecoderLayer"]
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -282,6 +309,10 @@ class MedCossModel(MedCossPreTrainedModel):
         self.encoder = MedCossEncoder(config)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The 2D patch embedding (the path `pixel_values` of 4 dims take)."""
+        return self.image_embeddings.patch_embeddings_2d
+
     def prepend_cls(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
@@ -301,33 +332,39 @@ class MedCossModel(MedCossPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         add_cls_token: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MedCossModelOutput | tuple:
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        attentions = [] if output_attentions else None
         if (pixel_values is None) == (input_ids is None):
             raise ValueError("MedCossModel takes exactly one of pixel_values (2D/3D images) or input_ids (text)")
         if input_ids is not None:
             path = "text"
-            states = self.encoder(self.text_embeddings(input_ids, token_type_ids), self.text_bias(attention_mask, input_ids))
+            states = self.encoder(
+                self.text_embeddings(input_ids, token_type_ids), self.text_bias(attention_mask, input_ids), attentions
+            )
             pooled = states[-1].mean(dim=1)
         else:
             path = f"{pixel_values.ndim - 2}d"
             tokens = self.image_embeddings(pixel_values)
             with_cls = self.config.add_cls_token if add_cls_token is None else add_cls_token
-            states = self.encoder(self.prepend_cls(tokens) if with_cls else tokens)
+            states = self.encoder(self.prepend_cls(tokens) if with_cls else tokens, attentions=attentions)
             last = states[-1]
             if self.config.image_pooling == "cls" and with_cls:
                 pooled = last[:, 0]
             else:
                 pooled = (last[:, 1:] if with_cls else last).mean(dim=1)
-        hidden_states = tuple(states) if output_hidden_states else None
-        if not return_dict:
-            return tuple(value for value in (states[-1], pooled, hidden_states) if value is not None)
-        return MedCossModelOutput(last_hidden_state=states[-1], pooler_output=pooled, hidden_states=hidden_states, path=path)
+        output = MedCossModelOutput(
+            last_hidden_state=states[-1], pooler_output=pooled, hidden_states=tuple(states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None, path=path,
+        )
+        # The tuple form leaves out `path`, which is not a tensor.
+        return output if return_dict else output.to_tuple()[:-1]
 
 
 class MedCossDecoderLayer(nn.Module):
@@ -384,6 +421,7 @@ class MedCossPreTrainingOutput(ModelOutput):
     noise: (batch, patches), the uniform noise whose argsort chose the kept patches (images only).
     ids_restore: (batch, patches), the permutation that undoes the shuffle (images only).
     hidden_states: encoder hidden states when asked for.
+    attentions: encoder attention probabilities per layer when asked for.
     """
 
     loss: torch.Tensor | None = None
@@ -393,6 +431,7 @@ class MedCossPreTrainingOutput(ModelOutput):
     noise: torch.Tensor | None = None
     ids_restore: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -470,32 +509,39 @@ class MedCossForPreTraining(MedCossPreTrainedModel):
         noise: torch.Tensor | None = None,
         mask_ratio: float | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MedCossPreTrainingOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        return_dict = return_dict if return_dict is not None else config.return_dict
         if (pixel_values is None) == (input_ids is None):
             raise ValueError("MedCossForPreTraining takes exactly one of pixel_values (MAE) or input_ids (MLM)")
+        attentions = [] if output_attentions else None
         if input_ids is not None:
-            output = self._mlm(input_ids, attention_mask, token_type_ids, labels, output_hidden_states)
+            output = self._mlm(input_ids, attention_mask, token_type_ids, labels, attentions)
         else:
-            ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-            output = self._mae(pixel_values, ratio, noise, output_hidden_states)
+            ratio = config.mask_ratio if mask_ratio is None else mask_ratio
+            output = self._mae(pixel_values, ratio, noise, attentions)
+        if not output_hidden_states:
+            output.hidden_states = None
+        output.attentions = tuple(attentions) if output_attentions else None
         return output if return_dict else output.to_tuple()
 
-    def _mlm(self, input_ids, attention_mask, token_type_ids, labels, output_hidden_states) -> MedCossPreTrainingOutput:
+    def _mlm(self, input_ids, attention_mask, token_type_ids, labels, attentions) -> MedCossPreTrainingOutput:
         encoder = self.medcoss
         states = encoder.encoder(
-            encoder.text_embeddings(input_ids, token_type_ids), encoder.text_bias(attention_mask, input_ids)
+            encoder.text_embeddings(input_ids, token_type_ids), encoder.text_bias(attention_mask, input_ids), attentions
         )
         logits = self.mlm_head(states[-1] + self.mlm_position_embeddings.weight[0])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        hidden = tuple(states) if output_hidden_states else None
-        return MedCossPreTrainingOutput(loss=loss, logits=logits, last_hidden_state=states[-1], hidden_states=hidden)
+        return MedCossPreTrainingOutput(loss=loss, logits=logits, last_hidden_state=states[-1], hidden_states=tuple(states))
 
-    def _mae(self, pixel_values, mask_ratio, noise, output_hidden_states) -> MedCossPreTrainingOutput:
+    def _mae(self, pixel_values, mask_ratio, noise, attentions) -> MedCossPreTrainingOutput:
         encoder = self.medcoss
         tokens = encoder.image_embeddings(pixel_values)
         three_d = pixel_values.ndim == 5
@@ -508,7 +554,7 @@ class MedCossForPreTraining(MedCossPreTrainedModel):
         if noise is None:
             noise = torch.rand(tokens.shape[:2], device=tokens.device)
         kept, mask, ids_restore = random_masking(tokens, mask_ratio, noise)
-        states = encoder.encoder(encoder.prepend_cls(kept))
+        states = encoder.encoder(encoder.prepend_cls(kept), attentions=attentions)
         latent = states[-1]
         decoded = self.decoder_embed(latent)
         batch, length = mask.shape
@@ -523,10 +569,9 @@ class MedCossForPreTraining(MedCossPreTrainedModel):
         prediction = (self.decoder_pred_3d if three_d else self.decoder_pred_2d)(decoded)[:, 1:]
         target = patchify(pixel_values, self.config.patch_size)
         loss = masked_patch_loss(prediction, target, mask, self.config.norm_pix_loss)
-        hidden = tuple(states) if output_hidden_states else None
         return MedCossPreTrainingOutput(
             loss=loss, logits=prediction, last_hidden_state=latent, mask=mask, noise=noise, ids_restore=ids_restore,
-            hidden_states=hidden,
+            hidden_states=tuple(states),
         )
 
 
@@ -567,20 +612,22 @@ class MedCossForImageClassification(MedCossPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.medcoss(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
         )
         pooled = outputs.pooler_output if self.fc_norm is None else self.fc_norm(outputs.pooler_output)
         logits = self.classifier(pooled)
         loss = None if labels is None else classification_loss(self.config, logits, labels)
-        if not return_dict:
-            return tuple(value for value in (loss, logits, outputs.hidden_states) if value is not None)
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
 
 
 def classification_loss(config: MedCossConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -708,14 +755,20 @@ class MedCossForSemanticSegmentation(MedCossPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
         dims = self.config.segmentation_spatial_dims
         if pixel_values.ndim != dims + 2:
             raise ValueError(f"this segmentation model is {dims}D; pixel_values must have {dims + 2} dims, got shape {tuple(pixel_values.shape)}")
-        outputs = self.medcoss(pixel_values=pixel_values, add_cls_token=False, output_hidden_states=True, return_dict=True)
+        outputs = self.medcoss(
+            pixel_values=pixel_values, add_cls_token=False, output_hidden_states=True, output_attentions=output_attentions,
+            return_dict=True,
+        )
         grid = [side // self.config.patch_size for side in pixel_values.shape[2:]]
         maps = [
             outputs.hidden_states[index].transpose(1, 2).reshape(pixel_values.shape[0], -1, *grid)
@@ -723,10 +776,11 @@ class MedCossForSemanticSegmentation(MedCossPreTrainedModel):
         ]
         logits = self.decode_head(pixel_values, maps)
         loss = None if labels is None else dice_bce_loss(logits, labels)
-        hidden_states = outputs.hidden_states if output_hidden_states else None
-        if not return_dict:
-            return tuple(value for value in (loss, logits, hidden_states) if value is not None)
-        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        output = SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
 
 
 def dice_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

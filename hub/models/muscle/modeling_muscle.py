@@ -32,13 +32,14 @@ from transformers.modeling_outputs import (
     ImageClassifierOutput,
     SemanticSegmenterOutput,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_muscle import MuscleConfig
 
 
-class MuscleBasicBlock(nn.Module):
+class MuscleBasicBlock(GradientCheckpointingLayer):
     """Two 3x3 convolutions with an identity (or 1x1 projected) shortcut: ResNet-18/34."""
 
     expansion = 1
@@ -59,7 +60,7 @@ class MuscleBasicBlock(nn.Module):
         return self.relu(hidden_states + shortcut)
 
 
-class MuscleBottleneck(nn.Module):
+class MuscleBottleneck(GradientCheckpointingLayer):
     """1x1 reduce, 3x3 (stride here, as torchvision's v1.5), 1x1 expand by 4: ResNet-50 and deeper."""
 
     expansion = 4
@@ -106,6 +107,7 @@ class MusclePreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["MuscleBasicBlock", "MuscleBottleneck"]
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -267,12 +269,15 @@ class MuscleObjectDetectionOutput(ModelOutput):
     """
     loss: sum of the RPN and box-head losses (training mode with labels).
     loss_dict: the four Faster R-CNN losses by name.
-    detections: per image, `boxes` (N, 4) xyxy in input pixels, `scores` (N,), `labels` (N,) in `id2label` ids.
+    detections: eval mode only, a list with one dict per image (images keep their own sizes, so the counts differ):
+        `boxes` (N, 4) xyxy in input pixels, `scores` (N,), `labels` (N,) in `id2label` ids.
+    hidden_states: the encoder's stem and stage maps of the resized batch, when asked for.
     """
 
     loss: torch.Tensor | None = None
     loss_dict: dict[str, torch.Tensor] | None = None
     detections: list[dict[str, torch.Tensor]] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class MuscleForObjectDetection(MusclePreTrainedModel):
@@ -280,7 +285,8 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
 
     `labels` follow transformers' detection convention: one dict per image with `class_labels` (N,) in
     `0..num_labels-1` and `boxes` (N, 4) as absolute xyxy pixels. Losses need `model.train()`; in eval mode the
-    model returns detections.
+    model returns detections, a list of per-image dicts (not a tensor); `return_dict=False` gives the output's
+    tuple, `(loss, loss_dict)` in training and `(detections,)` in eval, then `hidden_states` when asked for.
     """
 
     def __init__(self, config: MuscleConfig):
@@ -306,10 +312,13 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: list[dict[str, torch.Tensor]] | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MuscleObjectDetectionOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
         if labels is not None and not self.training:
             raise ValueError("MuscleForObjectDetection computes losses in training mode only; call model.train() first")
         if labels is None and self.training:
@@ -320,8 +329,8 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         ]
         original_sizes = [tuple(image.shape[-2:]) for image in pixel_values]
         images, targets = self.transform(list(pixel_values), targets)
-        stage_maps = self.muscle.stage_maps(images.tensors)[1:]
-        features = self.fpn(OrderedDict((str(index), fmap) for index, fmap in enumerate(stage_maps)))
+        maps = self.muscle.stage_maps(images.tensors)
+        features = self.fpn(OrderedDict((str(index), fmap) for index, fmap in enumerate(maps[1:])))
         proposals, proposal_losses = self.rpn(images, features, targets)
         detections, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
         loss_dict, loss = None, None
@@ -333,9 +342,10 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
             detections = self.transform.postprocess(detections, images.image_sizes, original_sizes)
             for detection in detections:
                 detection["labels"] = detection["labels"] - 1
-        if not return_dict:
-            return (loss, loss_dict) if self.training else (detections,)
-        return MuscleObjectDetectionOutput(loss=loss, loss_dict=loss_dict, detections=detections)
+        output = MuscleObjectDetectionOutput(
+            loss=loss, loss_dict=loss_dict, detections=detections, hidden_states=tuple(maps) if output_hidden_states else None
+        )
+        return output if return_dict else output.to_tuple()
 
 
 class MuscleBackbone(BackboneMixin, MuscleModel):

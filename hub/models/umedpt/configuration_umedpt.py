@@ -51,6 +51,7 @@ class UmedptConfig(BackboneConfigMixin, PreTrainedConfig):
     """
 
     model_type = "umedpt"
+    attribute_map = {"num_attention_heads": "num_heads"}
     poolings: ClassVar[tuple[str, ...]] = ("mean",)
 
     num_channels: int = 3
@@ -88,7 +89,7 @@ class UmedptConfig(BackboneConfigMixin, PreTrainedConfig):
         self.depths = list(self.depths)
         self.num_heads = list(self.num_heads)
         self.decoder_channels = list(self.decoder_channels)
-        self.stage_names = [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         self.set_output_features_output_indices(
             out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
         )

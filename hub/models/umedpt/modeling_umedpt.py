@@ -27,6 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Permute
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BackboneOutput,
     BaseModelOutputWithPooling,
@@ -37,6 +38,58 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_umedpt import UmedptConfig
+
+
+class UmedptWindowAttention(ShiftedWindowAttentionV2):
+    """torchvision's Swin V2 window attention, with the relative-position table cast to the weights' dtype (it is a
+    float32 buffer, so a bfloat16 model would otherwise fail) and, on request, its attention probabilities."""
+
+    def get_relative_position_bias(self) -> torch.Tensor:
+        table = self.relative_coords_table.to(self.cpb_mlp[0].weight.dtype)
+        bias = self.cpb_mlp(table).view(-1, self.num_heads)[self.relative_position_index]
+        area = self.window_size[0] * self.window_size[1]
+        return 16 * torch.sigmoid(bias.view(area, area, -1).permute(2, 0, 1).contiguous().unsqueeze(0))
+
+    def attention_probabilities(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The softmax of the shifted-window attention that `forward` applies, (batch * windows, heads, window
+        area, window area); windows in raster order of the (shifted, padded) grid."""
+        window = self.window_size
+        batch, height, width, channels = hidden_states.shape
+        padded = F.pad(hidden_states, (0, 0, 0, (-width) % window[1], 0, (-height) % window[0]))
+        _, pad_h, pad_w, _ = padded.shape
+        shift = [0 if window[0] >= pad_h else self.shift_size[0], 0 if window[1] >= pad_w else self.shift_size[1]]
+        if sum(shift):
+            padded = torch.roll(padded, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        rows, cols = pad_h // window[0], pad_w // window[1]
+        tokens = padded.view(batch, rows, window[0], cols, window[1], channels).permute(0, 1, 3, 2, 4, 5)
+        tokens = tokens.reshape(batch * rows * cols, window[0] * window[1], channels)
+        qkv_bias = self.qkv.bias.clone()
+        qkv_bias[channels : 2 * channels] = 0
+        qkv = F.linear(tokens, self.qkv.weight, qkv_bias).view(tokens.shape[0], tokens.shape[1], 3, self.num_heads, -1)
+        query, key = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+        scores = F.normalize(query, dim=-1) @ F.normalize(key, dim=-1).transpose(-2, -1)
+        scores = scores * torch.clamp(self.logit_scale, max=math.log(100.0)).exp() + self.get_relative_position_bias()
+        if sum(shift):
+            regions = hidden_states.new_zeros((pad_h, pad_w))
+            count = 0
+            for h in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
+                for w in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
+                    regions[h[0] : h[1], w[0] : w[1]] = count
+                    count += 1
+            regions = regions.view(rows, window[0], cols, window[1]).permute(0, 2, 1, 3).reshape(rows * cols, -1)
+            mask = (regions[:, None, :] != regions[:, :, None]).to(scores.dtype) * -100.0
+            scores = (scores.view(batch, rows * cols, self.num_heads, *scores.shape[2:]) + mask[None, :, None])
+            scores = scores.view(-1, self.num_heads, *scores.shape[3:])
+        return scores.softmax(dim=-1)
+
+
+class UmedptSwinBlock(GradientCheckpointingLayer, SwinTransformerBlockV2):
+    """torchvision's Swin V2 block (same parameter names), checkpointable, optionally returning its attention."""
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, ...]:
+        probabilities = self.attn.attention_probabilities(hidden_states) if output_attentions else None
+        hidden_states = SwinTransformerBlockV2.forward(self, hidden_states)
+        return (hidden_states, probabilities) if output_attentions else (hidden_states,)
 
 
 def _swin_features(config: UmedptConfig) -> nn.Sequential:
@@ -55,12 +108,12 @@ def _swin_features(config: UmedptConfig) -> nn.Sequential:
         blocks = []
         for position in range(depth):
             blocks.append(
-                SwinTransformerBlockV2(
+                UmedptSwinBlock(
                     width, heads, window_size=window,
                     shift_size=[0 if position % 2 == 0 else w // 2 for w in window],
                     mlp_ratio=config.mlp_ratio, dropout=config.dropout, attention_dropout=config.attention_dropout,
                     stochastic_depth_prob=config.stochastic_depth_prob * block_id / max(total - 1, 1),
-                    norm_layer=norm_layer,
+                    norm_layer=norm_layer, attn_layer=UmedptWindowAttention,
                 )
             )
             block_id += 1
@@ -92,13 +145,25 @@ class UmedptSqueezer(nn.Module):
         return self._squeeze(last_map), self._squeeze(last_map.mean(dim=(2, 3), keepdim=True)).flatten(1)
 
 
+def _relative_position_tables(window_size: list[int]) -> nn.Module:
+    """torchvision's Swin V2 relative-position buffers for `window_size`, built on the CPU (a model initialised on
+    the meta device gets them from here)."""
+    holder = nn.Module()
+    holder.window_size = window_size
+    with torch.device("cpu"):
+        ShiftedWindowAttentionV2.define_relative_position_bias_table(holder)
+        ShiftedWindowAttentionV2.define_relative_position_index(holder)
+    return holder
+
+
 class UmedptPreTrainedModel(PreTrainedModel):
     config: UmedptConfig
     config_class = UmedptConfig
     base_model_prefix = "umedpt"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    _no_split_modules = ["SwinTransformerBlockV2", "PatchMergingV2"]
+    _no_split_modules = ["UmedptSwinBlock", "PatchMergingV2"]
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -116,6 +181,9 @@ class UmedptPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, ShiftedWindowAttentionV2):
             init.constant_(module.logit_scale, math.log(10))
+            fresh = _relative_position_tables(module.window_size)
+            init.copy_(module.relative_coords_table, fresh.relative_coords_table)
+            init.copy_(module.relative_position_index, fresh.relative_position_index)
         elif isinstance(module, UmedptFCOSHead):
             init.ones_(module.scales)
             init.normal_(module.cls_logits.weight, std=0.01)
@@ -132,8 +200,14 @@ class UmedptModel(UmedptPreTrainedModel):
         self.squeezer = UmedptSqueezer(config)
         self.post_init()
 
-    def stage_maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """The four Swin stage outputs as (batch, C, H/s, W/s) maps, s = 4, 8, 16, 32, without the final norm."""
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding (conv, permute, LayerNorm)."""
+        return self.features[0]
+
+    def stage_maps(self, pixel_values: torch.Tensor, attentions: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The stem (patch embedding) and the four Swin stage outputs as (batch, C, H/s, W/s) maps, s = 4, 4, 8,
+        16, 32, in `config.stage_names` order, without the final norm. When `attentions` is a list, every block's
+        attention probabilities are appended to it."""
         config = self.config
         if pixel_values.ndim != 4 or pixel_values.shape[1] != config.num_channels:
             raise ValueError(
@@ -144,30 +218,39 @@ class UmedptModel(UmedptPreTrainedModel):
                 f"pixel_values height and width must be multiples of {config.input_multiple} (Swin patch and window "
                 f"grid), got {tuple(pixel_values.shape[2:])}"
             )
-        hidden_states, maps = self.features[0](pixel_values), []
+        hidden_states = self.features[0](pixel_values)
+        maps = [hidden_states.permute(0, 3, 1, 2)]
         for index, layer in enumerate(self.features[1:], start=1):
-            hidden_states = layer(hidden_states)
-            if index % 2 == 1:
-                maps.append(hidden_states.permute(0, 3, 1, 2))
+            if index % 2 == 0:
+                hidden_states = layer(hidden_states)
+                continue
+            for block in layer:
+                hidden_states, *probabilities = block(hidden_states, output_attentions=attentions is not None)
+                if attentions is not None:
+                    attentions.extend(probabilities)
+            maps.append(hidden_states.permute(0, 3, 1, 2))
         return maps
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        maps = self.stage_maps(pixel_values)
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        attentions = [] if output_attentions else None
+        maps = self.stage_maps(pixel_values, attentions)
         latent, pooled = self.squeezer(maps[-1])
-        hidden_states = tuple(maps) if output_hidden_states else None
-        if not return_dict:
-            return tuple(value for value in (latent, pooled, hidden_states) if value is not None)
-        return BaseModelOutputWithPooling(last_hidden_state=latent, pooler_output=pooled, hidden_states=hidden_states)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=latent, pooler_output=pooled, hidden_states=tuple(maps) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
 
 
 def _inverse_log_classes(num_classes: int) -> float:
@@ -191,16 +274,20 @@ class UmedptForImageClassification(UmedptPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.umedpt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.umedpt(
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True
+        )
         logits = self.classifier(outputs.pooler_output)
         loss = None if labels is None else classification_loss(self.config, logits, labels)
-        if not return_dict:
-            return tuple(value for value in (loss, logits, outputs.hidden_states) if value is not None)
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
 
 
 def classification_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -284,14 +371,19 @@ class UmedptForSemanticSegmentation(UmedptPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
         """`labels`: (batch, H, W) class indices, `semantic_loss_ignore_index` where unknown."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        maps = self.umedpt.stage_maps(pixel_values)
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        attentions = [] if output_attentions else None
+        maps = self.umedpt.stage_maps(pixel_values, attentions)
         latent, _ = self.umedpt.squeezer(maps[-1])
-        half = self.head(self.dropout(self.decoder(maps, latent)))
+        half = self.head(self.dropout(self.decoder(maps[1:], latent)))
         loss = None
         if labels is not None:
             if labels.shape != (pixel_values.shape[0],) + pixel_values.shape[2:]:
@@ -299,10 +391,11 @@ class UmedptForSemanticSegmentation(UmedptPreTrainedModel):
             small = F.interpolate(labels[:, None].float(), size=half.shape[2:], mode="nearest")[:, 0].long()
             loss = segmentation_loss(self.config, half, small)
         logits = F.interpolate(half, size=pixel_values.shape[2:], mode="bilinear", align_corners=False)
-        hidden_states = tuple(maps) if output_hidden_states else None
-        if not return_dict:
-            return tuple(value for value in (loss, logits, hidden_states) if value is not None)
-        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        output = SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=tuple(maps) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
 
 
 def segmentation_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -463,7 +556,7 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         maps = self.umedpt.stage_maps(pixel_values)
         latent, _ = self.umedpt.squeezer(maps[-1])
-        pyramid = self.fpn(OrderedDict(zip(("p3", "p4", "p5"), [maps[1], maps[2], latent])))
+        pyramid = self.fpn(OrderedDict(zip(("p3", "p4", "p5"), [maps[2], maps[3], latent])))
         features = list(pyramid.values())
         head_outputs = self.head(features)
         images = ImageList(pixel_values, [tuple(pixel_values.shape[2:])] * pixel_values.shape[0])
@@ -486,32 +579,34 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
 
 
 class UmedptBackbone(BackboneMixin, UmedptModel):
-    """Swin stage maps (strides 4-32, before the squeezer) for dense heads (`AutoBackbone`); encoder key names."""
-
-    has_attentions = False
+    """The stem and Swin stage maps (strides 4-32, before the squeezer) for dense heads (`AutoBackbone`); encoder
+    key names."""
 
     def __init__(self, config: UmedptConfig):
         super().__init__(config)
-        self.num_features = config.stage_channels
+        self.num_features = [config.embed_dim] + config.stage_channels
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> BackboneOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        maps = self.stage_maps(pixel_values)
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        attentions = [] if output_attentions else None
+        maps = self.stage_maps(pixel_values, attentions)
         by_name = dict(zip(self.stage_names, maps))
-        feature_maps = tuple(by_name[name] for name in self.out_features)
-        hidden_states = tuple(maps) if output_hidden_states else None
-        if not return_dict:
-            return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
+        output = BackboneOutput(
+            feature_maps=tuple(by_name[name] for name in self.out_features),
+            hidden_states=tuple(maps) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
 
 
 __all__ = [

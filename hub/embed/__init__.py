@@ -1,0 +1,17 @@
+"""Frozen-encoder features for whole datasets: sources, batched embedding with a pluggable backend, Parquet output.
+
+``list_sources`` walks a manifest or a folder, ``embed_batches`` yields embedded batches through the repo's own
+processor, and ``embed_dataset`` writes them as a resumable Parquet dataset. The default backend is torch
+(:class:`TorchBackend`); ``serving`` adds ONNX Runtime.
+"""
+
+from .backends import Backend, Runner, TorchBackend
+from .batches import EmbeddedBatch, EmbedError, embed_batches
+from .dataset import EmbedResult, embed_dataset
+from .inputs import model_inputs, pool_hidden_state, pool_tiles
+from .sources import EmbedSource, list_sources
+
+__all__ = [
+    "Backend", "EmbedError", "EmbedResult", "EmbedSource", "EmbeddedBatch", "Runner", "TorchBackend",
+    "embed_batches", "embed_dataset", "list_sources", "model_inputs", "pool_hidden_state", "pool_tiles",
+]

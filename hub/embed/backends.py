@@ -1,0 +1,49 @@
+"""Backends turn a batch of ``pixel_values`` into the pooled embedding and the pooled hidden states."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from transformers import AutoModel
+
+from .inputs import pool_hidden_state
+
+Runner = Callable[[np.ndarray], list[np.ndarray]]
+"""(B, C, *size) float32 -> [pooled embedding (B, D), pooled hidden state 0 (B, D0), ...]."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def open(self, repo_dir: Path, repo_id: str, revision: str) -> Runner:
+        """Load the repo's encoder and return its runner."""
+
+    def describe(self) -> str:
+        """Where the runner runs (device or provider), once opened."""
+
+
+class TorchBackend:
+    """The repo's ``AutoModel`` in eager torch, on CUDA for ``device="auto"`` when one is visible."""
+
+    name = "torch"
+
+    def __init__(self, device: str = "auto") -> None:
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+    def open(self, repo_dir: Path, repo_id: str, revision: str) -> Runner:
+        model = AutoModel.from_pretrained(repo_dir).eval().to(self.device)
+
+        @torch.inference_mode()
+        def run(pixel_values: np.ndarray) -> list[np.ndarray]:
+            outputs = model(pixel_values=torch.from_numpy(pixel_values).to(self.device), output_hidden_states=True)
+            pooled = [outputs.pooler_output] + [pool_hidden_state(h) for h in outputs.hidden_states or ()]
+            return [p.float().cpu().numpy() for p in pooled]
+
+        return run
+
+    def describe(self) -> str:
+        return f"torch:{self.device}"
