@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from hub.errors import LimitExceededError
 from hub.io import ReadLimits, read_image
 from hub.processing import MedicalImageProcessor, spatial
+from hub.processing.intensity import apply_intensity, normalize_spec
 
 
 def _png(width: int, height: int, bit_depth: int = 8) -> bytes:
@@ -74,3 +75,15 @@ def test_processor_budgets_resampling_with_the_callers_limits():
     processor = MedicalImageProcessor(modality="ct", spatial_dims=3, in_channels=1, size=8, target_spacing=1.0)
     with pytest.raises(LimitExceededError, match="over the limit of 1000000"):
         processor.prepare(image, limits=ReadLimits(max_voxels=1_000_000))
+
+
+def test_zscore_makes_no_float64_copy_of_the_volume_and_keeps_values():
+    values = np.random.default_rng(0).standard_normal((16, 1024, 1024), dtype=np.float32) * 15 + 100
+    expected = (values - values.mean(dtype=np.float64)) / values.std(dtype=np.float64)
+    tracemalloc.start()
+    out = apply_intensity(values, normalize_spec("zscore"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    assert peak < 1.25 * values.nbytes  # the float32 result and one block; a float64 copy alone would be 2x
