@@ -37,9 +37,7 @@ SETTINGS = ServeSettings.from_env()
 LOADED: dict[str, ServedModel] = {}  # this worker's models, shared with the /models route and the guard
 MASK_MEDIA = {"png": "image/png", "nifti": "application/gzip"}
 DICOM_MEDIA = "application/dicom"
-# An upload is typed `file: Path = None` (a `dicomweb` reference may stand instead), not `Path | None`: BentoML 1.4
-# builds an upload's schema only for a bare Path; with `Path | None` it refuses every upload, with Optional[Path]
-# it cannot build the route.
+NO_UPLOAD = Path()  # the `file` default when a `dicomweb` reference replaces it (BentoML rejects `Path | None` uploads)
 FORMS = {"/embed": {"file", "dicomweb", "model", "layers"}, "/classify": {"file", "dicomweb", "model", "format"},
          "/segment": {"file", "dicomweb", "model", "format", "store"}}
 
@@ -112,7 +110,7 @@ class MedhubService:
         return len(LOADED) == len(SETTINGS.models)
 
     @bentoml.api(route="/embed")
-    def embed(self, file: Path = None, dicomweb: str = "", model: str = "", layers: str = "") -> dict:
+    def embed(self, file: Path = NO_UPLOAD, dicomweb: str = "", model: str = "", layers: str = "") -> dict:
         """Pooled embedding (`pooler_output`) of the upload; `layers` = comma-separated hidden-state indices."""
 
         def run(served: ServedModel, data: ImageSource) -> Response:
@@ -123,7 +121,7 @@ class MedhubService:
         return _handle(file, dicomweb, model, run)
 
     @bentoml.api(route="/classify")
-    def classify(self, file: Path = None, dicomweb: str = "", model: str = "", format: str = "") -> dict:
+    def classify(self, file: Path = NO_UPLOAD, dicomweb: str = "", model: str = "", format: str = "") -> dict:
         """Label probabilities (softmax, or per-label sigmoid for multi-label models), most likely first;
         `format=dicom-sr`: the same as a DICOM Comprehensive SR (DICOM inputs)."""
 
@@ -138,7 +136,7 @@ class MedhubService:
         return _handle(file, dicomweb, model, run)
 
     @bentoml.api(route="/segment")
-    def segment(self, file: Path = None, dicomweb: str = "", model: str = "", format: str = "",
+    def segment(self, file: Path = NO_UPLOAD, dicomweb: str = "", model: str = "", format: str = "",
                 store: bool = False) -> dict:
         """A label mask in the input's geometry: `png` (2D), `nifti` (3D, .nii.gz), a `json` summary or a
         `dicom-seg` DICOM Segmentation (DICOM inputs). `store=true` (with `dicomweb`) stores the SEG on the
@@ -166,9 +164,9 @@ class MedhubService:
         return _handle(file, dicomweb, model, run)
 
 
-def _handle(file: Path | None, dicomweb: str, model: str, run: Callable[[ServedModel, ImageSource], Response]) -> Response:
+def _handle(file: Path, dicomweb: str, model: str, run: Callable[[ServedModel, ImageSource], Response]) -> Response:
     try:
-        if not dicomweb and not isinstance(file, Path):  # the guard admits only multipart uploads; never open a client string
+        if not dicomweb and (not isinstance(file, Path) or file == NO_UPLOAD):  # the guard admits only multipart uploads; never open a client string
             raise InputError("field 'file' must be a multipart upload of a PNG, JPEG, DICOM or NIfTI file")
         if not model:
             raise InputError(f"missing field 'model'; this service has {', '.join(LOADED)}")

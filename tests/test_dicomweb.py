@@ -2,10 +2,10 @@
 
 import json
 import os
-import sys
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +17,12 @@ import requests
 from hub.data.phantoms import ct_volume, write_dicom_series
 from hub.errors import InputError, LimitExceededError
 from hub.io import ReadLimits, read_image
-from hub.io.dicom_seg import Algorithm, build_segmentation, dicom_bytes, segmentation_mask
+from hub.io.dicom_seg import (
+    Algorithm,
+    build_segmentation,
+    dicom_bytes,
+    segmentation_mask,
+)
 from serving.dicomweb import (
     DicomwebNotFoundError,
     DicomwebUnavailableError,
@@ -26,7 +31,6 @@ from serving.dicomweb import (
     store_result,
 )
 
-pytestmark = pytest.mark.slow
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -91,6 +95,7 @@ def series(orthanc, tmp_path_factory) -> dict:
             "instances": [ds.SOPInstanceUID for ds in datasets]}
 
 
+@pytest.mark.slow
 def test_fetch_equals_the_uploaded_series(orthanc, series):
     reference = f"{series['study']}/{series['series']}"
     fetched = fetch(reference, (orthanc["dicomweb"],), None, ReadLimits())
@@ -100,6 +105,7 @@ def test_fetch_equals_the_uploaded_series(orthanc, series):
     assert [ds.SOPInstanceUID for ds in fetched.dicom_headers] == [ds.SOPInstanceUID for ds in local.dicom_headers]
 
 
+@pytest.mark.slow
 def test_fetch_one_instance(orthanc, series):
     reference = f"{series['study']}/{series['series']}/{series['instances'][2]}"
     image = fetch(reference, (orthanc["dicomweb"],), None, ReadLimits())
@@ -107,6 +113,7 @@ def test_fetch_one_instance(orthanc, series):
     assert image.dicom_headers[0].SOPInstanceUID == series["instances"][2]
 
 
+@pytest.mark.slow
 def test_unknown_uid_unreachable_server_and_bad_reference(orthanc, series):
     with pytest.raises(DicomwebNotFoundError, match="no configured DICOMweb server holds"):
         fetch(f"{series['study']}/1.2.3.4", (orthanc["dicomweb"],), None, ReadLimits())
@@ -120,6 +127,7 @@ def test_unknown_uid_unreachable_server_and_bad_reference(orthanc, series):
             Reference.parse(bad)
 
 
+@pytest.mark.slow
 def test_oversize_series_is_refused_before_pixel_data(orthanc, series):
     with pytest.raises(LimitExceededError, match="5x24x28x1 = 3360 voxels"):
         fetch(f"{series['study']}/{series['series']}", (orthanc["dicomweb"],), None, ReadLimits(max_voxels=3000))
@@ -127,6 +135,7 @@ def test_oversize_series_is_refused_before_pixel_data(orthanc, series):
         fetch(f"{series['study']}/{series['series']}", (orthanc["dicomweb"],), None, ReadLimits(max_files=4))
 
 
+@pytest.mark.slow
 def test_stored_seg_is_found_in_the_study_and_retrieved(orthanc, series):
     from dicomweb_client.api import DICOMwebClient
 
@@ -147,6 +156,7 @@ def test_stored_seg_is_found_in_the_study_and_retrieved(orthanc, series):
 def service(orthanc, tmp_path_factory):
     """medhub serving a tiny 3D segmenter, reading DICOMweb references from Orthanc, at most 4000 voxels."""
     import test_serving
+
     from hub.models.macl import MaclForSemanticSegmentation
 
     root = tmp_path_factory.mktemp("service")
@@ -188,6 +198,7 @@ def segment(service, **fields) -> requests.Response:
     return requests.post(f"{service['url']}/segment", files=form, timeout=120)
 
 
+@pytest.mark.slow
 def test_service_stores_the_seg_of_a_dicomweb_series(orthanc, series, service, tmp_path):
     from dicomweb_client.api import DICOMwebClient
 
@@ -215,6 +226,7 @@ def test_service_stores_the_seg_of_a_dicomweb_series(orthanc, series, service, t
     assert np.array_equal(served_mask, upload_mask)
 
 
+@pytest.mark.slow
 def test_service_errors_for_dicomweb_references(orthanc, series, service, tmp_path):
     unknown = segment(service, dicomweb=f"{series['study']}/1.2.3.4.5")
     assert unknown.status_code == 404
@@ -231,6 +243,7 @@ def test_service_errors_for_dicomweb_references(orthanc, series, service, tmp_pa
     assert "8x24x28x1 = 5376 voxels, over the limit of 4000" in oversize.json()["error"]
 
 
+@pytest.mark.slow
 def test_service_answers_502_when_the_server_is_gone(orthanc, series, service):
     """Last in the module: stops Orthanc."""
     orthanc["process"].terminate()
@@ -238,3 +251,21 @@ def test_service_answers_502_when_the_server_is_gone(orthanc, series, service):
     gone = segment(service, dicomweb=f"{series['study']}/{series['series']}")
     assert gone.status_code == 502
     assert gone.json()["error"] == "no configured DICOMweb server could be reached"
+
+
+def test_guard_takes_a_dicomweb_reference_instead_of_a_file():
+    import httpx
+
+    from serving.middleware import form_problem
+
+    allowed = {"file", "dicomweb", "model"}
+
+    def problem(**fields):
+        request = httpx.Request("POST", "http://127.0.0.1/segment", **fields)
+        return form_problem(request.headers["content-type"].encode(), request.read(), allowed)
+
+    assert problem(files={"dicomweb": (None, b"1.2/3.4"), "model": (None, b"org/m")}) is None
+    both = problem(files={"file": ("x.dcm", b"DICM"), "dicomweb": (None, b"1.2/3.4")})
+    assert both == (400, "send either an uploaded 'file' or a 'dicomweb' reference, not both")
+    neither = problem(files={"model": (None, b"org/m")})
+    assert neither == (400, "missing form field 'file' holding the uploaded image or volume (or a 'dicomweb' reference)")

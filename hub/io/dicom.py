@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from hub.errors import CorruptFileError, InputError, UnsupportedFormatError
 from hub.io.image import MONOCHROME2, RGB, MedicalImage
@@ -35,11 +36,24 @@ _NOT_IMAGES = {"SEG": "a DICOM Segmentation", "RTSTRUCT": "an RT Structure Set",
                "RTPLAN": "an RT Plan", "PR": "a Presentation State", "KO": "a Key Object Selection"}
 
 
+_PARSE_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, OSError, ValueError, KeyError, TypeError,
+                 IndexError, AttributeError, NotImplementedError, RecursionError, OverflowError, struct.error)
+"""What pydicom raises on hostile bytes: wrong value lengths, unknown VRs, deeply nested sequences, truncation."""
+
+
 def _header(path: str, source: str) -> pydicom.Dataset:
+    """The header without pixel data, every element decoded now so that a corrupt one fails here, not later.
+
+    The error names only the kind of fault: pydicom's messages quote the offending bytes, which may be patient data.
+    """
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise CorruptFileError(f"{source} is not a readable DICOM file: {exc}") from exc
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        for _ in ds.iterall():
+            pass
+    except _PARSE_ERRORS as exc:
+        raise CorruptFileError(f"{source} is not a readable DICOM file ({type(exc).__name__} while parsing its "
+                               "header)") from None
+    return ds
 
 
 def _declared_shape(ds: pydicom.Dataset, source: str) -> tuple[int, int, int, int]:

@@ -15,12 +15,17 @@ class ReadLimits:
     value of a volume (frames and channels included). The defaults admit a 10k x 10k pathology tile, a
     1024 x 1024 x 512 CT (its float32 working copy is 2 GiB) and a 2 GiB file; a service should pass tighter
     ones. Pillow refuses more than about 179 M pixels whatever ``max_pixels`` says.
+
+    ``max_aspect_ratio`` bounds the long side of a 2D image over its short side: a 1 x 50,000,000 PNG is
+    69 bytes and within ``max_pixels``, but every resize to a model's square input would then need weights
+    proportional to the long side times the output side (about 15 GB), and its decode fails with MemoryError.
     """
 
     max_bytes: int = 2 * 1024**3
     max_pixels: int = 10000 * 10000
     max_voxels: int = 1024 * 1024 * 512
     max_files: int = 4096
+    max_aspect_ratio: int = 100
 
     def check_bytes(self, n: int, source: str) -> None:
         if n > self.max_bytes:
@@ -32,6 +37,12 @@ class ReadLimits:
         if count > self.max_pixels:
             raise LimitExceededError(
                 f"{source} declares {'x'.join(map(str, shape))} = {count} pixels, over the limit of {self.max_pixels}"
+            )
+        sides = [int(n) for n in shape[:2]]
+        if min(sides) >= 1 and max(sides) > self.max_aspect_ratio * min(sides):
+            raise LimitExceededError(
+                f"{source} declares {'x'.join(map(str, sides))} pixels, an aspect ratio over the limit of "
+                f"{self.max_aspect_ratio}:1"
             )
 
     def check_voxels(self, shape: tuple[int, ...], source: str) -> None:

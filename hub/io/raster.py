@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -12,6 +13,9 @@ from PIL import Image
 from hub.errors import CorruptFileError, LimitExceededError, UnsupportedFormatError
 from hub.io.image import MONOCHROME2, RGB, MedicalImage, identity_geometry
 from hub.io.limits import ReadLimits
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, zlib.error)
+"""What Pillow raises on hostile PNG/JPEG bytes (truncation, bad chunk lengths, bad Huffman tables, ...)."""
 
 _BIT_DEPTH = {"1": 1, "L": 8, "P": 8, "LA": 8, "PA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8,
               "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
@@ -29,7 +33,7 @@ def from_pil(image: Image.Image, limits: ReadLimits, source: str, fmt: str = "pi
             image.load()
     except Image.DecompressionBombError as exc:
         raise LimitExceededError(f"{source} is larger than Pillow's decompression-bomb limit: {exc}") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except _DECODE_ERRORS as exc:
         raise CorruptFileError(f"{source} could not be decoded as {fmt.upper()}: {exc}") from exc
     if mode in ("P", "PA"):
         image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
@@ -71,7 +75,7 @@ def read_raster(data: bytes | str, limits: ReadLimits, source: str, fmt: str, he
             image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except Image.DecompressionBombError as exc:
         raise LimitExceededError(f"{source} is larger than Pillow's decompression-bomb limit: {exc}") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except _DECODE_ERRORS as exc:
         raise CorruptFileError(f"{source} could not be opened as {fmt.upper()}: {exc}") from exc
     with image:
         return from_pil(image, limits, source, fmt)

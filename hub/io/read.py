@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from hub.errors import CorruptFileError, InputError, UnsupportedFormatError
-from hub.io import dicom, nifti, raster
+from hub.io import dicom, nifti, raster, reader_warnings
 from hub.io.image import MONOCHROME2, RGB, MedicalImage, identity_geometry
 from hub.io.limits import DEFAULT_LIMITS, ReadLimits
 from hub.io.sniff import DICOM, HEAD_BYTES, JPEG, NIFTI, NIFTI_GZ, PNG, gunzip_head, sniff
@@ -28,10 +28,20 @@ def read_image(source: ImageSource, limits: ReadLimits | None = None) -> Medical
     Accepts a file path (PNG, JPEG, DICOM, NIfTI), a folder holding one DICOM series, the bytes of such a file,
     a PIL image, a numpy array ((H, W), (H, W, 3|4) colour, (D, H, W) volume, (D, H, W, C)), a SimpleITK image,
     or a MedicalImage (returned unchanged). Raises :class:`~hub.errors.InputError` subclasses.
+
+    Decoder warnings (which can quote DICOM header values) are swallowed; their number is kept in
+    ``meta["reader_warnings"]`` when there were any.
     """
-    limits = limits or DEFAULT_LIMITS
     if isinstance(source, MedicalImage):
         return source
+    with reader_warnings.captured() as count:
+        image = _read(source, limits or DEFAULT_LIMITS)
+    if count.n:
+        image.meta["reader_warnings"] = count.n
+    return image
+
+
+def _read(source: ImageSource, limits: ReadLimits) -> MedicalImage:
     if isinstance(source, (str, os.PathLike)):
         return _read_path(Path(source), limits)
     if isinstance(source, (bytes, bytearray, memoryview)):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from hub.errors import InputError
-from hub.io import MedicalImage, ReadLimits, read_image
+from hub.io import DEFAULT_LIMITS, MedicalImage, ReadLimits, read_image
 from hub.processing import channels, spatial, tiling
 from hub.processing import intensity as policies
 from hub.processing.spatial import Grid
@@ -188,11 +188,14 @@ class MedicalImageProcessor(BaseImageProcessor):
             raise InputError(f"this model takes {self.spatial_dims}D input but got a {kind} of shape {image.array.shape}")
         return image
 
-    def _resampled(self, image: MedicalImage) -> tuple[MedicalImage, Grid | None, Grid | None]:
+    def _resampled(
+        self, image: MedicalImage, limits: ReadLimits | None
+    ) -> tuple[MedicalImage, Grid | None, Grid | None]:
         if self.spatial_dims == 2 or (self.target_spacing is None and self.orientation is None):
             return image, None, None
         source = image.to_sitk()
-        moved = spatial.resample_spacing(spatial.reorient(source, self.orientation), self.target_spacing)
+        moved = spatial.resample_spacing(spatial.reorient(source, self.orientation), self.target_spacing,
+                                         (limits or DEFAULT_LIMITS).max_voxels)
         after = MedicalImage.from_sitk(moved, modality=image.modality, photometric=image.photometric,
                                        bit_depth=image.bit_depth, meta=dict(image.meta))
         return after, Grid.of(source), Grid.of(moved)
@@ -219,7 +222,7 @@ class MedicalImageProcessor(BaseImageProcessor):
     def prepare(self, source: Any, limits: ReadLimits | None = None) -> Prepared:
         """Preprocess one input to the model's input size, recording how to map outputs back."""
         image = self._read(source, limits)
-        moved, input_grid, processed_grid = self._resampled(image)
+        moved, input_grid, processed_grid = self._resampled(image, limits)
         values = self._values(moved)
         base = tuple(values.shape[1:])
         resized = tuple(self.resize) if self.resize else None
@@ -235,7 +238,7 @@ class MedicalImageProcessor(BaseImageProcessor):
         """The whole input after resampling, intensity, channel and mean/std steps, with no ``resize`` and no
         crop/pad to ``size``: what :meth:`tile` cuts, and what training crops its own windows from."""
         image = self._read(source, limits)
-        moved, input_grid, processed_grid = self._resampled(image)
+        moved, input_grid, processed_grid = self._resampled(image, limits)
         values = self._model_channels(self._values(moved))
         base = tuple(values.shape[1:])
         record = SpatialRecord(image.spatial_shape, input_grid, processed_grid, base, None, (0,) * len(base), base)

@@ -13,6 +13,9 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from hub.errors import LimitExceededError
+from hub.io.limits import DEFAULT_LIMITS
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -77,18 +80,29 @@ def reorient(image: sitk.Image, orientation: str | None) -> sitk.Image:
     return sitk.DICOMOrient(image, orientation)
 
 
-def resample_spacing(image: sitk.Image, spacing_zyx: tuple[float, ...] | None) -> sitk.Image:
-    """Linear resampling to ``spacing_zyx`` (mm), keeping origin and direction; float32 output."""
-    image = sitk.Cast(image, sitk.sitkVectorFloat32 if image.GetNumberOfComponentsPerPixel() > 1 else sitk.sitkFloat32)
+def resample_spacing(image: sitk.Image, spacing_zyx: tuple[float, ...] | None,
+                     max_voxels: int = DEFAULT_LIMITS.max_voxels) -> sitk.Image:
+    """Linear resampling to ``spacing_zyx`` (mm), keeping origin and direction; float32 output.
+
+    The output grid is budgeted before anything is allocated: a 2 x 2 x 2 volume declaring 1,000 mm voxels
+    would otherwise become 1,000,000,000 voxels at 1 mm (4 GB of float32).
+    """
+    pixel_type = sitk.sitkVectorFloat32 if image.GetNumberOfComponentsPerPixel() > 1 else sitk.sitkFloat32
     if not spacing_zyx:
-        return image
+        return sitk.Cast(image, pixel_type)
     spacing = tuple(float(s) for s in reversed(spacing_zyx))
     if np.allclose(spacing, image.GetSpacing()):
-        return image
-    size = [max(1, int(round(n * old / new))) for n, old, new in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
-                         image.GetDirection(), 0.0, sitk.sitkFloat32 if image.GetNumberOfComponentsPerPixel() == 1
-                         else sitk.sitkVectorFloat32)
+        return sitk.Cast(image, pixel_type)
+    scaled = np.maximum(1.0, np.rint(np.asarray(image.GetSize()) * np.asarray(image.GetSpacing()) / spacing))
+    if not np.prod(scaled) * image.GetNumberOfComponentsPerPixel() <= max_voxels:  # also refuses inf and nan
+        raise LimitExceededError(
+            f"the volume of {'x'.join(map(str, reversed(image.GetSize())))} voxels of "
+            f"{'x'.join(f'{s:g}' for s in reversed(image.GetSpacing()))} mm resampled to {spacing_zyx} mm would hold "
+            f"{'x'.join(f'{n:g}' for n in reversed(scaled))} voxels, over the limit of {max_voxels}"
+        )
+    size = [int(n) for n in scaled]
+    return sitk.Resample(sitk.Cast(image, pixel_type), size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
+                         spacing, image.GetDirection(), 0.0, pixel_type)
 
 
 def resample_channels(array: np.ndarray, source: Grid, target: Grid, nearest: bool = False) -> np.ndarray:

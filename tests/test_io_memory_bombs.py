@@ -1,0 +1,89 @@
+"""Tiny files whose headers make the decode or the resampling allocate gigabytes are refused (issue 13, item 1)."""
+
+import struct
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from hub.errors import LimitExceededError
+from hub.io import ReadLimits, read_image
+from hub.processing import MedicalImageProcessor, spatial
+from hub.processing.intensity import apply_intensity, normalize_spec
+
+
+def _png(width: int, height: int, bit_depth: int = 8) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("width", "height", "bits"), [(50_000_000, 1, 8), (1, 50_000_000, 16), (20_000, 10, 8)])
+def test_extreme_aspect_ratio_png_is_refused_before_decoding(width, height, bits):
+    data = _png(width, height, bits)
+    assert len(data) < 80
+    tracemalloc.start()
+    with pytest.raises(LimitExceededError, match="aspect ratio over the limit of 100:1") as info:
+        read_image(data)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert str(info.value).startswith("uploaded data declares") and peak < 2**20
+
+
+def test_aspect_ratio_at_the_limit_passes_the_check():
+    ReadLimits().check_pixels((10, 1000), "image")
+    ReadLimits(max_aspect_ratio=1000).check_pixels((1, 1000), "image")
+    with pytest.raises(LimitExceededError, match="aspect ratio"):
+        ReadLimits().check_pixels((10, 1001), "image")
+
+
+def test_aspect_ratio_applies_to_arrays_too():
+    with pytest.raises(LimitExceededError, match="array of shape"):
+        read_image(np.zeros((1, 5000), np.uint8))
+
+
+def _volume(spacing: float) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ones((2, 2, 2), np.int16))
+    image.SetSpacing((spacing,) * 3)
+    return image
+
+
+@pytest.mark.parametrize("spacing", [1000.0, 1e300, float("inf")])
+def test_resampling_to_a_grid_over_the_voxel_budget_is_refused_before_allocating(spacing):
+    tracemalloc.start()
+    with pytest.raises(LimitExceededError, match="over the limit of 1000000"):
+        spatial.resample_spacing(_volume(spacing), (1.0, 1.0, 1.0), max_voxels=1_000_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2**20
+
+
+def test_resampling_within_the_budget_keeps_values():
+    out = spatial.resample_spacing(_volume(2.0), (1.0, 1.0, 1.0), max_voxels=64)
+    assert out.GetSize() == (4, 4, 4)
+    assert sitk.GetArrayFromImage(out)[1:3, 1:3, 1:3].tolist() == np.ones((2, 2, 2)).tolist()
+
+
+def test_processor_budgets_resampling_with_the_callers_limits():
+    volume = np.ones((2, 2, 2), np.int16)
+    image = read_image(volume)
+    image.spacing = (100.0, 100.0, 100.0)
+    processor = MedicalImageProcessor(modality="ct", spatial_dims=3, in_channels=1, size=8, target_spacing=1.0)
+    with pytest.raises(LimitExceededError, match="over the limit of 1000000"):
+        processor.prepare(image, limits=ReadLimits(max_voxels=1_000_000))
+
+
+def test_zscore_makes_no_float64_copy_of_the_volume_and_keeps_values():
+    values = np.random.default_rng(0).standard_normal((16, 1024, 1024), dtype=np.float32) * 15 + 100
+    expected = (values - values.mean(dtype=np.float64)) / values.std(dtype=np.float64)
+    tracemalloc.start()
+    out = apply_intensity(values, normalize_spec("zscore"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    assert peak < 1.25 * values.nbytes  # the float32 result and one block; a float64 copy alone would be 2x
