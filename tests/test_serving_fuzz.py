@@ -2,7 +2,9 @@
 
 300 inputs per format, default limits, two keep-alive clients. Every answer must be a non-5xx status within 5 s;
 afterwards /readyz is 200, and the server's resident memory (all its processes) grew by less than 1 GiB over its
-warmed-up start and never passed 4 GiB."""
+warmed-up start and never passed 4 GiB. A watchdog kills the server above 8 GiB (the machine may be shared), which
+fails the test; the failure message lists status counts, the first failing inputs (format, index, mutation: replay
+them with `fuzzing.case(format, 0, index)`) and the exception classes in the server log."""
 
 import collections
 
