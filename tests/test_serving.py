@@ -82,7 +82,10 @@ def server(repos, tmp_path_factory):
         "MEDHUB_MAX_BODY_MB": "12",
         "MEDHUB_MAX_CONCURRENCY": "2",
         "MEDHUB_THREADS": "1",
+        "TMPDIR": str(root / "tmp"),  # where BentoML puts request temp dirs: the privacy tests read it
+        "BENTOML_HOME": str(root / "bentoml"),
     }
+    (root / "tmp").mkdir()
     bentoml = Path(sys.executable).parent / "bentoml"
     process = subprocess.Popen(
         [str(bentoml), "serve", "serving.service:MedhubService", "--host", "127.0.0.1", "--port", str(port)],
@@ -103,7 +106,7 @@ def server(repos, tmp_path_factory):
     else:
         process.kill()
         pytest.fail("server did not become ready in 240 s")
-    yield {"url": url, "log": root / "server.log", "repos": repos}
+    yield {"url": url, "log": root / "server.log", "repos": repos, "tmp": root / "tmp", "home": root / "bentoml"}
     process.terminate()
     process.wait(timeout=30)
     log.close()
@@ -150,7 +153,11 @@ def test_embed_png_with_layers(server, radiograph):
     body = response.json()
     assert body["dim"] == 64 and body["provider"] == "CPUExecutionProvider"
     assert len(body["layers"]["0"]) == 8 and len(body["layers"]["4"]) == 64
-    assert post(server, "embed", radiograph, str(repo), layers="9").status_code == 400
+    single = post(server, "embed", radiograph, str(repo), layers="4")  # BentoML decodes "4" to the int 4
+    assert single.status_code == 200, single.text
+    assert list(single.json()["layers"]) == ["4"] and single.json()["layers"]["4"] == body["layers"]["4"]
+    out_of_range = post(server, "embed", radiograph, str(repo), layers="9")
+    assert out_of_range.status_code == 400 and "9" in out_of_range.json()["error"], out_of_range.text
 
 
 @pytest.mark.parametrize("name", ["classifier", *ENCODERS_2D])
