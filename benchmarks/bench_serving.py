@@ -93,7 +93,7 @@ def http_load(url: str, model: str, png: bytes, clients: int) -> tuple[float, fl
     The clients share this machine's cores with the service, so each sends one multipart body encoded once (by
     httpx, as any client would encode it) over a keep-alive `http.client` connection: about 0.6 ms of CPU per
     request where `httpx.post(files=...)` spends 2-6 ms, CPU the service would otherwise have had."""
-    request = httpx.Request("POST", f"{url}/embed", files={"file": ("x.png", png)}, data={"model": model})
+    request = httpx.Request("POST", f"{url}/embed", files={"file": ("x.png", png, "application/octet-stream")}, data={"model": model})
     body, headers = request.read(), {"Content-Type": request.headers["content-type"]}
     latencies: list[float] = []
     deadline = time.perf_counter() + SECONDS

@@ -142,8 +142,9 @@ def http_rows() -> None:
         picture = (rng.random((224, 224)) * 4095).astype(np.uint16)
         buffer = io.BytesIO()
         Image.fromarray((picture // 16).astype(np.uint8)).save(buffer, format="PNG")
-        bodies = {"PNG": ("x.png", buffer.getvalue()),
-                  "DICOM": ("x.dcm", write_dicom_image(picture, root / "x.dcm", "gpu-check").read_bytes())}
+        bodies = {"PNG": ("x.png", buffer.getvalue(), "application/octet-stream"),
+                  "DICOM": ("x.dcm", write_dicom_image(picture, root / "x.dcm", "gpu-check").read_bytes(),
+                            "application/octet-stream")}
         for name, repo in repos.items():
             for kind, upload in bodies.items():
                 request = httpx.Request("POST", f"{url}/embed", files={"file": upload}, data={"model": str(repo)})
@@ -192,7 +193,8 @@ def embed_row() -> None:
     for index in range(256):
         Image.fromarray((np.random.default_rng(index).random((256, 256)) * 255).astype(np.uint8)).save(folder / f"{index}.png")
     start = time.perf_counter()
-    done = medhub("embed", str(repos["muscle-resnet50"]), str(folder), "--out", str(root / "embed-out"), timeout=180)
+    done = medhub("embed", str(repos["muscle-resnet50"]), "--data", str(folder), "--out", str(root / "embed-out"),
+                  "--device", "cuda", "--batch-size", "64", "--no-progress", timeout=180)
     elapsed = time.perf_counter() - start
     detail = (f"{256 / elapsed:.0f} img/s over 256 PNGs (muscle-resnet50, with start-up)" if done.returncode == 0
               else (done.stderr.strip().splitlines() or ["no output"])[-1][:160])

@@ -9,7 +9,9 @@ Segmentation masks come back on the input's pixel grid (2D; 3D volumes: processo
 from typing import Any
 
 from transformers.pipelines import PIPELINE_REGISTRY
-from transformers.pipelines.image_feature_extraction import ImageFeatureExtractionPipeline
+from transformers.pipelines.image_feature_extraction import (
+    ImageFeatureExtractionPipeline,
+)
 from transformers.pipelines.image_segmentation import ImageSegmentationPipeline
 
 from .errors import InputError

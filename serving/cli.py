@@ -106,7 +106,8 @@ def curl_examples(models: list[str], url: str, examples: list[Path]) -> list[str
             if task in tasks and dims not in shown:
                 shown.add(dims)
                 example = by_dims.get(dims, Path("image.png" if dims == 2 else "volume.nii.gz"))
-                lines.append(f"curl -F file=@{example} -F model={model} {url}/{route}")
+                output = f" -o mask{'.png' if dims == 2 else '.nii.gz'}" if route == "segment" else ""
+                lines.append(f"curl -F file=@{example} -F model={model} {url}/{route}{output}")
     return lines + [f"curl {url}/models"]
 
 

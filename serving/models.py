@@ -162,16 +162,20 @@ class ServedModel:
         return dicom_bytes(build_classification_sr(self._classify_image(image), image, self.algorithm))
 
     def mask_summary(self, mask: np.ndarray, image: MedicalImage) -> dict[str, Any]:
-        voxel_ml = math.prod(image.spacing) / 1000.0
+        """Per-label counts with area (mm², 2D) or volume (mL, 3D); ``shape`` and ``spacing`` in ``axes`` order."""
+        spacing = list(image.spacing)[::-1]  # SimpleITK's x, y(, z) -> numpy's (z,) y, x like the mask
+        element = math.prod(spacing)
+        size_key, scale = ("area_mm2", element) if mask.ndim == 2 else ("volume_ml", element / 1000.0)
         labels = self.labels or ["background", "foreground"]
         counts = np.bincount(mask.ravel(), minlength=len(labels))
         return {
             "model": self.id,
+            "axes": "yx" if mask.ndim == 2 else "zyx",
             "shape": list(mask.shape),
-            "spacing": list(image.spacing),
+            "spacing": spacing,
             "labels": [
                 {"label": labels[index] if index < len(labels) else str(index), "voxels": int(count),
-                 "volume_ml": float(count) * voxel_ml}
+                 size_key: float(count) * scale}
                 for index, count in enumerate(counts)
             ],
         }

@@ -1,5 +1,6 @@
-"""Every third-party package that hub/, training/ and serving/ import is a declared dependency, and every
-declared dependency is imported (a plain ``pip install .`` must run every command)."""
+"""Every third-party package that hub/, training/ and serving/ import is a declared dependency (or, for an
+optional feature, in one of its extras other than ``dev``), and every declared dependency is imported: a plain
+``pip install .`` must run every command."""
 
 import ast
 import re
@@ -32,9 +33,21 @@ def _imported_packages() -> dict[str, set[str]]:
     return found
 
 
+def _names(specs: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower().replace("_", "-") for spec in specs}
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
 def _declared() -> set[str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return {re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower().replace("_", "-") for spec in project["dependencies"]}
+    return _names(_project()["dependencies"])
+
+
+def _feature_extras() -> set[str]:
+    extras = _project().get("optional-dependencies", {})
+    return _names([spec for name, specs in extras.items() if name != "dev" for spec in specs])
 
 
 _DISTRIBUTIONS = cache(packages_distributions)
@@ -45,7 +58,7 @@ def _distributions(module: str) -> set[str]:
 
 
 def test_every_import_is_a_declared_dependency():
-    declared = _declared()
+    declared = _declared() | _feature_extras()
     undeclared = {module: sorted(files) for module, files in _imported_packages().items()
                   if not _distributions(module) & declared}
     assert not undeclared, f"imported but not in pyproject's dependencies: {undeclared}"

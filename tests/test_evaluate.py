@@ -13,7 +13,7 @@ from scipy import stats
 from training_fixtures import MEDHUB, REPO_ROOT, write_config, xray_manifest
 
 from hub.data.manifest import load_manifest, write_manifest
-from training.evaluate.report import task_plot
+from training.evaluate.report import task_plot, write_report, write_summary_csv
 from training.evaluate.runner import read_results
 from training.evaluate.stats import holm, summarise
 from training.evaluate.study import load_study
@@ -49,6 +49,34 @@ def test_example_study_parses(cli, tmp_path):
 
 def test_holm_matches_the_step_down_rule():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = holm([0.01, float("nan"), 0.03])  # an undefined p-value neither counts nor gets adjusted
+    assert adjusted[0] == pytest.approx(0.02) and np.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.03)
+
+
+def _row(backbone, value, run, protocol="linear"):
+    return {"task": "nodule", "protocol": protocol, "fraction": 1.0, "backbone": backbone, "run": run,
+            "metrics": {"roc_auc": value}}
+
+
+def test_p_value_is_undefined_without_spread_or_runs_and_shown_as_n_a(tmp_path):
+    rows = [_row("base", 0.7, r) for r in range(3)] + [_row("other", 0.9, r) for r in range(3)]  # both constant
+    rows += [_row("base", v, r, "finetune") for r, v in enumerate([0.6, 0.7, 0.65])]
+    rows += [_row("other", 0.8, 0, "finetune"), _row("single", 0.9, 0, "finetune")]  # n = 1 arms
+    rows += [_row("spread", v, r, "finetune") for r, v in enumerate([0.8, 0.85, 0.9])]
+    summaries = {(s.protocol, s.backbone): s for s in summarise(rows, "base")}
+    constant = summaries["linear", "other"]
+    assert constant.identical and constant.std == 0 and np.isnan(constant.p_student) and np.isnan(constant.p_welch)
+    assert np.isnan(constant.p_holm) and summaries["linear", "base"].identical
+    for name in ("other", "single"):
+        assert np.isnan(summaries["finetune", name].p_student) and not summaries["finetune", name].identical
+    spread = summaries["finetune", "spread"]
+    student = stats.ttest_ind([0.8, 0.85, 0.9], [0.6, 0.7, 0.65]).pvalue
+    assert spread.p_student == pytest.approx(student) and spread.p_holm == pytest.approx(student)  # the only test
+    report = write_report(list(summaries.values()), "base", tmp_path).read_text()
+    assert "0.900 +- 0.000 (n=3, identical runs, p n/a)" in report and "<1e-4" not in report
+    csv_lines = write_summary_csv(list(summaries.values()), tmp_path).read_text().splitlines()
+    constant_line = next(line for line in csv_lines if line.startswith("nodule,linear,1.0,other,"))
+    assert constant_line.endswith(",n/a,n/a,n/a,True") and "nan" not in "".join(csv_lines)
 
 
 @pytest.mark.slow
@@ -117,6 +145,9 @@ def test_linear_protocol_auc_equals_logistic_regression_on_the_embed_output(stud
     study.baseline = "seeded"
     rows = run_study(study, tmp_path / "out", progress=False)
     assert [r["run"] for r in rows] == [0, 1] and all(r["n_train"] == 8 for r in rows)
+    # all labels + a deterministic solver: the runs repeat one value, and the report says so instead of a p-value
+    assert rows[0]["metrics"]["roc_auc"] == rows[1]["metrics"]["roc_auc"]
+    assert [s.identical for s in summarise(rows, "seeded")] == [True]
 
     manifest = study.tasks["nodule"].manifest
     out = embed_dataset(study.backbones["seeded"], manifest, tmp_path / "emb").out
@@ -127,3 +158,88 @@ def test_linear_protocol_auc_equals_logistic_regression_on_the_embed_output(stud
     for row in rows:
         model = LogisticRegression(max_iter=5000, random_state=row["seed"]).fit(x[train], y[train])
         assert row["metrics"]["roc_auc"] == pytest.approx(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1]))
+
+
+@pytest.mark.slow
+def test_update_cards_publishes_new_revisions_with_the_summary_in_the_model_index(study_file, tmp_path, hf_cache,
+                                                                                  cli):
+    import csv
+
+    import yaml
+    from huggingface_hub import ModelCard
+    from transformers import AutoModel
+
+    from hub.export import install_in_cache, verify_checksums, verify_repo
+
+    first = install_in_cache(study_file.parent / "seeded", "org/seeded")
+    raw = yaml.safe_load(study_file.read_text())
+    raw.update(backbones={"random": "random:muscle-resnet18-tiny", "cached": "org/seeded"}, protocols=["linear"],
+               runs=2, label_fractions=[0.5])
+    study = write_config(study_file.parent / "cards_study.yaml", raw)
+    out = tmp_path / "out"
+    result = cli("evaluate", study, "--out", out, "--update-cards", "--no-progress")
+    assert result.code == 0, result.err
+    new = (hf_cache / "models--org--seeded" / "refs" / "main").read_text()
+    assert new != first.commit and f"card of cached updated: new cache revision {new}" in result.out
+    # rerun: the entries are replaced, not repeated, and each run is one more revision
+    result = cli("evaluate", study, "--out", out, "--resume", "--update-cards", "--no-progress")
+    assert result.code == 0, result.err
+    newest = (hf_cache / "models--org--seeded" / "refs" / "main").read_text()
+    assert newest not in (new, first.commit)
+
+    summary = {row["backbone"]: row for row in csv.DictReader((out / "summary.csv").open())}
+    cards = {"cached": verify_repo("org/seeded").repo_dir, "random": out / "cards" / "random"}
+    assert cards["cached"].name == newest
+    verify_checksums(cards["random"])
+    for backbone, folder in cards.items():
+        card = ModelCard.load(folder / "README.md")
+        ours = [r for r in card.data.eval_results if r.dataset_type == "medhub-manifest"]
+        assert len(ours) == 1
+        entry, row = ours[0], summary[backbone]
+        assert (entry.task_type, entry.task_name, entry.dataset_name, entry.metric_type) == (
+            "image-classification", "nodule", "task.jsonl", "roc_auc")
+        assert entry.metric_value == pytest.approx(float(row["mean"]))
+        assert "linear @ 0.5 labels (mean of 2 runs" in entry.metric_name
+        assert card.text.count("## Transfer evaluation (medhub evaluate)") == 1
+        assert f"| nodule | task.jsonl | linear | 0.5 | ROC AUC | {float(row['mean']):.4f} |" in card.text
+    old = hf_cache / "models--org--seeded" / "snapshots" / first.commit
+    assert "medhub evaluate" not in (old / "README.md").read_text()
+    assert AutoModel.from_pretrained("org/seeded", revision=first.commit) is not None
+    assert "medhub evaluate" not in (out / "backbones" / "random-muscle-resnet18-tiny" / "README.md").read_text()
+
+
+def test_imagenet_backbone_without_local_weights_is_one_clear_error(tmp_path, monkeypatch):
+    from training.errors import TrainingConfigError
+    from training.evaluate.units import backbone_repo
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    expected = str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth")
+    with pytest.raises(TrainingConfigError, match=f"no ImageNet weights at {expected} .offline.") as error:
+        backbone_repo("torchvision:resnet50", tmp_path / "backbones")
+    assert "\n" not in str(error.value) and not (tmp_path / "backbones").exists()
+    with pytest.raises(TrainingConfigError, match="only torchvision:resnet50 converts"):
+        backbone_repo("torchvision:vit_b_16", tmp_path / "backbones")
+
+
+@pytest.mark.slow
+def test_imagenet_backbone_is_converted_from_torch_hub_cache(tmp_path, monkeypatch):
+    import torch
+    import torchvision
+    from transformers import AutoModel
+
+    from training.evaluate.units import backbone_repo
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(3)
+    network = torchvision.models.resnet50().eval()
+    checkpoint = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save(network.state_dict(), checkpoint)
+    repo = backbone_repo("torchvision:resnet50", tmp_path / "backbones")
+    assert repo == tmp_path / "backbones" / "torchvision-resnet50"
+    model = AutoModel.from_pretrained(repo).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = torch.nn.Sequential(*list(network.children())[:-1])(x).flatten(1)
+        assert torch.allclose(model(pixel_values=x).pooler_output.flatten(1), features, atol=1e-4)
+    assert backbone_repo("torchvision:resnet50", tmp_path / "backbones") == repo  # written once

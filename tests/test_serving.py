@@ -2,7 +2,6 @@
 
 import concurrent.futures
 import io
-import json
 import os
 import socket
 import subprocess
@@ -15,16 +14,19 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+from io_fixtures import MNI_T1, dicom_file
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 from hub.catalogue import get_variant
 from hub.export import Provenance, export_repo
+from hub.io import read_image
 from hub.models import get_family
 from hub.models.macl import MaclForSemanticSegmentation
-from hub.models.muscle import MuscleForImageClassification, MuscleForSemanticSegmentation
-
-from io_fixtures import MNI_T1, dicom_file
+from hub.models.muscle import (
+    MuscleForImageClassification,
+    MuscleForSemanticSegmentation,
+)
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
@@ -191,10 +193,15 @@ def test_segment_returns_png_mask_of_input_size_and_json_summary(server, radiogr
     repo = str(server["repos"]["segmenter"])
     response = post(server, "segment", radiograph, repo)
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-    mask = np.array(Image.open(io.BytesIO(response.content)))
+    png = Image.open(io.BytesIO(response.content))
+    assert png.mode == "P" and png.getpalette()[:6] == [0, 0, 0, 230, 25, 75]
+    mask = np.array(png)
     assert mask.shape == (90, 110) and set(np.unique(mask)) <= {0, 1}
     summary = post(server, "segment", radiograph, repo, format="json").json()
-    assert summary["shape"] == [90, 110]
+    spacing = read_image(radiograph).spacing[::-1]
+    assert (summary["axes"], summary["shape"], summary["spacing"]) == ("yx", [90, 110], list(spacing))
+    assert [label["area_mm2"] for label in summary["labels"]] == pytest.approx(
+        [label["voxels"] * spacing[0] * spacing[1] for label in summary["labels"]])
     assert sum(label["voxels"] for label in summary["labels"]) == 90 * 110
     assert [label["voxels"] for label in summary["labels"]] == [int((mask == 0).sum()), int((mask == 1).sum())]
 
@@ -229,6 +236,11 @@ def test_segment_nifti_mask_has_the_input_geometry(server, tmp_path):
     np.testing.assert_allclose(mask.GetOrigin(), source.GetOrigin(), atol=1e-5)
     np.testing.assert_allclose(mask.GetDirection(), source.GetDirection(), atol=1e-6)
     assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
+    summary = post(server, "segment", volume.read_bytes(), str(server["repos"]["volume"]), format="json").json()
+    assert (summary["axes"], summary["shape"]) == ("zyx", [20, 40, 36])
+    assert summary["spacing"] == pytest.approx([2.5, 0.7, 0.8])
+    assert [label["volume_ml"] for label in summary["labels"]] == pytest.approx(
+        [label["voxels"] * 2.5 * 0.7 * 0.8 / 1000 for label in summary["labels"]])
 
 
 def nifti_bytes(tmp_path: Path) -> bytes:
@@ -307,3 +319,13 @@ def test_patient_name_never_reaches_the_log(server, tmp_path):
     assert post(server, "embed", data[: len(data) // 3], str(server["repos"]["classifier"])).status_code in (413, 415, 422)
     log = server["log"].read_text()
     assert "Zebulon" not in log and "Quixote" not in log and "99887766" not in log
+
+
+def test_printed_segment_curls_save_the_mask_to_a_file(server):
+    from serving.cli import curl_examples
+
+    repos = server["repos"]
+    lines = curl_examples([str(repos["segmenter"]), str(repos["volume"])], "http://h:1", [])
+    segment = [line for line in lines if "h:1/segment" in line]
+    assert [line.split()[-2:] for line in segment] == [["-o", "mask.png"], ["-o", "mask.nii.gz"]]
+    assert all(" -o " not in line for line in lines if "h:1/segment" not in line)

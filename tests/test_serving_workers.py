@@ -76,12 +76,12 @@ def test_int8_graphs_answer_over_http_from_both_workers(two_workers):
     encoder, classifier = map(str, two_workers["repos"])
     embeddings = []
     for _ in range(6):  # fresh connections, served by either worker: the same int8 graph gives the same answer
-        response = httpx.post(f"{two_workers['url']}/embed", files={"file": ("x.png", buffer.getvalue())},
+        response = httpx.post(f"{two_workers['url']}/embed", files={"file": ("x.png", buffer.getvalue(), "application/octet-stream")},
                               data={"model": encoder}, timeout=60)
         assert response.status_code == 200, response.text
         embeddings.append(np.array(response.json()["embedding"]))
     assert all(np.allclose(embedding, embeddings[0], atol=1e-5) for embedding in embeddings)
-    labels = httpx.post(f"{two_workers['url']}/classify", files={"file": ("x.png", buffer.getvalue())},
+    labels = httpx.post(f"{two_workers['url']}/classify", files={"file": ("x.png", buffer.getvalue(), "application/octet-stream")},
                         data={"model": classifier}, timeout=60).json()["labels"]
     assert sum(label["probability"] for label in labels) == pytest.approx(1.0)
 

@@ -99,6 +99,8 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--engine", choices=["local", "ray"], default="local", help="local processes or Ray tasks")
     evaluate.add_argument("--resume", action="store_true", help="skip the units already in DIR/results.jsonl")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.add_argument("--update-cards", action="store_true",
+                          help="write each backbone's results into its card and publish it as a new revision")
     evaluate.set_defaults(handler=cmd_evaluate)
 
 
@@ -117,6 +119,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     study = load_study(args.study)
     rows = run_study(study, args.out, jobs=args.jobs, engine=args.engine, resume=args.resume,
                      progress=not args.no_progress)
-    for path in write_all(summarise(rows, study.baseline), rows, study.baseline, args.out):
+    summaries = summarise(rows, study.baseline)
+    for path in write_all(summaries, rows, study.baseline, args.out):
         print(f"wrote {path}")
+    if args.update_cards:
+        from .evaluate.cards import update_cards
+
+        for update in update_cards(study, summaries, args.out):
+            where = f"new cache revision {update.commit}" if update.commit else "a new folder"
+            print(f"card of {update.backbone} updated: {where} at {update.location}")
     return 0

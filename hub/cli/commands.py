@@ -10,7 +10,14 @@ from ..catalogue import VARIANTS, get_variant
 from ..convert import CONVERTERS
 from ..data import generate
 from ..errors import InputError, RepoError
-from ..export import Provenance, export_repo, install_in_cache, resolve_repo, validate_repo_id, verify_repo
+from ..export import (
+    Provenance,
+    export_repo,
+    install_in_cache,
+    resolve_repo,
+    validate_repo_id,
+    verify_repo,
+)
 from ..export.publish import upload_plan, upload_to_hub
 from ..export.resolve import read_config
 from ..models import get_family

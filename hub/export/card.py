@@ -75,3 +75,33 @@ def _eval_table(results: list[dict[str, Any]]) -> str:
         f"| {r['task_type']} | {r['dataset_name']} | {r['metric_type']} | {r['metric_value']:.4g} |" for r in results
     ]
     return "\n".join(rows)
+
+
+EVALUATION_SOURCE = "medhub evaluate"
+MANIFEST_DATASET = "medhub-manifest"  # the dataset_type of results measured on a medhub manifest
+_SECTION_START, _SECTION_END = "<!-- medhub-evaluate:start -->", "<!-- medhub-evaluate:end -->"
+
+
+def with_evaluation(card_text: str, results: list[EvalResult], table: str, model_name: str) -> str:
+    """`card_text` with `results` in its model-index (named `model_name` where the card names no model) and
+    `table` as its transfer-evaluation section.
+
+    Earlier entries on a medhub manifest for the same task names are replaced (other results are kept), and the
+    section between the medhub-evaluate markers is rewritten, so updating twice does not repeat anything.
+    """
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(card_text)
+    names = {result.task_name for result in results}
+    kept = [r for r in card.data.eval_results or [] if not (r.dataset_type == MANIFEST_DATASET and r.task_name in names)]
+    card.data.eval_results = kept + results
+    if not card.data.model_name:
+        card.data.model_name = model_name
+    section = f"{_SECTION_START}\n## Transfer evaluation ({EVALUATION_SOURCE})\n\n{table}\n{_SECTION_END}"
+    body = card.text
+    if _SECTION_START in body and _SECTION_END in body:
+        head, rest = body.split(_SECTION_START, 1)
+        body = head + section + rest.split(_SECTION_END, 1)[1]
+    else:
+        body = body.rstrip("\n") + "\n\n" + section + "\n"
+    return f"---\n{card.data.to_yaml()}\n---\n{body}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,17 @@ from .stats import Summary
 METRIC_NAMES = {"roc_auc": "ROC AUC", "dice": "Dice", "accuracy": "accuracy"}
 
 
-def _p(value: float | None) -> str:
-    return "baseline" if value is None else (f"{value:.2g}" if value >= 1e-4 else "<1e-4")
+def format_p(value: float | None) -> str:
+    """A p-value as the report shows it: NaN (undefined t-test) as n/a, never as a small number."""
+    if value is None:
+        return "baseline"
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.2g}" if value >= 1e-4 else "<1e-4"
+
+
+def _csv_value(value: Any) -> Any:
+    return "n/a" if isinstance(value, float) and math.isnan(value) else value
 
 
 def write_summary_csv(summaries: list[Summary], out: Path) -> Path:
@@ -28,7 +38,7 @@ def write_summary_csv(summaries: list[Summary], out: Path) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=[f.name for f in dataclasses.fields(Summary)])
         writer.writeheader()
-        writer.writerows(dataclasses.asdict(s) for s in summaries)
+        writer.writerows({k: _csv_value(v) for k, v in dataclasses.asdict(s).items()} for s in summaries)
     return path
 
 
@@ -36,7 +46,10 @@ def write_report(summaries: list[Summary], baseline: str, out: Path) -> Path:
     lines = ["# Transfer evaluation", "",
              (f"Mean +- sample standard deviation (ddof 1) over runs on each task's test split; p: two-sample "
              f"Student's t-test against the baseline `{baseline}` (Welch's and Holm-corrected p in summary.csv). "
-             "Best mean per column in bold."), ""]
+             "Best mean per column in bold. p is n/a where the t-test is undefined (fewer than two runs in an arm, "
+             "or no spread in both); \"identical runs\" marks a cell whose runs all gave one value (a deterministic "
+             "protocol such as the linear probe on all labels: effectively one run, its std is 0 by construction)."),
+             ""]
     for task in sorted({s.task for s in summaries}):
         rows = [s for s in summaries if s.task == task]
         columns = sorted({(s.protocol, s.fraction) for s in rows})
@@ -53,7 +66,8 @@ def write_report(summaries: list[Summary], baseline: str, out: Path) -> Path:
                     cells.append("")
                     continue
                 s = match[0]
-                text = f"{s.mean:.3f} +- {s.std:.3f} (n={s.runs}, p {_p(s.p_student)})"
+                runs = f"n={s.runs}, identical runs" if s.identical else f"n={s.runs}"
+                text = f"{s.mean:.3f} +- {s.std:.3f} ({runs}, p {format_p(s.p_student)})"
                 cells.append(f"**{text}**" if s.mean == best[column] else text)
             lines.append(f"| {backbone} | " + " | ".join(cells) + " |")
         lines += ["", f"![{task}](task_{task}.png)", ""]

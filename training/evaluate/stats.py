@@ -1,6 +1,10 @@
 """Per (task, protocol, fraction) and backbone: mean, sample standard deviation (ddof 1; the study reported
 numpy's population std), 95% t confidence interval, and Student's and Welch's two-sample t-tests against the
-baseline with Holm-corrected p-values (Student's, over the comparisons of one cell)."""
+baseline with Holm-corrected p-values (Student's, over the comparisons of one cell).
+
+A t-test needs two runs per arm and some spread: with n < 2 in either arm, or both arms constant over their runs
+(the linear probe on all labels is deterministic, so its runs repeat one value), its p-value is undefined and
+reported as NaN; such cells are flagged `identical` and count as one effective run."""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class Summary:
     p_student: float | None
     p_welch: float | None
     p_holm: float | None
+    identical: bool
 
 
 def metric_of(row: dict[str, Any]) -> str:
@@ -34,13 +39,22 @@ def metric_of(row: dict[str, Any]) -> str:
 
 
 def holm(pvalues: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values, in the input order."""
-    order = np.argsort(pvalues)
-    adjusted, running = [0.0] * len(pvalues), 0.0
+    """Holm-Bonferroni adjusted p-values, in the input order; NaN (undefined) ones stay NaN and do not count."""
+    defined = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    order = sorted(defined, key=lambda i: pvalues[i])
+    adjusted, running = [math.nan] * len(pvalues), 0.0
     for rank, index in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[index]))
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[index]))
         adjusted[index] = running
     return adjusted
+
+
+def t_tests(values: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """Student's and Welch's two-sided p-values; NaN where undefined (n < 2 in an arm, or no spread in both)."""
+    if len(values) < 2 or len(base) < 2 or (np.ptp(values) == 0 and np.ptp(base) == 0):
+        return math.nan, math.nan
+    return (float(stats.ttest_ind(values, base).pvalue),
+            float(stats.ttest_ind(values, base, equal_var=False).pvalue))
 
 
 def summarise(rows: list[dict[str, Any]], baseline: str) -> list[Summary]:
@@ -56,9 +70,8 @@ def summarise(rows: list[dict[str, Any]], baseline: str) -> list[Summary]:
         tests = {}
         for backbone, values in arms.items():
             values = np.asarray(values)
-            if backbone != baseline and len(values) > 1 and len(base) > 1:
-                tests[backbone] = (float(stats.ttest_ind(values, base).pvalue),
-                                   float(stats.ttest_ind(values, base, equal_var=False).pvalue))
+            if backbone != baseline:
+                tests[backbone] = t_tests(values, base)
         names = sorted(tests)
         adjusted = dict(zip(names, holm([tests[n][0] for n in names]))) if names else {}
         for backbone, values in sorted(arms.items()):
@@ -68,5 +81,5 @@ def summarise(rows: list[dict[str, Any]], baseline: str) -> list[Summary]:
             half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
             p = tests.get(backbone, (None, None))
             out.append(Summary(*cell, backbone, metrics[cell], n, mean, std, mean - half, mean + half, p[0], p[1],
-                               adjusted.get(backbone)))
+                               adjusted.get(backbone), n > 1 and np.ptp(values) == 0))
     return out

@@ -16,7 +16,8 @@ TASK_KINDS = ("classification", "segmentation")
 EXAMPLE = """\
 # medhub evaluate STUDY.yaml --out DIR: every (backbone, task, protocol, label fraction, run) is one unit.
 # Write the phantoms first: medhub phantoms --out phantoms (their manifest is phantoms/manifest.jsonl).
-backbones:                     # repo folders or ORG/NAME ids, or random:<catalogue variant> for scratch
+backbones:                     # repo folders or ORG/NAME ids, random:<catalogue variant> for scratch, or
+                               # torchvision:resnet50[=FILE] (ImageNet weights from torch's hub cache or FILE)
   random: random:muscle-resnet18-tiny
   muscle: demo/muscle-resnet18-tiny
 baseline: random               # every backbone is t-tested against this one

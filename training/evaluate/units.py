@@ -31,11 +31,19 @@ from ..finetune import (
     load_head_model,
 )
 from ..launch import seed_everything
+from .imagenet import PREFIX as IMAGENET_PREFIX
+from .imagenet import imagenet_repo
 from .study import Study, Unit
+
+GENERATED = ("random:", IMAGENET_PREFIX)  # backbones medhub writes as repo folders under the study's work dir
 
 
 def backbone_repo(source: str, cache: Path) -> Path:
-    """A repo folder for a study backbone: a folder or ORG/NAME as it is, `random:<variant>` written once."""
+    """A repo folder for a study backbone: a folder or ORG/NAME as it is, `random:<variant>` and
+    `torchvision:resnet50[=FILE]` (the ImageNet baseline) written once."""
+    if source.startswith(IMAGENET_PREFIX):
+        name = source.removeprefix(IMAGENET_PREFIX).partition("=")[0]
+        return imagenet_repo(source, cache / f"torchvision-{name}")
     if source.startswith("random:"):
         variant = get_variant(source.removeprefix("random:"))
         folder = cache / f"random-{variant.id}"

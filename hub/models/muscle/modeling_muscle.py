@@ -100,6 +100,25 @@ def _make_stage(
     return nn.Sequential(*blocks)
 
 
+class MuscleAnchorGenerator(AnchorGenerator):
+    """torchvision's AnchorGenerator with its cell anchors held as (non-persistent) buffers, so that they follow
+    `.to()` and are re-created by `_init_weights` after an initialisation on the meta device."""
+
+    @property
+    def cell_anchors(self) -> list[torch.Tensor]:
+        return [getattr(self, f"cell_anchors_{index}") for index in range(len(self.sizes))]
+
+    @cell_anchors.setter
+    def cell_anchors(self, anchors: list[torch.Tensor]) -> None:
+        for index, cell in enumerate(anchors):
+            self.register_buffer(f"cell_anchors_{index}", cell, persistent=False)
+
+    def reset_cell_anchors(self) -> None:
+        with torch.device("cpu"):
+            for index, (sizes, ratios) in enumerate(zip(self.sizes, self.aspect_ratios)):
+                init.copy_(getattr(self, f"cell_anchors_{index}"), self.generate_anchors(sizes, ratios))
+
+
 class MusclePreTrainedModel(PreTrainedModel):
     config: MuscleConfig
     config_class = MuscleConfig
@@ -126,6 +145,8 @@ class MusclePreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, std=0.01)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, MuscleAnchorGenerator):
+            module.reset_cell_anchors()
 
 
 class MuscleModel(MusclePreTrainedModel):
@@ -247,6 +268,9 @@ class MuscleForSemanticSegmentation(MusclePreTrainedModel):
         **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         outputs = self.muscle(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.decode_head(outputs.last_hidden_state)
         logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
@@ -297,7 +321,7 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         self.transform = GeneralizedRCNNTransform(
             config.detection_min_size, config.detection_max_size, [0.0] * config.num_channels, [1.0] * config.num_channels
         )
-        anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+        anchors = MuscleAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
         self.rpn = RegionProposalNetwork(
             anchors, RPNHead(channels, 3), 0.7, 0.3, 256, 0.5, dict(training=2000, testing=1000),
             dict(training=2000, testing=1000), 0.7,

@@ -51,7 +51,7 @@ class UmedptConfig(BackboneConfigMixin, PreTrainedConfig):
     """
 
     model_type = "umedpt"
-    attribute_map = {"num_attention_heads": "num_heads"}
+    attribute_map: ClassVar[dict[str, str]] = {"num_attention_heads": "num_heads"}
     poolings: ClassVar[tuple[str, ...]] = ("mean",)
 
     num_channels: int = 3

@@ -145,6 +145,25 @@ class UmedptSqueezer(nn.Module):
         return self._squeeze(last_map), self._squeeze(last_map.mean(dim=(2, 3), keepdim=True)).flatten(1)
 
 
+class UmedptAnchorGenerator(AnchorGenerator):
+    """torchvision's AnchorGenerator with its cell anchors held as (non-persistent) buffers, so that they follow
+    `.to()` and are re-created by `_init_weights` after an initialisation on the meta device."""
+
+    @property
+    def cell_anchors(self) -> list[torch.Tensor]:
+        return [getattr(self, f"cell_anchors_{index}") for index in range(len(self.sizes))]
+
+    @cell_anchors.setter
+    def cell_anchors(self, anchors: list[torch.Tensor]) -> None:
+        for index, cell in enumerate(anchors):
+            self.register_buffer(f"cell_anchors_{index}", cell, persistent=False)
+
+    def reset_cell_anchors(self) -> None:
+        with torch.device("cpu"):
+            for index, (sizes, ratios) in enumerate(zip(self.sizes, self.aspect_ratios)):
+                init.copy_(getattr(self, f"cell_anchors_{index}"), self.generate_anchors(sizes, ratios))
+
+
 def _relative_position_tables(window_size: list[int]) -> nn.Module:
     """torchvision's Swin V2 relative-position buffers for `window_size`, built on the CPU (a model initialised on
     the meta device gets them from here)."""
@@ -184,6 +203,8 @@ class UmedptPreTrainedModel(PreTrainedModel):
             fresh = _relative_position_tables(module.window_size)
             init.copy_(module.relative_coords_table, fresh.relative_coords_table)
             init.copy_(module.relative_position_index, fresh.relative_position_index)
+        elif isinstance(module, UmedptAnchorGenerator):
+            module.reset_cell_anchors()
         elif isinstance(module, UmedptFCOSHead):
             init.ones_(module.scales)
             init.normal_(module.cls_logits.weight, std=0.01)
@@ -513,12 +534,15 @@ class UmedptObjectDetectionOutput(ModelOutput):
     """
     loss: sum of the FCOS losses (when labels are given).
     loss_dict: `classification`, `bbox_regression`, `bbox_ctrness`.
-    detections: in eval mode, per image `boxes` (N, 4) xyxy in input pixels, `scores` (N,), `labels` (N,).
+    detections: in eval mode, a list with one dict per image: `boxes` (N, 4) xyxy in input pixels, `scores` (N,),
+        `labels` (N,).
+    hidden_states: the encoder's stem and stage maps, when asked for.
     """
 
     loss: torch.Tensor | None = None
     loss_dict: dict[str, torch.Tensor] | None = None
     detections: list[dict[str, torch.Tensor]] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class UmedptForObjectDetection(UmedptPreTrainedModel):
@@ -537,7 +561,7 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
         self.fpn = FeaturePyramidNetwork(in_channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
         strides = (8, 16, 32, 64, 128)
         self.head = UmedptFCOSHead(config, len(strides))
-        self.anchor_generator = AnchorGenerator(tuple((stride,) for stride in strides), ((1.0,),) * len(strides))
+        self.anchor_generator = UmedptAnchorGenerator(tuple((stride,) for stride in strides), ((1.0,),) * len(strides))
         self.box_coder = det_utils.BoxLinearCoder(normalize_by_size=True)
         self.center_sampling_radius = 1.5 if config.detection_center_sampling else float("inf")
         self.score_thresh = config.detection_score_threshold
@@ -550,10 +574,13 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: list[dict[str, torch.Tensor]] | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> UmedptObjectDetectionOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
         maps = self.umedpt.stage_maps(pixel_values)
         latent, _ = self.umedpt.squeezer(maps[-1])
         pyramid = self.fpn(OrderedDict(zip(("p3", "p4", "p5"), [maps[2], maps[3], latent])))
@@ -573,9 +600,10 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
             split = {name: list(value.split(per_level, dim=1)) for name, value in head_outputs.items()}
             split_anchors = [list(anchor.split(per_level)) for anchor in anchors]
             detections = FCOS.postprocess_detections(self, split, split_anchors, images.image_sizes)
-        if not return_dict:
-            return tuple(value for value in (loss, loss_dict, detections) if value is not None)
-        return UmedptObjectDetectionOutput(loss=loss, loss_dict=loss_dict, detections=detections)
+        output = UmedptObjectDetectionOutput(
+            loss=loss, loss_dict=loss_dict, detections=detections, hidden_states=tuple(maps) if output_hidden_states else None
+        )
+        return output if return_dict else output.to_tuple()
 
 
 class UmedptBackbone(BackboneMixin, UmedptModel):
