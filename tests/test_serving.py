@@ -71,7 +71,7 @@ def repos(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(repos, tmp_path_factory):
+def server(repos, tmp_path_factory, request):
     """One server for the module: token on, 12 MiB body limit, at most 2 requests in flight."""
     root = tmp_path_factory.mktemp("server")
     port = free_port()
@@ -84,10 +84,10 @@ def server(repos, tmp_path_factory):
         "MEDHUB_MAX_BODY_MB": "12",
         "MEDHUB_MAX_CONCURRENCY": "2",
         "MEDHUB_THREADS": "1",
-        "TMPDIR": str(root / "tmp"),  # where BentoML puts request temp dirs: the privacy tests read it
-        "BENTOML_HOME": str(root / "bentoml"),
     }
     (root / "tmp").mkdir()
+    if getattr(request.module, "OWN_TEMP_DIRS", False):  # the privacy tests read the request temp dirs and home
+        env.update(TMPDIR=str(root / "tmp"), BENTOML_HOME=str(root / "bentoml"))
     bentoml = Path(sys.executable).parent / "bentoml"
     process = subprocess.Popen(
         [str(bentoml), "serve", "serving.service:MedhubService", "--host", "127.0.0.1", "--port", str(port)],

@@ -12,6 +12,7 @@ from io_fixtures import dicom_file
 from test_serving import AUTH, repos, server  # noqa: F401 (fixtures: one live server for this module)
 
 pytestmark = pytest.mark.slow
+OWN_TEMP_DIRS = True  # the server fixture then gives the server its own TMPDIR and BENTOML_HOME
 CANARIES = ("Zanzibarqx", "Quimbletoe", "MRNQ5512086", "77441122993366", "FNAMECANARY")
 NAME = "FNAMECANARY" + "n" * 300 + ".dcm"  # longer than a file name may be (ENAMETOOLONG before the guard's rewrite)
 
