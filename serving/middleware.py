@@ -56,9 +56,12 @@ class RequestGuard:
         if body is None:
             return await self._too_large(send)
         if path in self.forms:
-            problem = form_problem(headers.get(b"content-type", b""), body, self.forms[path])
+            content_type = headers.get(b"content-type", b"")
+            problem = form_problem(content_type, body, self.forms[path])
             if problem is not None:
                 return await send_json(send, problem[0], {"error": problem[1]})
+            body = without_file_names(body, _boundary(content_type))
+            scope = {**scope, "headers": _with_length(scope.get("headers") or [], len(body))}
         return await self.app(scope, _replay(body), send)
 
     def _authorised(self, header: bytes) -> bool:
@@ -104,11 +107,11 @@ def form_problem(content_type: bytes, body: bytes, allowed: set[str]) -> tuple[i
     Starlette refuses more than 1,000 parts or a text part over 1 MiB with an error that surfaces as a 500."""
     if not content_type.lower().startswith(b"multipart/form-data"):
         return 415, "expected a multipart/form-data upload with a 'file' field"
-    boundary = BOUNDARY.search(content_type)
+    boundary = _boundary(content_type)
     if boundary is None:
         return 400, "the multipart/form-data Content-Type names no boundary"
     fields: dict[str, bool] = {}
-    for header, size in parts(body, boundary.group(1) or boundary.group(2)):
+    for header, size in parts(body, boundary):
         if len(header) > MAX_PART_HEADER:
             return 400, f"a multipart part header is over {MAX_PART_HEADER // 1024} KiB"
         disposition = part_disposition(header)
@@ -131,6 +134,29 @@ def form_problem(content_type: bytes, body: bytes, allowed: set[str]) -> tuple[i
     return None
 
 
+UPLOAD_NAME = b"upload"  # what BentoML names its per-request temp file after, in place of the client's file name
+
+
+def without_file_names(body: bytes, boundary: bytes) -> bytes:
+    """The body with each upload part's Content-Disposition rewritten to carry the fixed file name `upload`.
+
+    BentoML names the request's temp file after the client's file name (over ~240 characters: ENAMETOOLONG) and
+    shows it in tracebacks; the name is never used, so it never passes the guard. Contents are copied untouched."""
+    pieces, copied = [], 0
+    for start, end in _header_spans(body, boundary):
+        lines = body[start:end].split(b"\r\n")
+        for i, line in enumerate(lines):
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == b"content-disposition":
+                _, options = parse_options_header(value.strip())
+                if b"filename" in options:
+                    name = options.get(b"name", b"").replace(b"\\", b"").replace(b'"', b"")
+                    lines[i] = b'Content-Disposition: form-data; name="' + name + b'"; filename="' + UPLOAD_NAME + b'"'
+        pieces += [body[copied:start], b"\r\n".join(lines)]
+        copied = end
+    return b"".join(pieces) + body[copied:]
+
+
 def part_disposition(header: bytes) -> tuple[str, bool] | None:
     """(field name, whether it is a file upload) from a part's Content-Disposition, or None without one."""
     for line in header.split(b"\r\n"):
@@ -144,6 +170,19 @@ def part_disposition(header: bytes) -> tuple[str, bool] | None:
 def parts(body: bytes, boundary: bytes) -> Iterator[tuple[bytes, int]]:
     """(header block, content size) of each part of a multipart body; contents are skipped, not scanned, and a
     truncated last part has size -1."""
+    for start, end, size in _part_spans(body, boundary):
+        yield body[start:end], size
+
+
+def _header_spans(body: bytes, boundary: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) offsets of each complete part header block."""
+    for start, end, size in _part_spans(body, boundary):
+        if end - start <= MAX_PART_HEADER:
+            yield start, end
+
+
+def _part_spans(body: bytes, boundary: bytes) -> Iterator[tuple[int, int, int]]:
+    """(header start, header end, content size) of each part; see `parts`."""
     delimiter = b"--" + boundary
     position = body.find(delimiter)
     while position != -1:
@@ -153,11 +192,22 @@ def parts(body: bytes, boundary: bytes) -> Iterator[tuple[bytes, int]]:
             return
         if end == -1:  # a header block over the limit, or a truncated part
             if len(body) - start > MAX_PART_HEADER:
-                yield body[start : start + MAX_PART_HEADER + 1], -1
+                yield start, start + MAX_PART_HEADER + 1, -1
             return
         position = body.find(b"\r\n" + delimiter, end)
-        yield body[start:end], (position - end - 4 if position != -1 else -1)
+        yield start, end, (position - end - 4 if position != -1 else -1)
         position = position + 2 if position != -1 else -1
+
+
+def _boundary(content_type: bytes) -> bytes | None:
+    found = BOUNDARY.search(content_type)
+    return None if found is None else found.group(1) or found.group(2)
+
+
+def _with_length(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple[bytes, bytes]]:
+    """The request headers with Content-Length set to the (rewritten) body's length, chunked framing dropped."""
+    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")]
+    return [*kept, (b"content-length", str(length).encode())]
 
 
 def _replay(body: bytes) -> Receive:

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import onnxruntime as ort
 from filelock import FileLock
 
 from hub.embed import model_inputs, pool_tiles
-from hub.errors import InputError, RepoError
+from hub.errors import InputError, MedhubError, RepoError
 from hub.export.resolve import read_config, repo_revision, resolve_repo
 from hub.io import ImageSource, ReadLimits, read_image
 from hub.io.dicom_seg import Algorithm, build_segmentation, dicom_bytes
@@ -37,6 +38,10 @@ class TaskNotAvailableError(InputError):
 
 class DimensionalityError(InputError):
     """A 2D image sent to a 3D model, or the reverse."""
+
+
+class DeadlinePassedError(MedhubError):
+    """Work stopped because the request's time ran out (its client already got BentoML's 504)."""
 
 
 @dataclass
@@ -113,21 +118,32 @@ class ServedModel:
         ranked = sorted(zip(self.labels, probabilities.tolist()), key=lambda pair: -pair[1])
         return [{"label": label, "probability": probability} for label, probability in ranked]
 
-    def segment(self, data: ImageSource, limits: ReadLimits) -> tuple[np.ndarray, MedicalImage]:
+    def _dense(self, deadline: float | None) -> Callable[[np.ndarray], np.ndarray]:
+        """The segmentation head for `predict`'s tile loop, stopping it (DeadlinePassedError) once `deadline`
+        (time.monotonic()) has passed, so a timed-out 3D request frees its core instead of finishing unseen."""
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlinePassedError(f"the request ran past its time limit; model {self.id} stopped")
+            return self._run("segmentation", batch)[0]
+
+        return run
+
+    def segment(self, data: ImageSource, limits: ReadLimits, deadline: float | None = None) -> tuple[np.ndarray, MedicalImage]:
         """Labels on the input's grid: argmax over classes (foreground > 0 for a single-channel head)."""
         image = self._image(data, limits)
-        logits, image = self.processor.predict(image, lambda batch: self._run("segmentation", batch)[0])
+        logits, image = self.processor.predict(image, self._dense(deadline))
         return label_mask(logits), image
 
     @property
     def algorithm(self) -> Algorithm:
         return Algorithm(self.id, self.revision)
 
-    def segmentation_dicom(self, data: ImageSource, limits: ReadLimits) -> bytes:
+    def segmentation_dicom(self, data: ImageSource, limits: ReadLimits, deadline: float | None = None) -> bytes:
         """A DICOM SEG of the input's mask (binary; fractional probabilities where the repo's config says
         `"dicom_seg_type": "fractional"`, with coded concepts from its `label_codes`)."""
         image = self._image(data, limits)
-        logits, image = self.processor.predict(image, lambda batch: self._run("segmentation", batch)[0])
+        logits, image = self.processor.predict(image, self._dense(deadline))
         if logits.shape[0] == 1:
             foreground = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
             probabilities = np.concatenate([1.0 - foreground, foreground])

@@ -6,6 +6,8 @@ sets them from its flags. Preprocessing is each repo's `preprocessor_config.json
 
 import logging
 import os
+import time
+import traceback
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +28,7 @@ from hub.errors import CorruptFileError, InputError, LimitExceededError, MedhubE
 from .batching import ServiceOverloaded  # noqa: E402
 from .dicomweb import DicomwebNotFoundError, DicomwebUnavailableError, fetch, store_result  # noqa: E402
 from .middleware import RequestGuard  # noqa: E402
-from .models import DimensionalityError, ServedModel, TaskNotAvailableError, UnknownModelError, load_served_model  # noqa: E402
+from .models import DeadlinePassedError, DimensionalityError, ServedModel, TaskNotAvailableError, UnknownModelError, load_served_model  # noqa: E402
 from .settings import ServeSettings  # noqa: E402
 
 logger = logging.getLogger("medhub.serving")
@@ -58,6 +60,8 @@ def status_for(error: MedhubError) -> int:
         return 404
     if isinstance(error, DicomwebUnavailableError):
         return 502
+    if isinstance(error, DeadlinePassedError):
+        return 504
     if isinstance(error, LimitExceededError):
         return 413
     if isinstance(error, ServiceOverloaded):
@@ -110,11 +114,13 @@ class MedhubService:
         return len(LOADED) == len(SETTINGS.models)
 
     @bentoml.api(route="/embed")
-    def embed(self, file: Path = NO_UPLOAD, dicomweb: str = "", model: str = "", layers: str = "") -> dict:
-        """Pooled embedding (`pooler_output`) of the upload; `layers` = comma-separated hidden-state indices."""
+    def embed(self, file: Path = NO_UPLOAD, dicomweb: str = "", model: str = "", layers: str | int = "") -> dict:
+        """Pooled embedding (`pooler_output`) of the upload; `layers` = comma-separated hidden-state indices
+        (BentoML json-decodes form text, so a single index arrives as an int)."""
 
         def run(served: ServedModel, data: ImageSource) -> Response:
-            wanted = [int(item) for item in layers.split(",") if item.strip()] if layers else None
+            text = str(layers)
+            wanted = [int(item) for item in text.split(",") if item.strip()] if text else None
             result = served.embed(data, SETTINGS.read_limits(), wanted)
             return JSONResponse({"model": served.id, **result, "provider": served.provider})
 
@@ -142,16 +148,18 @@ class MedhubService:
         `dicom-seg` DICOM Segmentation (DICOM inputs). `store=true` (with `dicomweb`) stores the SEG on the
         first configured DICOMweb server instead and answers its UIDs as JSON."""
 
+        deadline = time.monotonic() + SETTINGS.timeout  # BentoML answers 504 then; the tile loop stops too
+
         def run(served: ServedModel, data: ImageSource) -> Response:
             if store:
                 if not dicomweb:
                     raise InputError("field 'store' needs a 'dicomweb' reference; an uploaded file has no server to store to")
-                seg = served.segmentation_dicom(data, SETTINGS.read_limits())
+                seg = served.segmentation_dicom(data, SETTINGS.read_limits(), deadline)
                 uids = store_result(seg, SETTINGS.dicomweb_urls, SETTINGS.dicomweb_token)
                 return JSONResponse({"model": served.id, "stored": uids})
             if format == "dicom-seg":
-                return Response(served.segmentation_dicom(data, SETTINGS.read_limits()), media_type=DICOM_MEDIA)
-            mask, image = served.segment(data, SETTINGS.read_limits())
+                return Response(served.segmentation_dicom(data, SETTINGS.read_limits(), deadline), media_type=DICOM_MEDIA)
+            mask, image = served.segment(data, SETTINGS.read_limits(), deadline)
             wanted = format or ("png" if image.spatial_dims == 2 else "nifti")
             if wanted == "json":
                 return JSONResponse(served.mask_summary(mask, image))
@@ -175,7 +183,10 @@ def _handle(file: Path, dicomweb: str, model: str, run: Callable[[ServedModel, I
         if dicomweb:  # UIDs on a configured server, checked against the limits before any pixel data
             return run(LOADED[model], fetch(dicomweb, SETTINGS.dicomweb_urls, SETTINGS.dicomweb_token,
                                             SETTINGS.read_limits()))
-        data = file.read_bytes()
+        try:
+            data = file.read_bytes()
+        finally:  # BentoML removes its request temp dirs only at shutdown; the bytes are all the handler needs
+            file.unlink(missing_ok=True)
         if not data:
             raise InputError("the uploaded file is empty")
         return run(LOADED[model], data)
@@ -183,6 +194,11 @@ def _handle(file: Path, dicomweb: str, model: str, run: Callable[[ServedModel, I
         return error_response(error)
     except ValueError as error:  # malformed form values, e.g. a non-integer layer index
         return error_response(InputError(f"bad request field: {error}"))
+    except Exception as error:  # a defect to fix: one line naming its type and place, never its message or values
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        logger.error("unexpected %s at %s:%d in %s; answered 500", type(error).__name__, Path(where.filename).name,
+                     where.lineno, where.name)
+        return JSONResponse({"error": "internal error; the service logged its type and place"}, status_code=500)
 
 
 MedhubService.mount_asgi_app(models_app, path="/")  # BentoML mounts match only their own routes

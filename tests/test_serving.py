@@ -71,7 +71,7 @@ def repos(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(repos, tmp_path_factory):
+def server(repos, tmp_path_factory, request):
     """One server for the module: token on, 12 MiB body limit, at most 2 requests in flight."""
     root = tmp_path_factory.mktemp("server")
     port = free_port()
@@ -85,6 +85,9 @@ def server(repos, tmp_path_factory):
         "MEDHUB_MAX_CONCURRENCY": "2",
         "MEDHUB_THREADS": "1",
     }
+    (root / "tmp").mkdir()
+    if getattr(request.module, "OWN_TEMP_DIRS", False):  # the privacy tests read the request temp dirs and home
+        env.update(TMPDIR=str(root / "tmp"), BENTOML_HOME=str(root / "bentoml"))
     bentoml = Path(sys.executable).parent / "bentoml"
     process = subprocess.Popen(
         [str(bentoml), "serve", "serving.service:MedhubService", "--host", "127.0.0.1", "--port", str(port)],
@@ -105,7 +108,7 @@ def server(repos, tmp_path_factory):
     else:
         process.kill()
         pytest.fail("server did not become ready in 240 s")
-    yield {"url": url, "log": root / "server.log", "repos": repos}
+    yield {"url": url, "log": root / "server.log", "repos": repos, "tmp": root / "tmp", "home": root / "bentoml"}
     process.terminate()
     process.wait(timeout=30)
     log.close()
@@ -152,7 +155,11 @@ def test_embed_png_with_layers(server, radiograph):
     body = response.json()
     assert body["dim"] == 64 and body["provider"] == "CPUExecutionProvider"
     assert len(body["layers"]["0"]) == 8 and len(body["layers"]["4"]) == 64
-    assert post(server, "embed", radiograph, str(repo), layers="9").status_code == 400
+    single = post(server, "embed", radiograph, str(repo), layers="4")  # BentoML decodes "4" to the int 4
+    assert single.status_code == 200, single.text
+    assert list(single.json()["layers"]) == ["4"] and single.json()["layers"]["4"] == body["layers"]["4"]
+    out_of_range = post(server, "embed", radiograph, str(repo), layers="9")
+    assert out_of_range.status_code == 400 and "9" in out_of_range.json()["error"], out_of_range.text
 
 
 @pytest.mark.parametrize("name", ["classifier", *ENCODERS_2D])

@@ -84,3 +84,17 @@ def test_forms_starlette_refuses_get_a_400_here():
     content_type, body = raw_form(UPLOAD, (MODEL[0], b"m" * (2**20 + 1)))  # a text part over its 1 MiB
     assert form_problem(content_type, body, ALLOWED) == (400, "form field 'model' is over 64 KiB")
 
+
+
+def test_upload_file_names_are_replaced_and_the_body_stays_well_formed():
+    from serving.middleware import UPLOAD_NAME, parts, without_file_names
+
+    canary = "CANARY" + "x" * 300 + ".dcm"
+    content_type, body = encoded(files={"file": (canary, b"\x00DICM" * 10, "application/dicom")}, data={"model": "org/m"})
+    boundary = content_type.split(b"boundary=")[1]
+    rewritten = without_file_names(body, boundary)
+    assert b"CANARY" not in rewritten and b'filename="' + UPLOAD_NAME + b'"' in rewritten
+    assert b"\x00DICM" * 10 in rewritten and b"application/dicom" in rewritten
+    assert form_problem(content_type, rewritten, ALLOWED) is None
+    assert [size for _, size in parts(rewritten, boundary)] == [size for _, size in parts(body, boundary)]
+    assert without_file_names(body[:40], boundary) == body[:40]  # a truncated header block is left as it is
