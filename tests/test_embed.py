@@ -139,11 +139,15 @@ def test_a_killed_run_resumes_to_the_same_rows(repo2d, tmp_path):
     process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(repo2d), str(folder), str(out)], env=env,
                                start_new_session=True)
     shards = out / ".shards"
-    while process.poll() is None and len(list(shards.glob("*.json"))) < 2:
+
+    def finished() -> int:  # shard state files, not the `.tmp-*` file of one being written
+        return len([path for path in shards.glob("*.json") if not path.name.startswith(".")])
+
+    while process.poll() is None and finished() < 2:
         pass
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    done = len(list(shards.glob("*.json")))
+    done = finished()
     assert 2 <= done < 6, done  # killed mid-way
     result = embed_dataset(repo2d, folder, out, resume=True, shard_size=2)
     assert result.skipped_shards >= 2
