@@ -1,8 +1,8 @@
 """Named preprocessing presets: each family declares its policy as a plain dict.
 
-Facts behind each preset are in ``shared/reference/upstream-*.md``: MUSCLE follows the benchmarking study's
+Each preset follows its paper or the authors' released code: MUSCLE follows the benchmarking study's
 ResNet-50 recipe (Resize 256, CenterCrop 224, ImageNet mean/std); UMedPT takes 3-channel [0, 1] input with no
-mean/std (B6); MACL's U-Net takes one z-scored grey channel (PCL pre-processing); MedCoSS per modality (A8):
+mean/std; MACL's U-Net takes one z-scored grey channel (PCL pre-processing); MedCoSS per modality:
 X-ray and pathology 224x224 in [0, 1] (pathology in BGR order), CT clipped to +-1024 HU and divided by 1024 at
 1 mm, MRI clipped to its 0.2-99.8 percentiles and z-scored, volumes as 16x192x192.
 """
