@@ -1,8 +1,11 @@
 """Tiny files whose headers make the decode or the resampling allocate gigabytes are refused (issue 13, item 1)."""
 
 import struct
+import subprocess
+import sys
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +90,37 @@ def test_zscore_makes_no_float64_copy_of_the_volume_and_keeps_values():
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
     assert peak < 1.25 * values.nbytes  # the float32 result and one block; a float64 copy alone would be 2x
+
+
+_DAMAGED_DICOM_PEAK = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+from io_fixtures import PYDICOM_TEST_FILES, dicom_file
+from hub.errors import CorruptFileError
+from hub.io import read_image
+rle = (PYDICOM_TEST_FILES / "MR_small_RLE.dcm").read_bytes()
+jpeg = dicom_file("JPEG-LL.dcm").read_bytes()
+rgb = dicom_file("SC_rgb.dcm").read_bytes()
+pixels = rgb.rfind(b"\\xe0\\x7f\\x10\\x00")
+damaged = [rle[: len(rle) * 3 // 5], jpeg[: len(jpeg) * 3 // 5], rgb[: pixels + 5000] + bytes(range(256)) * 16 + rgb[pixels + 5000:]]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for data in damaged:
+    try:
+        read_image(data)
+    except CorruptFileError as error:
+        assert "damaged DICOM file" in str(error), error
+    else:
+        raise AssertionError("a damaged DICOM file was read")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def test_damaged_encapsulated_dicom_is_refused_before_gdcm_allocates(tmp_path):
+    """An RLE or JPEG file cut inside its last fragment, or a file with bytes inserted into its pixel data (the rest
+    then reads as elements of any length), made GDCM allocate 2-4 GiB before its error; they are refused before
+    GDCM sees them. Measured in a child process (GDCM's memory is invisible to tracemalloc)."""
+    tests = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", _DAMAGED_DICOM_PEAK, tests], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) < 100 * 2**20
