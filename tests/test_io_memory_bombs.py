@@ -124,3 +124,29 @@ def test_damaged_encapsulated_dicom_is_refused_before_gdcm_allocates(tmp_path):
                          check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) < 100 * 2**20
+
+
+def _cube(n: int) -> np.ndarray:
+    return np.arange(n**3, dtype=np.int16).reshape(n, n, n)
+
+
+def test_sliding_window_tiles_over_the_byte_budget_are_refused_before_allocating():
+    """64^3 int16 (512 KiB) cut into 8^3 tiles at overlap 0.5 is 15^3 tiles = 6.6 MiB of float32: over a 2 MiB
+    budget it is a 413 naming the tiles, and the tiles are never allocated."""
+    processor = MedicalImageProcessor(modality="ct", spatial_dims=3, in_channels=1, size=8, intensity="none")
+    limits = ReadLimits(max_array_bytes=2 * 2**20)
+    tracemalloc.start()
+    with pytest.raises(LimitExceededError, match=r"sliding-window tiles .* 6912000 bytes, over the limit of 2097152"):
+        processor.tile(_cube(64), limits=limits)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * 2**20
+    tiled = processor.tile(_cube(64), limits=ReadLimits(max_array_bytes=8 * 2**20))
+    assert tiled.tiles.shape == (3375, 1, 8, 8, 8) and tiled.tiles[0, 0, 0, 0, 1] == 1.0
+
+
+def test_a_volume_whose_float32_copy_is_over_the_byte_budget_is_refused():
+    processor = MedicalImageProcessor(modality="ct", spatial_dims=3, in_channels=1, size=8, intensity="none")
+    with pytest.raises(LimitExceededError, match=r"float32 copy of a \(64, 64, 64\) volume .* 1048576 bytes"):
+        processor.prepare(_cube(64), limits=ReadLimits(max_array_bytes=2**20 - 1))
+    assert processor.prepare(_cube(64), limits=ReadLimits(max_array_bytes=2**20)).pixel_values.shape == (1, 8, 8, 8)
