@@ -106,6 +106,16 @@ def main() -> None:
     failures = [o for o in outcomes if o.status >= 500 or o.status == 0]
     for outcome in failures[:20]:
         print(f"  {outcome.fmt} #{outcome.index} {outcome.mutation}: {outcome.status} {outcome.body[:100]!r}")
+    checks = {
+        "0 5xx or unanswered": not failures,
+        "0 worker restarts": server.restarts == 0 and not server.killed_for_memory,
+        "every answer < 5 s": all(o.seconds < 5 for o in outcomes),
+        "peak RSS < 4 GiB": server.rss_peak < 4 * 1024 * MIB,
+        "/readyz 200 after": ready == 200,
+    }
+    print("acceptance: " + "; ".join(f"{name} {'ok' if passed else 'FAILED'}" for name, passed in checks.items()))
+    if not all(checks.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
