@@ -17,7 +17,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class SourceUNet(nn.Module):
-    """The released network as reference §2.3 describes it, with its module names (`{"net": state_dict()}`)."""
+    """The authors' released network, with its module names (`{"net": state_dict()}`)."""
 
     def __init__(self, in_channels: int = 1):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The one exporter: writes a model as a medhub repo (ARCHITECTURE §4), whatever made it."""
+"""The one exporter: writes a model as a medhub repo (docs/architecture.md, "The repo format"), whatever made it."""
 
 import json
 import shutil

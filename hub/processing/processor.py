@@ -1,4 +1,4 @@
-"""``MedicalImageProcessor``: the declarative preprocessing every medhub repo ships (ARCHITECTURE section 6).
+"""``MedicalImageProcessor``: the declarative preprocessing every medhub repo ships (docs/architecture.md).
 
 Pipeline per image: read (any :func:`hub.io.read_image` source) -> [3D: reorient, resample to
 ``target_spacing``] -> MONOCHROME1 inversion -> intensity policy -> [``resize``] -> channel policy ->

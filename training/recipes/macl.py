@@ -14,7 +14,7 @@ rotation with isotropic scale, and no elastic deformation. The dominant branch s
 (trilinear) and its encoder needs sides that are multiples of 16, so every crop side is a multiple of 64; the
 default crop is the variant's input size rounded up to that (64^3 for both 3D variants).
 
-Where the released code and the paper differ (reference §2.13) the config chooses and the default is the code's:
+Where the released code and the paper differ the config chooses and the default is the code's:
 learning rate 0.01 (paper 0.1), photometric views with jitter and blur (paper: identity), elastic deformation
 (paper: none), the temperature / base_temperature factor 0.1 / 0.07 (paper: none; set base_temperature to 0.1).
 """
