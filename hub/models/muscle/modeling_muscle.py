@@ -34,7 +34,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_muscle import MuscleConfig
 
@@ -183,22 +183,19 @@ class MuscleModel(MusclePreTrainedModel):
             maps.append(hidden_states)
         return maps
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> BaseModelOutputWithPooling:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         maps = self.stage_maps(pixel_values)
-        pooled = maps[-1].mean(dim=(2, 3))
+        pooled = maps[-1].flatten(2).mean(dim=-1)
         hidden_states = tuple(maps) if output_hidden_states else None
-        if not return_dict:
-            return tuple(value for value in (maps[-1], pooled, hidden_states) if value is not None)
         return BaseModelOutputWithPooling(last_hidden_state=maps[-1], pooler_output=pooled, hidden_states=hidden_states)
 
 
@@ -213,33 +210,34 @@ class MuscleForImageClassification(MusclePreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> ImageClassifierOutput:
         outputs = self.muscle(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None if labels is None else classification_loss(self.config, logits, labels)
-        if not return_dict:
-            return tuple(value for value in (loss, logits, outputs.hidden_states) if value is not None)
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+def problem_type_of(config: MuscleConfig, labels: torch.Tensor) -> str:
+    """`config.problem_type`, or, when unset, inferred from the labels as transformers' classification heads do."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
 
 
 def classification_loss(config: MuscleConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy, BCE or MSE by `config.problem_type`, inferred from the labels when unset."""
-    problem_type = config.problem_type
-    if problem_type is None:
-        if config.num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+    problem_type = problem_type_of(config, labels)
     if problem_type == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
     if problem_type == "single_label_classification":
@@ -259,15 +257,14 @@ class MuscleForSemanticSegmentation(MusclePreTrainedModel):
         self.decode_head = DeepLabHead(config.hidden_size, config.num_labels, list(config.atrous_rates))
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> SemanticSegmenterOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> SemanticSegmenterOutput:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -275,13 +272,13 @@ class MuscleForSemanticSegmentation(MusclePreTrainedModel):
         logits = self.decode_head(outputs.last_hidden_state)
         logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         loss = None if labels is None else segmentation_loss(self.config, logits, labels)
-        if not return_dict:
-            return tuple(value for value in (loss, logits, outputs.hidden_states) if value is not None)
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
 def segmentation_loss(config: MuscleConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Pixel-wise cross-entropy over (batch, H, W) class indices; BCE for a single foreground channel."""
+    """Pixel-wise cross-entropy over (batch, *spatial) class indices; BCE for a single foreground channel."""
+    if labels.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:1] + logits.shape[2:])}, got {tuple(labels.shape)}")
     if config.num_labels == 1:
         valid = labels != config.semantic_loss_ignore_index
         return F.binary_cross_entropy_with_logits(logits[:, 0][valid], labels[valid].to(logits.dtype))
@@ -332,17 +329,16 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> MuscleObjectDetectionOutput | tuple:
+    ) -> MuscleObjectDetectionOutput:
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else config.return_dict
         if labels is not None and not self.training:
             raise ValueError("MuscleForObjectDetection computes losses in training mode only; call model.train() first")
         if labels is None and self.training:
@@ -369,7 +365,7 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         output = MuscleObjectDetectionOutput(
             loss=loss, loss_dict=loss_dict, detections=detections, hidden_states=tuple(maps) if output_hidden_states else None
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 class MuscleBackbone(BackboneMixin, MuscleModel):
@@ -381,14 +377,13 @@ class MuscleBackbone(BackboneMixin, MuscleModel):
         super().__init__(config)
         self.num_features = config.stage_channels
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BackboneOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> BackboneOutput:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -396,8 +391,6 @@ class MuscleBackbone(BackboneMixin, MuscleModel):
         by_name = dict(zip(self.stage_names, maps))
         feature_maps = tuple(by_name[name] for name in self.out_features)
         hidden_states = tuple(maps) if output_hidden_states else None
-        if not return_dict:
-            return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
 
 

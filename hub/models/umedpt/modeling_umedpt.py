@@ -35,7 +35,7 @@ from transformers.modeling_outputs import (
     SemanticSegmenterOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_umedpt import UmedptConfig
 
@@ -145,6 +145,7 @@ class UmedptSqueezer(nn.Module):
         return self._squeeze(last_map), self._squeeze(last_map.mean(dim=(2, 3), keepdim=True)).flatten(1)
 
 
+# Copied from hub.models.muscle.modeling_muscle.MuscleAnchorGenerator with Muscle->Umedpt
 class UmedptAnchorGenerator(AnchorGenerator):
     """torchvision's AnchorGenerator with its cell anchors held as (non-persistent) buffers, so that they follow
     `.to()` and are re-created by `_init_weights` after an initialisation on the meta device."""
@@ -252,18 +253,17 @@ class UmedptModel(UmedptPreTrainedModel):
             maps.append(hidden_states.permute(0, 3, 1, 2))
         return maps
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> BaseModelOutputWithPooling:
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        return_dict = return_dict if return_dict is not None else config.return_dict
         attentions = [] if output_attentions else None
         maps = self.stage_maps(pixel_values, attentions)
         latent, pooled = self.squeezer(maps[-1])
@@ -271,7 +271,7 @@ class UmedptModel(UmedptPreTrainedModel):
             last_hidden_state=latent, pooler_output=pooled, hidden_states=tuple(maps) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 def _inverse_log_classes(num_classes: int) -> float:
@@ -290,36 +290,41 @@ class UmedptForImageClassification(UmedptPreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> ImageClassifierOutput:
         outputs = self.umedpt(
             pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True
         )
         logits = self.classifier(outputs.pooler_output)
-        loss = None if labels is None else classification_loss(self.config, logits, labels)
+        loss = None if labels is None else log_scaled_classification_loss(self.config, logits, labels)
         output = ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
-def classification_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    problem_type = config.problem_type
-    if problem_type is None:
-        if config.num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+# Copied from hub.models.muscle.modeling_muscle.problem_type_of with MuscleConfig->UmedptConfig
+def problem_type_of(config: UmedptConfig, labels: torch.Tensor) -> str:
+    """`config.problem_type`, or, when unset, inferred from the labels as transformers' classification heads do."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def log_scaled_classification_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy / ln C, BCE / ln 2 or MSE by `config.problem_type` (inferred from the labels when unset)."""
+    problem_type = problem_type_of(config, labels)
     if problem_type == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
     if problem_type == "single_label_classification":
@@ -387,20 +392,19 @@ class UmedptForSemanticSegmentation(UmedptPreTrainedModel):
         self.head = nn.Conv2d(config.decoder_channels[-1], config.num_labels, 3, padding=1)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> SemanticSegmenterOutput | tuple:
+    ) -> SemanticSegmenterOutput:
         """`labels`: (batch, H, W) class indices, `semantic_loss_ignore_index` where unknown."""
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        return_dict = return_dict if return_dict is not None else config.return_dict
         attentions = [] if output_attentions else None
         maps = self.umedpt.stage_maps(pixel_values, attentions)
         latent, _ = self.umedpt.squeezer(maps[-1])
@@ -410,16 +414,16 @@ class UmedptForSemanticSegmentation(UmedptPreTrainedModel):
             if labels.shape != (pixel_values.shape[0],) + pixel_values.shape[2:]:
                 raise ValueError(f"labels must have shape (batch, height, width) of the input, got {tuple(labels.shape)}")
             small = F.interpolate(labels[:, None].float(), size=half.shape[2:], mode="nearest")[:, 0].long()
-            loss = segmentation_loss(self.config, half, small)
+            loss = dice_focal_loss(self.config, half, small)
         logits = F.interpolate(half, size=pixel_values.shape[2:], mode="bilinear", align_corners=False)
         output = SemanticSegmenterOutput(
             loss=loss, logits=logits, hidden_states=tuple(maps) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
-def segmentation_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def dice_focal_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Multiclass soft Dice (classes absent from the batch skipped) + per-class sigmoid focal loss / ln C."""
     num_classes = logits.shape[1]
     valid = labels != config.semantic_loss_ignore_index
@@ -570,17 +574,16 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
         self.detections_per_img = config.detections_per_image
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> UmedptObjectDetectionOutput | tuple:
+    ) -> UmedptObjectDetectionOutput:
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else config.return_dict
         maps = self.umedpt.stage_maps(pixel_values)
         latent, _ = self.umedpt.squeezer(maps[-1])
         pyramid = self.fpn(OrderedDict(zip(("p3", "p4", "p5"), [maps[2], maps[3], latent])))
@@ -603,7 +606,7 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
         output = UmedptObjectDetectionOutput(
             loss=loss, loss_dict=loss_dict, detections=detections, hidden_states=tuple(maps) if output_hidden_states else None
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 class UmedptBackbone(BackboneMixin, UmedptModel):
@@ -614,18 +617,17 @@ class UmedptBackbone(BackboneMixin, UmedptModel):
         super().__init__(config)
         self.num_features = [config.embed_dim] + config.stage_channels
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BackboneOutput | tuple:
+    ) -> BackboneOutput:
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        return_dict = return_dict if return_dict is not None else config.return_dict
         attentions = [] if output_attentions else None
         maps = self.stage_maps(pixel_values, attentions)
         by_name = dict(zip(self.stage_names, maps))
@@ -634,7 +636,7 @@ class UmedptBackbone(BackboneMixin, UmedptModel):
             hidden_states=tuple(maps) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 __all__ = [
