@@ -3,7 +3,7 @@
 Each modeling file must run alone as remote code from an exported repo, so some code stands in several families.
 A copy is marked on the line above its `def` or `class` (above its decorators, if any):
 
-    # Copied from hub.models.muscle.modeling_muscle.classification_loss with Muscle->Medcoss, muscle->medcoss
+    # Copied from hub.models.muscle.modeling_muscle.classification_loss with MuscleConfig->MedCossConfig
 
 The referenced object's source, with each `A->B` replacement applied in order (plain text replacement), must
 equal the copy. `Name` may be `Class.method`; the copy may stand at another indentation than the original.
