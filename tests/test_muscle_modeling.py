@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torchvision
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import (
     AutoBackbone,
     AutoModel,
@@ -122,6 +123,23 @@ def detection_labels() -> list[dict[str, torch.Tensor]]:
         {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "class_labels": torch.tensor([1])},
         {"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0], [2.0, 2.0, 12.0, 12.0]]), "class_labels": torch.tensor([0, 1])},
     ]
+
+
+def test_detection_settings_are_config_fields():
+    config = get_variant("muscle-resnet18-tiny").build_config(
+        num_labels=2, rpn_anchor_sizes=[16, 32, 64, 128, 256], rpn_aspect_ratios=[1.0], rpn_post_nms_top_n_test=50,
+        rpn_nms_threshold=0.6, box_roi_size=5, box_head_channels=64, box_detections_per_image=7, box_score_threshold=0.2,
+    )
+    model = MuscleForObjectDetection(config)
+    assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [1] * 5
+    assert (model.rpn._post_nms_top_n["testing"], model.rpn.nms_thresh) == (50, 0.6)
+    assert model.roi_heads.box_roi_pool.output_size == (5, 5)
+    assert model.roi_heads.box_head.fc6.in_features == config.fpn_channels * 25
+    assert model.roi_heads.box_predictor.cls_score.in_features == 64
+    assert (model.roi_heads.detections_per_img, model.roi_heads.score_thresh) == (7, 0.2)
+    with pytest.raises(StrictDataclassClassValidationError, match="rpn_anchor_sizes"):
+        get_variant("muscle-resnet18-tiny").build_config(rpn_anchor_sizes=[32, 64])
 
 
 def test_detection_head_losses_and_detections(tiny_config):

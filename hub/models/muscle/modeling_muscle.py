@@ -318,14 +318,32 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         self.transform = GeneralizedRCNNTransform(
             config.detection_min_size, config.detection_max_size, [0.0] * config.num_channels, [1.0] * config.num_channels
         )
-        anchors = MuscleAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+        ratios = tuple(config.rpn_aspect_ratios)
+        anchors = MuscleAnchorGenerator(tuple((size,) for size in config.rpn_anchor_sizes), (ratios,) * 5)
         self.rpn = RegionProposalNetwork(
-            anchors, RPNHead(channels, 3), 0.7, 0.3, 256, 0.5, dict(training=2000, testing=1000),
-            dict(training=2000, testing=1000), 0.7,
+            anchors,
+            RPNHead(channels, len(ratios)),
+            fg_iou_thresh=config.rpn_fg_iou_threshold,
+            bg_iou_thresh=config.rpn_bg_iou_threshold,
+            batch_size_per_image=config.rpn_batch_size_per_image,
+            positive_fraction=config.rpn_positive_fraction,
+            pre_nms_top_n={"training": config.rpn_pre_nms_top_n_train, "testing": config.rpn_pre_nms_top_n_test},
+            post_nms_top_n={"training": config.rpn_post_nms_top_n_train, "testing": config.rpn_post_nms_top_n_test},
+            nms_thresh=config.rpn_nms_threshold,
         )
+        roi_size, box_width = config.box_roi_size, config.box_head_channels
         self.roi_heads = RoIHeads(
-            MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), TwoMLPHead(channels * 49, 1024),
-            FastRCNNPredictor(1024, config.num_labels + 1), 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100,
+            MultiScaleRoIAlign(["0", "1", "2", "3"], roi_size, config.box_sampling_ratio),
+            TwoMLPHead(channels * roi_size**2, box_width),
+            FastRCNNPredictor(box_width, config.num_labels + 1),
+            fg_iou_thresh=config.box_fg_iou_threshold,
+            bg_iou_thresh=config.box_bg_iou_threshold,
+            batch_size_per_image=config.box_batch_size_per_image,
+            positive_fraction=config.box_positive_fraction,
+            bbox_reg_weights=None,
+            score_thresh=config.box_score_threshold,
+            nms_thresh=config.box_nms_threshold,
+            detections_per_img=config.box_detections_per_image,
         )
         self.post_init()
 
