@@ -222,6 +222,7 @@ def test_encoder_repo_loads_into_every_head(tmp_path, tiny_config):
         assert torch.equal(head.muscle.layer4[0].bn2.running_var, encoder.layer4[0].bn2.running_var)
 
 
+@pytest.mark.slow
 def test_segmentation_encoder_is_dilated_and_learns_lungs_on_phantom_shapes(tiny_config):
     """At 64 px a stride-32 map is 2x2 and DeepLab cannot learn; the head's encoder runs at stride 8."""
     tiny_config.num_labels = 2
