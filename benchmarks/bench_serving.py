@@ -156,7 +156,8 @@ def main() -> None:
           + "".join(f"{f'HTTP c={c} img/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'/ORT':>6}" for c in CLIENTS))
     for name, (eager1, ort1, eager_b, _) in rows.items():
         ort_b = float(np.mean(ort_samples[name]))
-        line = f"{name:<16}{eager1:>10.1f}{ort1:>9.1f}{ort1 / eager1:>10.2f}{eager_b:>10.1f}{ort_b:>9.1f}{ort_b / eager_b:>10.2f}"
+        line = f"{name:<16}{eager1:>10.1f}{ort1:>9.1f}{ort1 / eager1:>10.2f}"
+        line += f"{eager_b:>10.1f}{ort_b:>9.1f}{ort_b / eager_b:>10.2f}"
         line += "".join(f"{ips:>17.1f}{p50:>8.0f}{p99:>8.0f}{ips / ort_b:>6.2f}" for ips, p50, p99 in http[name])
         print(line)
     for name, samples in ort_samples.items():
@@ -171,7 +172,8 @@ def main() -> None:
         ort_b = float(np.mean(ort_samples[name]))
         fp32_http = dict(zip(CLIENTS, (ips for ips, _, _ in http[name])))
         int8_1, int8_b = int8_rows[name][0], int8_rows[name][1]
-        line = f"{name:<16}{ort1:>12.1f}{int8_1:>9.1f}{int8_1 / ort1:>6.2f}{ort_b:>12.1f}{int8_b:>9.1f}{int8_b / ort_b:>6.2f}"
+        line = f"{name:<16}{ort1:>12.1f}{int8_1:>9.1f}{int8_1 / ort1:>6.2f}"
+        line += f"{ort_b:>12.1f}{int8_b:>9.1f}{int8_b / ort_b:>6.2f}"
         for workers in WORKERS:
             line += "".join(f"{ips:>22.1f}{ips / fp32_http[c]:>7.2f}"
                             for c, (ips, _, _) in zip(INT8_CLIENTS, int8_http[name, workers]))

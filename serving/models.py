@@ -201,7 +201,7 @@ def load_served_model(
     intra-op threads each. On CPU the default is one single-threaded run per core plus one, of at most 2 images:
     while a run waits for its batch to fill (or its results go back), the others keep every core busy, where
     one run spread over all cores stalls on whichever core is decoding an upload; and on one thread a larger
-    batch saves little but spills the shared cache (`benchmarks/bench_serving.py` measures the served throughput). A lone
+    batch saves little but spills the shared cache (`benchmarks/bench_serving.py` measures the throughput). A lone
     request, with nothing else in flight, runs on a second session that uses every core (a second copy of the
     weights). On CUDA one run at a time, of up to 8 images. 3D tasks run in the request's thread on `threads`
     (default: all cores). float16 graphs are cached as `<revision>/<task>.fp16.onnx` and int8 graphs (calibrated on

@@ -318,7 +318,8 @@ def nifti_bomb(shape: tuple[int, int, int]) -> bytes:
 
 
 def nifti_bombs(_: bytes, rng: random.Random) -> bytes:
-    """Inside the default voxel budget (512 x 512 x 400) and far over it (2048^3 and a 1 x 32767^2 sliver, data cut at 256 MiB)."""
+    """Inside the default voxel budget (512 x 512 x 400) and far over it (2048^3 and a 1 x 32767^2 sliver, data cut
+    at 256 MiB)."""
     return nifti_bomb(rng.choice([(512, 512, 400), (2048, 2048, 2048), (1, 32767, 32767)]))
 
 

@@ -123,7 +123,7 @@ class MaclRecipe(Recipe):
         self.variant = get_variant(settings.variant)
         if self.variant.family != "macl":
             raise TrainingConfigError(
-                f"variant {settings.variant!r} is not a MACL variant (macl-unet2d, macl-tiny, macl-unet3d, macl-unet3d-tiny)"
+                f"variant {settings.variant!r} is not a MACL variant " "(macl-unet2d, macl-tiny, macl-unet3d, macl-unet3d-tiny)"
             )
         loss = settings.loss
         config = self.variant.build_config(
@@ -185,7 +185,8 @@ class MaclRecipe(Recipe):
         description = (
             f"trained with medhub's MACL recipe on {inputs} for {s.steps} steps (batch {s.optim.batch_size} per "
             f"rank, {s.optim.optimizer} lr {s.optim.lr}, cosine to 0); views follow the "
-            f"{'released code (jitter + blur' if s.views.photometric == 'code' else 'paper (identity photometric views'}"
+            f"{'released code (jitter + blur' if s.views.photometric == 'code' else 'paper (identity photometric'}"
+            f"{'' if s.views.photometric == 'code' else ' views'}"
             f"{', elastic' if s.views.elastic else ', no elastic'}); slice threshold {s.loss.slice_threshold}, "
             f"temperature {s.loss.temperature} / {s.loss.base_temperature}, loss weights "
             f"{s.loss.global_weight}/{s.loss.dense_weight}/{s.loss.equivariance_weight}"

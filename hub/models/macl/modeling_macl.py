@@ -305,7 +305,7 @@ class MaclForPreTraining(MaclPreTrainedModel):
     def _add_losses(self, output: MaclPreTrainingOutput, slice_positions: torch.Tensor) -> None:
         config = self.config
         if slice_positions.shape != output.auxiliary_global.shape[:1]:
-            raise ValueError(f"slice_positions must have shape ({output.auxiliary_global.shape[0]},), got {tuple(slice_positions.shape)}")
+            raise ValueError(f"slice_positions must have shape ({output.auxiliary_global.shape[0]},), " f"got {tuple(slice_positions.shape)}")
         positives = (slice_positions[:, None] - slice_positions[None, :]).abs() < config.slice_threshold
         temperatures = (config.temperature, config.base_temperature)
         output.loss_global = supcon_loss(output.auxiliary_global, output.dominant_global, positives, *temperatures)

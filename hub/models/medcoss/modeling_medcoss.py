@@ -767,7 +767,7 @@ class MedCossForSemanticSegmentation(MedCossPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         dims = self.config.segmentation_spatial_dims
         if pixel_values.ndim != dims + 2:
-            raise ValueError(f"this segmentation model is {dims}D; pixel_values must have {dims + 2} dims, got shape {tuple(pixel_values.shape)}")
+            raise ValueError(f"this segmentation model is {dims}D; pixel_values must have " f"{dims + 2} dims, got shape {tuple(pixel_values.shape)}")
         outputs = self.medcoss(
             pixel_values=pixel_values, add_cls_token=False, output_hidden_states=True, output_attentions=output_attentions,
             return_dict=True,

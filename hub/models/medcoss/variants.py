@@ -68,7 +68,7 @@ def card_context(config: MedCossConfig) -> dict[str, object]:
         "max_text_positions": config.max_text_positions,
         "text_mask_mode": config.text_mask_mode,
         "pooling_text": (
-            f"images: {'mean of patch tokens (cls excluded)' if config.image_pooling == 'patch_mean' else 'cls token'}; "
+            "images: " f"{'mean of patch tokens (cls excluded)' if config.image_pooling == 'patch_mean' else 'cls token'}; "
             "text: mean of all positions (padding included)"
         ),
     }

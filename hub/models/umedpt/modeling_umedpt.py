@@ -231,7 +231,7 @@ class UmedptModel(UmedptPreTrainedModel):
         config = self.config
         if pixel_values.ndim != 4 or pixel_values.shape[1] != config.num_channels:
             raise ValueError(
-                f"pixel_values must have shape (batch, {config.num_channels}, height, width), got {tuple(pixel_values.shape)}"
+                f"pixel_values must have shape (batch, {config.num_channels}, " f"height, width), got {tuple(pixel_values.shape)}"
             )
         if any(side % config.input_multiple for side in pixel_values.shape[2:]):
             raise ValueError(
@@ -575,8 +575,8 @@ def _paired_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     top_left = torch.maximum(first[:, :2], second[:, :2])
     bottom_right = torch.minimum(first[:, 2:], second[:, 2:])
     intersection = (bottom_right - top_left).clamp_min(0).prod(-1)
-    area = lambda boxes: (boxes[:, 2:] - boxes[:, :2]).clamp_min(0).prod(-1)  # noqa: E731
-    return intersection / (area(first) + area(second) - intersection).clamp_min(1e-6)
+    areas = [(boxes[:, 2:] - boxes[:, :2]).clamp_min(0).prod(-1) for boxes in (first, second)]
+    return intersection / (areas[0] + areas[1] - intersection).clamp_min(1e-6)
 
 
 @dataclass
