@@ -10,6 +10,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+from embed_fixtures import tiny_encoder_repo
 from io_fixtures import MNI_T1, dicom_file
 from live_server import live_server
 from PIL import Image
@@ -18,7 +19,6 @@ from transformers import AutoImageProcessor, AutoModel
 from hub.catalogue import get_variant
 from hub.export import Provenance, export_repo
 from hub.io import read_image
-from hub.models import get_family
 from hub.models.macl import MaclForSemanticSegmentation
 from hub.models.muscle import (
     MuscleForImageClassification,
@@ -39,14 +39,6 @@ def tiny_head_repo(out: Path, head_class, labels: list[str], variant_id: str = "
     )
     torch.manual_seed(0)
     return export_repo(head_class(config), out, variant=variant.id, provenance=Provenance("trained", "test"),
-                       processor=variant.build_processor(), modality=variant.modality)
-
-
-def tiny_encoder_repo(out: Path, variant_id: str) -> Path:
-    variant = get_variant(variant_id)
-    torch.manual_seed(0)
-    model = get_family(variant.family).encoder_class(variant.build_config())
-    return export_repo(model, out, variant=variant.id, provenance=Provenance("random-init", "test"),
                        processor=variant.build_processor(), modality=variant.modality)
 
 
