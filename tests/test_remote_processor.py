@@ -210,12 +210,12 @@ def test_remote_processor_refuses_what_needs_medhub_in_one_sentence(tmp_path, ru
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines == [
-        "this model resamples volumes to [2.0, 1.0, 1.0] mm; DICOM and NIfTI files, DICOM folders, SimpleITK images "
-        "and 3D resampling need medhub's readers: pip install medhub, and import hub before loading the processor",
+        ("this model resamples volumes to [2.0, 1.0, 1.0] mm; DICOM and NIfTI files, DICOM folders, SimpleITK images "
+         "and 3D resampling need medhub's readers: pip install medhub, and import hub before loading the processor"),
         "this model takes 3D input but got a 2D image of shape (8, 8)",
-        "cannot read an input of type float; expected a PNG or JPEG path or bytes, a PIL image or a numpy array "
-        "(DICOM and NIfTI files, DICOM folders, SimpleITK images and 3D resampling need medhub's readers: pip install "
-        "medhub, and import hub before loading the processor)",
+        ("cannot read an input of type float; expected a PNG or JPEG path or bytes, a PIL image or a numpy array "
+         "(DICOM and NIfTI files, DICOM folders, SimpleITK images and 3D resampling need medhub's readers: pip install "
+         "medhub, and import hub before loading the processor)"),
     ]
 
 
