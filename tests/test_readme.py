@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
-from tests.test_training_demo import SMALL
+from conftest import REPO_ROOT
+from test_training_demo import SMALL
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")

@@ -16,8 +16,8 @@ from transformers import AutoImageProcessor
 
 from hub.export.repo import PROCESSOR_AUTO_MAP, PROCESSOR_SOURCE
 from hub.processing import PRESETS, MedicalImageProcessor, preset
-from tests.conftest import REPO_ROOT
-from tests.io_fixtures import dicom_file
+from conftest import REPO_ROOT
+from io_fixtures import dicom_file
 
 _MARKER = re.compile(r"^# Copied from hub\.([\w.]+)\.(\w+)(?: with (.+))?$")
 
