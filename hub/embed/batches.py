@@ -113,7 +113,7 @@ def _threaded(sources: list[EmbedSource], ahead: int) -> Iterator[tuple[EmbedSou
                 if not offer((source, _decode(source))):
                     return
             offer(None)
-        except BaseException as exc:  # handed to the consumer, which raises it
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which raises it)
             offer(exc)
 
     thread = threading.Thread(target=decode_all, name="medhub-embed-decode", daemon=True)
