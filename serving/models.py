@@ -201,8 +201,7 @@ def load_served_model(
     intra-op threads each. On CPU the default is one single-threaded run per core plus one, of at most 2 images:
     while a run waits for its batch to fill (or its results go back), the others keep every core busy, where
     one run spread over all cores stalls on whichever core is decoding an upload; and on one thread a larger
-    batch saves little but spills the shared cache (2 cores, ResNet-50, paired runs: 8 HTTP clients 16.7 img/s
-    with 3 runs, 14.8-15.7 with 2, 15.6 with 4; 32 clients 17.1 img/s with batches of 2, 15.9 with 8). A lone
+    batch saves little but spills the shared cache (`benchmarks/bench_serving.py` measures the throughput). A lone
     request, with nothing else in flight, runs on a second session that uses every core (a second copy of the
     weights). On CUDA one run at a time, of up to 8 images. 3D tasks run in the request's thread on `threads`
     (default: all cores). float16 graphs are cached as `<revision>/<task>.fp16.onnx` and int8 graphs (calibrated on

@@ -9,10 +9,12 @@ import pytest
 from pydicom import config
 
 from io_fixtures import dicom_file
-from test_serving import AUTH, repos, server  # noqa: F401 (fixtures: one live server for this module)
+import test_serving
+from test_serving import AUTH
 
 pytestmark = pytest.mark.slow
 OWN_TEMP_DIRS = True  # the server fixture then gives the server its own TMPDIR and BENTOML_HOME
+repos, server = test_serving.repos, test_serving.server  # the fixtures: one live server for this module
 CANARIES = ("Zanzibarqx", "Quimbletoe", "MRNQ5512086", "77441122993366", "FNAMECANARY")
 NAME = "FNAMECANARY" + "n" * 300 + ".dcm"  # longer than a file name may be (ENAMETOOLONG before the guard's rewrite)
 

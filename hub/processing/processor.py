@@ -1,9 +1,10 @@
-"""``MedicalImageProcessor``: the declarative preprocessing every medhub repo ships (ARCHITECTURE section 6).
+"""``MedicalImageProcessor``: the declarative preprocessing every medhub repo ships (docs/architecture.md).
 
 Pipeline per image: read (any :func:`hub.io.read_image` source) -> [3D: reorient, resample to
 ``target_spacing``] -> MONOCHROME1 inversion -> intensity policy -> [``resize``] -> channel policy ->
-``image_mean``/``image_std`` -> centre crop/pad to ``size`` (padding is 0 after normalisation). Every spatial step is recorded so model outputs can be mapped
-back onto the input's grid (:meth:`restore`, :meth:`stitch`, :meth:`predict`).
+``image_mean``/``image_std`` -> centre crop/pad to ``size`` (padding is 0 after normalisation). Every spatial step
+is recorded so model outputs can be mapped back onto the input's grid (:meth:`restore`, :meth:`stitch`,
+:meth:`predict`).
 """
 
 from __future__ import annotations
