@@ -22,23 +22,29 @@ from .settings import ServeSettings
 
 
 class OnnxBackend:
-    """The repo's `features` graph on ONNX Runtime, exported and cached exactly as `medhub serve` does."""
+    """The repo's `features` graph on ONNX Runtime, exported and cached exactly as `medhub serve` does; with
+    `int8`, the gated int8 graph of `medhub serve --int8` (a graph below the gate raises its one-sentence error)."""
 
-    name = "onnx"
-
-    def __init__(self, device: str = "auto", threads: int | None = None, onnx_cache: Path | None = None) -> None:
-        self.device, self.threads = device, threads
+    def __init__(self, device: str = "auto", threads: int | None = None, onnx_cache: Path | None = None,
+                 int8: bool = False) -> None:
+        self.device, self.threads, self.int8 = device, threads, int8
+        self.name = "onnx-int8" if int8 else "onnx"
         self.onnx_cache = onnx_cache or ServeSettings.from_env().onnx_cache
         self.provider = ""
 
     def open(self, repo_dir: Path, repo_id: str, revision: str) -> Runner:
-        session = create_session(task_graph(repo_dir, repo_id, revision, "features", self.onnx_cache),
-                                 self.threads, self.device)
+        graph = task_graph(repo_dir, repo_id, revision, "features", self.onnx_cache, int8=self.int8)
+        session = create_session(graph, self.threads, self.device)
         self.provider = active_provider(session)
         return pixels_runner(session)
 
     def describe(self) -> str:
         return self.provider
+
+
+def int8_backend(device: str = "auto", threads: int | None = None, onnx_cache: Path | None = None) -> OnnxBackend:
+    """The `onnx-int8` entry point of `hub.embed.get_backend` (`onnx` is `OnnxBackend` itself)."""
+    return OnnxBackend(device, threads, onnx_cache, int8=True)
 
 
 def _backend(name: str, device: str, threads: int | None) -> Backend:

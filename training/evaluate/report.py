@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .stats import Summary
+from .stats import PrecisionDifference, Summary, int8_differences
 
 METRIC_NAMES = {"roc_auc": "ROC AUC", "dice": "Dice", "accuracy": "accuracy"}
 
@@ -33,16 +33,49 @@ def _csv_value(value: Any) -> Any:
     return "n/a" if isinstance(value, float) and math.isnan(value) else value
 
 
-def write_summary_csv(summaries: list[Summary], out: Path) -> Path:
+INT8_PROTOCOL = "linear-int8 - linear"
+"""The protocol column of summary.csv's int8 - fp32 difference rows (they add its `p_paired` column)."""
+
+
+def _difference_row(d: PrecisionDifference) -> dict[str, Any]:
+    return {"task": d.task, "protocol": INT8_PROTOCOL, "fraction": d.fraction, "backbone": d.backbone,
+            "metric": d.metric, "runs": d.pairs, "mean": d.mean, "std": d.std, "ci_low": d.ci_low,
+            "ci_high": d.ci_high, "p_student": d.p_student, "p_welch": d.p_welch, "p_holm": math.nan,
+            "identical": d.pairs > 1 and d.std == 0, "p_paired": d.p_paired}
+
+
+def write_summary_csv(summaries: list[Summary], out: Path, differences: list[PrecisionDifference] = ()) -> Path:
     path = out / "summary.csv"
+    rows = [dataclasses.asdict(s) for s in summaries] + [_difference_row(d) for d in differences]
+    fields = [f.name for f in dataclasses.fields(Summary)] + (["p_paired"] if differences else [])
     with open(path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=[f.name for f in dataclasses.fields(Summary)])
+        writer = csv.DictWriter(stream, fieldnames=fields)
         writer.writeheader()
-        writer.writerows({k: _csv_value(v) for k, v in dataclasses.asdict(s).items()} for s in summaries)
+        writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
     return path
 
 
-def write_report(summaries: list[Summary], baseline: str, out: Path) -> Path:
+def int8_section(differences: list[PrecisionDifference]) -> list[str]:
+    """report.md's table of int8 - fp32 linear-probe differences (empty without them)."""
+    if not differences:
+        return []
+    lines = ["## int8 vs fp32 (linear probe)", "",
+             ("`linear-int8` minus `linear` per run (the two share each run's seed: same subsample, same probe), "
+              "mean +- sample std and 95% t interval; p paired: paired t-test over the runs; p Student: the "
+              f"two-sample test beside it (Welch's in summary.csv, protocol `{INT8_PROTOCOL}`). "
+              "`linear` embeds with torch fp32, `linear-int8` with the service's gated int8 ONNX graph."), "",
+             "| task | backbone | labels | metric | pairs | int8 - fp32 | 95% CI | p paired | p Student |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for d in differences:
+        ci = "n/a" if math.isnan(d.ci_low) else f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]"
+        lines.append(f"| {d.task} | {d.backbone} | {d.fraction:g} | {METRIC_NAMES.get(d.metric, d.metric)} | "
+                     f"{d.pairs} | {d.mean:+.4f} +- {d.std:.4f} | {ci} | {format_p(d.p_paired)} | "
+                     f"{format_p(d.p_student)} |")
+    return lines + [""]
+
+
+def write_report(summaries: list[Summary], baseline: str, out: Path,
+                 differences: list[PrecisionDifference] = ()) -> Path:
     lines = ["# Transfer evaluation", "",
              (f"Mean +- sample standard deviation (ddof 1) over runs on each task's test split; p: two-sample "
              f"Student's t-test against the baseline `{baseline}` (Welch's and Holm-corrected p in summary.csv). "
@@ -74,6 +107,7 @@ def write_report(summaries: list[Summary], baseline: str, out: Path) -> Path:
     for backbone in sorted({s.backbone for s in summaries}):
         if len({s.fraction for s in summaries if s.backbone == backbone}) > 1:
             lines += [f"![{backbone} label efficiency](label_efficiency_{backbone}.png)", ""]
+    lines += int8_section(list(differences))
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -139,7 +173,8 @@ def efficiency_figure(backbone: str, summaries: list[Summary], out: Path) -> Pat
 
 
 def write_all(summaries: list[Summary], rows: list[dict[str, Any]], baseline: str, out: Path) -> list[Path]:
-    paths = [write_report(summaries, baseline, out), write_summary_csv(summaries, out)]
+    differences = int8_differences(rows)
+    paths = [write_report(summaries, baseline, out, differences), write_summary_csv(summaries, out, differences)]
     paths += [task_figure(task, summaries, rows, out) for task in sorted({s.task for s in summaries})]
     for backbone in sorted({s.backbone for s in summaries}):
         if len({s.fraction for s in summaries if s.backbone == backbone}) > 1:

@@ -83,3 +83,51 @@ def summarise(rows: list[dict[str, Any]], baseline: str) -> list[Summary]:
             out.append(Summary(*cell, backbone, metrics[cell], n, mean, std, mean - half, mean + half, p[0], p[1],
                                adjusted.get(backbone), n > 1 and np.ptp(values) == 0))
     return out
+
+
+@dataclass
+class PrecisionDifference:
+    """`linear-int8` minus `linear` (int8 minus fp32 features) of one backbone, task and label fraction, paired by
+    run (the two protocols share each run's seed, so the same subsample and probe seed)."""
+
+    task: str
+    fraction: float
+    backbone: str
+    metric: str
+    pairs: int
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+    p_paired: float
+    p_student: float
+    p_welch: float
+
+
+def int8_differences(rows: list[dict[str, Any]]) -> list[PrecisionDifference]:
+    """Per backbone x task x fraction that ran both `linear` and `linear-int8`: the mean and sample std of the
+    per-run difference with its 95% t interval, the paired t-test (scipy `ttest_rel`) and, beside it, the
+    two-sample Student and Welch tests; NaN where undefined (under two pairs, or the differences have no spread)."""
+    cells: dict[tuple[str, float, str], dict[str, dict[int, float]]] = {}
+    metrics: dict[tuple[str, float, str], str] = {}
+    for row in rows:
+        if row["protocol"] in ("linear", "linear-int8"):
+            cell = (row["task"], float(row["fraction"]), row["backbone"])
+            metric = metrics.setdefault(cell, metric_of(row))
+            runs = cells.setdefault(cell, {}).setdefault(row["protocol"], {})
+            runs[int(row["run"])] = float(row["metrics"].get(metric, math.nan))
+    out = []
+    for cell, arms in sorted(cells.items()):
+        runs = sorted(set(arms.get("linear", {})) & set(arms.get("linear-int8", {})))
+        if not runs:
+            continue
+        int8 = np.asarray([arms["linear-int8"][r] for r in runs])
+        fp32 = np.asarray([arms["linear"][r] for r in runs])
+        difference = int8 - fp32
+        n, mean = len(runs), float(difference.mean())
+        std = float(difference.std(ddof=1)) if n > 1 else math.nan
+        half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+        paired = math.nan if n < 2 or np.ptp(difference) == 0 else float(stats.ttest_rel(int8, fp32).pvalue)
+        out.append(PrecisionDifference(cell[0], cell[1], cell[2], metrics[cell], n, mean, std, mean - half,
+                                       mean + half, paired, *t_tests(int8, fp32)))
+    return out

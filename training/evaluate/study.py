@@ -10,7 +10,10 @@ import yaml
 
 from ..errors import TrainingConfigError
 
-PROTOCOLS = ("finetune", "frozen-head", "linear")
+PROTOCOLS = ("finetune", "frozen-head", "linear", "linear-int8")
+LINEAR_BACKENDS = {"linear": "torch", "linear-int8": "onnx-int8"}
+"""The linear-probe protocols and the `hub.embed` backend of their frozen features; `onnx-int8` is the service's
+gated int8 graph (installed by `serving`), reported beside `linear` as the int8 - fp32 difference."""
 TASK_KINDS = ("classification", "segmentation")
 
 EXAMPLE = """\
@@ -26,7 +29,9 @@ tasks:
     manifest: phantoms/manifest.jsonl   # rows with split train / val / test; metrics are on `test`
     kind: classification                # classification | segmentation
     label: nodule                       # the manifest labels key (classification)
-protocols: [finetune, frozen-head]      # finetune: the study's recipe; frozen-head: the encoder frozen
+protocols: [finetune, frozen-head]      # finetune: the study's recipe; frozen-head: the encoder frozen;
+                                        # linear: logistic regression on frozen features; linear-int8: the same
+                                        # on the served int8 graph's features, reported as int8 - fp32 (paired t)
 preset: tiny                            # finetune recipe preset: tiny (CPU) or paper (the study's schedule)
 label_fractions: [1.0]                  # share of the train rows, sampled per run, stratified by label
 runs: 10                                # runs per cell (the study used ten)

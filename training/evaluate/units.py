@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 
 from hub.catalogue import get_variant
 from hub.data.manifest import load_manifest, write_manifest
-from hub.embed import embed_batches, list_sources
+from hub.embed import embed_batches, get_backend, list_sources
 from hub.export import Provenance, export_repo, resolve_repo
 from hub.models import get_family
 from hub.processing.processor import MedicalImageProcessor
@@ -33,7 +33,7 @@ from ..finetune import (
 from ..launch import seed_everything
 from .imagenet import PREFIX as IMAGENET_PREFIX
 from .imagenet import imagenet_repo
-from .study import Study, Unit
+from .study import LINEAR_BACKENDS, Study, Unit
 
 GENERATED = ("random:", IMAGENET_PREFIX)  # backbones medhub writes as repo folders under the study's work dir
 
@@ -88,14 +88,15 @@ def stratified_subset(manifest: Path, label: str | None, fraction: float, seed: 
     return write_manifest(chosen, out)
 
 
-def dataset_features(repo: Path, manifest: Path, cache: Path) -> dict[str, Any]:
-    """The encoder's pooled embedding of every manifest row (hub.embed), computed once per backbone and task."""
+def dataset_features(repo: Path, manifest: Path, cache: Path, backend: str = "torch") -> dict[str, Any]:
+    """The encoder's pooled embedding of every manifest row (hub.embed with the named backend), computed once per
+    backbone, task and backend."""
     if cache.is_file():
         stored = np.load(cache, allow_pickle=False)
         return {"ids": list(stored["ids"]), "embeddings": stored["embeddings"]}
     sources = list_sources(manifest)
     ids, embeddings = [], []
-    for batch in embed_batches(repo, sources):
+    for batch in embed_batches(repo, sources, backend=get_backend(backend)):
         if batch.errors:
             raise TrainingConfigError(f"{manifest.name}: could not embed {batch.errors[0].id}: {batch.errors[0].message}")
         ids += batch.ids
@@ -133,10 +134,12 @@ def run_unit(study: Study, unit: Unit, work: Path) -> dict[str, Any]:
     processor = MedicalImageProcessor.from_pretrained(repo)
     task = default_task(entry.kind, entry.manifest, processor.modality, entry.label, list(entry.classes) or None,
                         entry.mask_map)
-    if unit.protocol == "linear":
+    if unit.protocol in LINEAR_BACKENDS:
         if task.kind != "classification":
-            raise TrainingConfigError(f"task {unit.task!r}: the linear protocol needs a classification task")
-        features = dataset_features(repo, entry.manifest, work / "features" / f"{unit.backbone}_{unit.task}.npz")
+            raise TrainingConfigError(f"task {unit.task!r}: the {unit.protocol} protocol needs a classification task")
+        backend = LINEAR_BACKENDS[unit.protocol]
+        cache = work / "features" / f"{unit.backbone}_{unit.task}{'' if backend == 'torch' else '_' + backend}.npz"
+        features = dataset_features(repo, entry.manifest, cache, backend)
         result = linear_probe(features, entry.manifest, task.label, unit.fraction, unit.seed)
         return {"key": unit.key, **dataclasses.asdict(unit), **result, "revision": _revision(repo),
                 "seconds": round(time.time() - started, 3)}
