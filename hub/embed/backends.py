@@ -78,7 +78,8 @@ def get_backend(name: str, **options) -> Backend:
     if factory is None:
         found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
         if not found:
-            raise UnknownBackendError(f"embedding backend {name!r} is not one of {', '.join(backend_names())} "
-                                      f"(installed packages add backends through the {ENTRY_POINT_GROUP!r} entry points)")
+            raise UnknownBackendError(
+                f"embedding backend {name!r} is not one of {', '.join(backend_names())} "
+                f"(installed packages add backends through the {ENTRY_POINT_GROUP!r} entry points)")
         factory = found[0].load()
     return factory(**options)
