@@ -35,7 +35,7 @@ from training.heads import encoder_of
 VARIANT = "muscle-resnet18-tiny"
 DEMO = "demo/muscle-resnet18-tiny-xray"
 # the related task: the same anatomy and acquisition, conspicuous nodules (the study's task keeps the defaults)
-RELATED_FINDING = {"contrast": 1500.0}
+RELATED_FINDING = {"contrast": 2250.0}
 RELATED_EPOCHS = 20
 
 
