@@ -14,6 +14,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -88,13 +89,13 @@ def main() -> None:
         forward = _median_ms(lambda: session.run(None, {name: batch}), 20)
         print(f"machine: torch threads {torch.get_num_threads()}, ORT provider {session.get_providers()[0]}, "
               f"SimpleITK threads {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}")
-        print(f"{'input':42s} {'decode ms':>10s} {'preprocess ms':>14s} {'decode+preprocess ms':>21s} {'/ ResNet-50':>12s}")
+        print(f"{'input':42s} {'decode ms':>10s} {'preprocess ms':>14s} " f"{'decode+preprocess ms':>21s} {'/ ResNet-50':>12s}")
         results = {}
         for label, processor, path, repeats in cases:
-            decode = _median_ms(lambda: read_image(str(path)), repeats)
+            decode = _median_ms(partial(read_image, str(path)), repeats)
             image = read_image(str(path))
-            prep = _median_ms(lambda: processor(image), repeats)
-            ms = _median_ms(lambda: processor(str(path)), repeats)
+            prep = _median_ms(partial(processor, image), repeats)
+            ms = _median_ms(partial(processor, str(path)), repeats)
             results[label] = ms
             print(f"{label:42s} {decode:10.1f} {prep:14.1f} {ms:21.1f} {ms / forward:12.0%}")
         print(f"{'ResNet-50 ONNX Runtime CPU forward, 1x3x224x224':42s} {forward:21.1f}")

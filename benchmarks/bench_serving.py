@@ -15,11 +15,11 @@ import concurrent.futures
 import http.client
 import io
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -27,6 +27,10 @@ import numpy as np
 import psutil
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from live_server import live_server  # tests/live_server.py: a real service process
 
 import hub  # noqa: F401
 from hub.catalogue import VARIANTS, get_variant
@@ -59,32 +63,9 @@ def images_per_second(run, batch: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(repos: list[Path], cache: Path, int8: bool = False, workers: int = 1) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "MEDHUB_MODELS": ",".join(map(str, repos)), "MEDHUB_ONNX_CACHE": str(cache),
-           "MEDHUB_MAX_CONCURRENCY": "64", "BENTOML_DO_NOT_TRACK": "True", "MEDHUB_INT8": "1" if int8 else "0",
-           "MEDHUB_WORKERS": str(workers)}
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:MedhubService", "--host",
-         "127.0.0.1", "--port", str(port)], cwd=Path(__file__).resolve().parents[1], env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise RuntimeError("the service did not become ready")
+def server_env(cache: Path, int8: bool = False, workers: int = 1) -> dict[str, str]:
+    return {"MEDHUB_ONNX_CACHE": str(cache), "MEDHUB_MAX_CONCURRENCY": "64", "BENTOML_DO_NOT_TRACK": "True",
+            "MEDHUB_INT8": "1" if int8 else "0", "MEDHUB_WORKERS": str(workers)}
 
 
 def http_load(url: str, model: str, png: bytes, clients: int) -> tuple[float, float, float]:
@@ -149,40 +130,34 @@ def main() -> None:
             for batch in (1, BATCH):
                 pixels = torch.randn(batch, 3, 224, 224)
                 with torch.no_grad():
-                    rows[name].append(images_per_second(lambda: model(pixel_values=pixels), batch))
-                rows[name].append(images_per_second(lambda: session.run(None, {"pixel_values": pixels.numpy()}), batch))
-                int8_rows[name].append(
-                    images_per_second(lambda: int8_session.run(None, {"pixel_values": pixels.numpy()}), batch))
+                    rows[name].append(images_per_second(partial(model, pixel_values=pixels), batch))
+                feed = {"pixel_values": pixels.numpy()}
+                rows[name].append(images_per_second(partial(session.run, None, feed), batch))
+                int8_rows[name].append(images_per_second(partial(int8_session.run, None, feed), batch))
             pixels = np.random.default_rng(1).standard_normal((BATCH, 3, 224, 224), dtype=np.float32)
             ort_runs[name] = (lambda session=session, pixels=pixels: session.run(None, {"pixel_values": pixels}))
             int8_runs[name] = (lambda session=int8_session, pixels=pixels: session.run(None, {"pixel_values": pixels}))
             del model
-        process, url = start_server(list(repos.values()), root / "onnx-cache")
-        try:
+        with live_server(list(repos.values()), root / "server.log", server_env(root / "onnx-cache"), 600) as live:
             http, ort_samples = {}, {}
             for name in repos:
                 ort_samples[name], http[name] = [rows[name][3]], []
                 for clients in CLIENTS:  # the in-process baseline again before each HTTP run, under the same conditions
                     ort_samples[name].append(images_per_second(ort_runs[name], BATCH))
-                    http[name].append(http_load(url, str(repos[name]), png, clients))
-            memory = service_rss_mib(process)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+                    http[name].append(http_load(live.url, str(repos[name]), png, clients))
+            memory = service_rss_mib(live.process)
         int8_http = {}  # (name, workers) -> [(img/s, p50, p99)] for INT8_CLIENTS
         for workers in WORKERS:
-            process, url = start_server(list(repos.values()), root / "onnx-cache", int8=True, workers=workers)
-            try:
+            env = server_env(root / "onnx-cache", int8=True, workers=workers)
+            with live_server(list(repos.values()), root / "server.log", env, 600) as live:
                 for name in repos:
-                    int8_http[name, workers] = [http_load(url, str(repos[name]), png, c) for c in INT8_CLIENTS]
-            finally:
-                process.terminate()
-                process.wait(timeout=30)
+                    int8_http[name, workers] = [http_load(live.url, str(repos[name]), png, c) for c in INT8_CLIENTS]
     print(f"{'model':<16}" + "".join(f"{f'eager b{b}':>10}{f'ORT b{b}':>9}{'ORT/eager':>10}" for b in (1, BATCH))
           + "".join(f"{f'HTTP c={c} img/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'/ORT':>6}" for c in CLIENTS))
     for name, (eager1, ort1, eager_b, _) in rows.items():
         ort_b = float(np.mean(ort_samples[name]))
-        line = f"{name:<16}{eager1:>10.1f}{ort1:>9.1f}{ort1 / eager1:>10.2f}{eager_b:>10.1f}{ort_b:>9.1f}{ort_b / eager_b:>10.2f}"
+        line = f"{name:<16}{eager1:>10.1f}{ort1:>9.1f}{ort1 / eager1:>10.2f}"
+        line += f"{eager_b:>10.1f}{ort_b:>9.1f}{ort_b / eager_b:>10.2f}"
         line += "".join(f"{ips:>17.1f}{p50:>8.0f}{p99:>8.0f}{ips / ort_b:>6.2f}" for ips, p50, p99 in http[name])
         print(line)
     for name, samples in ort_samples.items():
@@ -197,7 +172,8 @@ def main() -> None:
         ort_b = float(np.mean(ort_samples[name]))
         fp32_http = dict(zip(CLIENTS, (ips for ips, _, _ in http[name])))
         int8_1, int8_b = int8_rows[name][0], int8_rows[name][1]
-        line = f"{name:<16}{ort1:>12.1f}{int8_1:>9.1f}{int8_1 / ort1:>6.2f}{ort_b:>12.1f}{int8_b:>9.1f}{int8_b / ort_b:>6.2f}"
+        line = f"{name:<16}{ort1:>12.1f}{int8_1:>9.1f}{int8_1 / ort1:>6.2f}"
+        line += f"{ort_b:>12.1f}{int8_b:>9.1f}{int8_b / ort_b:>6.2f}"
         for workers in WORKERS:
             line += "".join(f"{ips:>22.1f}{ips / fp32_http[c]:>7.2f}"
                             for c, (ips, _, _) in zip(INT8_CLIENTS, int8_http[name, workers]))

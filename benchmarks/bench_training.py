@@ -132,7 +132,7 @@ def peak_one(num_tasks: int, manifest: Path, tmp: Path) -> None:
     stage = recipe.stages()[0]
     for index in range(num_tasks):
         stage.loaders[index].get(0)
-    before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
     stage.loss(0)[0].backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"{(peak - before) / 1024:.1f}")

@@ -40,7 +40,7 @@ from training.data import ManifestDataset, read_split, sample_generator
 from training.distributed import DistInfo
 from training.engine import Engine, Stage
 from training.launch import seed_everything
-from training.recipes.medcoss import MedcossRecipe, MedcossSettings, ModalityStage, modality_processor
+from training.recipes.medcoss import MedCossRecipe, MedCossSettings, ModalityStage, modality_processor
 from training.text import encode, whole_word_mask
 
 CPU = DistInfo(0, 1, torch.device("cpu"), None)
@@ -58,7 +58,7 @@ class HeldOut:
         self.labels = np.array([int(row.labels["nodule"]) for _, row in self.rows.rows])
         self.images: ManifestDataset | None = None
 
-    def inputs(self, recipe: MedcossRecipe) -> dict[str, dict[str, torch.Tensor]]:
+    def inputs(self, recipe: MedCossRecipe) -> dict[str, dict[str, torch.Tensor]]:
         """Model inputs per task: text (+ fixed whole-word masks and MLM labels), pixels (+ fixed MAE noise)."""
         config = recipe.network.model.config
         if self.images is None:
@@ -80,7 +80,7 @@ class HeldOut:
         }
 
     @torch.no_grad()
-    def measure(self, recipe: MedcossRecipe, model: MedCossForPreTraining,
+    def measure(self, recipe: MedCossRecipe, model: MedCossForPreTraining,
                 heads: dict[str, MedCossForPreTraining]) -> dict[str, float]:
         """Probe AUC per task, and `loss-<task>` for the tasks whose own stage has ended (`heads`)."""
         inputs = self.inputs(recipe)
@@ -128,10 +128,10 @@ class _ProbedStage(ModalityStage):
         recipe.scores[self.modality] = recipe.held_out.measure(recipe, self.model, recipe.heads)
 
 
-class _ProbedRecipe(MedcossRecipe):
+class _ProbedRecipe(MedCossRecipe):
     """The MedCoSS recipe measured at initialisation and at the end of every stage, without the repo export."""
 
-    def __init__(self, settings: MedcossSettings, manifests: list[Path], held_out: HeldOut):
+    def __init__(self, settings: MedCossSettings, manifests: list[Path], held_out: HeldOut):
         super().__init__(settings, manifests, CPU)
         self.held_out = held_out
         self.heads: dict[str, MedCossForPreTraining] = {}
@@ -145,7 +145,7 @@ class _ProbedRecipe(MedcossRecipe):
         return []
 
 
-def settings_for(tmp: Path, seed: int, rehearsal: bool, args: argparse.Namespace) -> MedcossSettings:
+def settings_for(tmp: Path, seed: int, rehearsal: bool, args: argparse.Namespace) -> MedCossSettings:
     override = {
         "seed": seed, "stages": STAGES, "steps_per_stage": args.steps_per_stage,
         "engine": {"progress": False, "checkpoint_every": 10**9, "log_every": 10**9},
@@ -154,7 +154,7 @@ def settings_for(tmp: Path, seed: int, rehearsal: bool, args: argparse.Namespace
     }
     path = tmp / f"seed{seed}-{rehearsal}.yaml"
     path.write_text(yaml.safe_dump(override))
-    return load_recipe_config(MedcossSettings, "medcoss", "tiny", path)
+    return load_recipe_config(MedCossSettings, "medcoss", "tiny", path)
 
 
 def run_arm(tmp: Path, manifest: Path, held_out: HeldOut, seed: int, rehearsal: bool,

@@ -189,7 +189,7 @@ def main() -> None:
     for label in labels:
         losses = [seed[label]["losses"] for seed in per_seed if seed[label]["losses"]]
         if losses:
-            first, last = np.mean([l[0] for l in losses]), np.mean([np.mean(l[-10:]) for l in losses])
+            first, last = np.mean([run[0] for run in losses]), np.mean([np.mean(run[-10:]) for run in losses])
             print(f"{label} InfoNCE (mean over seeds): first step {first:.3f}, last 10 steps {last:.3f}; "
                   f"chance ln({QUEUE}+1) = {np.log(QUEUE + 1):.3f}")
     same, different = np.mean([c["views"] for c in checks], axis=0)

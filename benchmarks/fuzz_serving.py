@@ -51,6 +51,14 @@ def head_repo(out: Path, head_class, labels: list[str], variant_id: str) -> Path
                        processor=variant.build_processor(), modality=variant.modality)
 
 
+def served_models(root: Path) -> dict[str, str]:
+    """The two models the fuzz and soak runs serve: a tiny 2D classifier and a tiny 3D segmenter, by dimensionality."""
+    return {
+        "2d": str(head_repo(root / "classifier", MuscleForImageClassification, ["a", "b"], "muscle-resnet18-tiny")),
+        "3d": str(head_repo(root / "volume", MaclForSemanticSegmentation, ["a", "b"], "macl-unet3d-tiny")),
+    }
+
+
 def warm_up(url: str, models: dict[str, str]) -> None:
     for key, data in (("2d", encode(np.zeros((64, 64), dtype=np.uint8), "PNG")), ("3d", seeds("nifti")[0])):
         response = httpx.post(f"{url}/embed", files={"file": ("upload.bin", data)}, data={"model": models[key]},
@@ -73,10 +81,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        models = {
-            "2d": str(head_repo(root / "classifier", MuscleForImageClassification, ["a", "b"], "muscle-resnet18-tiny")),
-            "3d": str(head_repo(root / "volume", MaclForSemanticSegmentation, ["a", "b"], "macl-unet3d-tiny")),
-        }
+        models = served_models(root)
         with serve([Path(m) for m in models.values()], root / "server") as server:
             warm_up(server.url, models)
             server.rss_start = server.rss()
@@ -106,6 +111,16 @@ def main() -> None:
     failures = [o for o in outcomes if o.status >= 500 or o.status == 0]
     for outcome in failures[:20]:
         print(f"  {outcome.fmt} #{outcome.index} {outcome.mutation}: {outcome.status} {outcome.body[:100]!r}")
+    checks = {
+        "0 5xx or unanswered": not failures,
+        "0 worker restarts": server.restarts == 0 and not server.killed_for_memory,
+        "every answer < 5 s": all(o.seconds < 5 for o in outcomes),
+        "peak RSS < 4 GiB": server.rss_peak < 4 * 1024 * MIB,
+        "/readyz 200 after": ready == 200,
+    }
+    print("acceptance: " + "; ".join(f"{name} {'ok' if passed else 'FAILED'}" for name, passed in checks.items()))
+    if not all(checks.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

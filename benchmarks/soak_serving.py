@@ -25,11 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzz_serving import head_repo, percentile, warm_up
+from fuzz_serving import percentile, served_models, warm_up
 from fuzzing import encode, ready_status, seeds, serve
 
-from hub.models.macl import MaclForSemanticSegmentation
-from hub.models.muscle import MuscleForImageClassification
 
 MIB = 1024**2
 
@@ -100,10 +98,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        models = {
-            "2d": str(head_repo(root / "classifier", MuscleForImageClassification, ["a", "b"], "muscle-resnet18-tiny")),
-            "3d": str(head_repo(root / "volume", MaclForSemanticSegmentation, ["a", "b"], "macl-unet3d-tiny")),
-        }
+        models = served_models(root)
         with serve([Path(m) for m in models.values()], root / "server",
                    MEDHUB_MAX_CONCURRENCY=str(args.max_concurrency)) as server:
             warm_up(server.url, models)

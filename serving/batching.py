@@ -22,8 +22,8 @@ class MicroBatcher:
     run is in flight and none waits (e.g. on a session using every core), and none has overlapped another for
     `quiet_ms`: a single client gets the whole machine and a loaded service keeps its narrower concurrent runs.
     Under load the queue drains for moments while request threads decode uploads; a lone item taking every core
-    then, with another run starting beside it, oversubscribed the cores (ResNet-50, 32 HTTP clients on 2 cores: 0.75
-    of ORT in process; the quiet period keeps the solo session to an idle service, see bench_serving.py)."""
+    then, with another run starting beside it, oversubscribed the cores; the quiet period keeps the solo session to
+    an idle service (`benchmarks/bench_serving.py` measures the service against ONNX Runtime in process)."""
 
     def __init__(
         self,

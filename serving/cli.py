@@ -1,4 +1,5 @@
-"""`medhub onnx`, `medhub serve` and `medhub embed` (contributed to the hub's CLI through the `medhub.commands` entry point)."""
+"""`medhub onnx`, `medhub serve` and `medhub embed` (contributed to the hub's CLI through the `medhub.commands`
+entry point)."""
 
 import argparse
 import os

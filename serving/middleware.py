@@ -176,7 +176,7 @@ def parts(body: bytes, boundary: bytes) -> Iterator[tuple[bytes, int]]:
 
 def _header_spans(body: bytes, boundary: bytes) -> Iterator[tuple[int, int]]:
     """(start, end) offsets of each complete part header block."""
-    for start, end, size in _part_spans(body, boundary):
+    for start, end, _ in _part_spans(body, boundary):
         if end - start <= MAX_PART_HEADER:
             yield start, end
 

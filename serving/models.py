@@ -28,6 +28,10 @@ from .runtime import CUDA, active_provider, create_session, default_threads
 
 logger = logging.getLogger("medhub.serving")
 
+TILE_BATCH = 2
+"""Tiles per session run for a 3D volume's sliding window (as `MedicalImageProcessor.predict`): one run over
+all of them held every tile's activations at once (1,848 tiles of the 1 mm MNI template took gigabytes)."""
+
 class UnknownModelError(RepoError):
     """A request naming a model the service did not load."""
 
@@ -82,7 +86,11 @@ class ServedModel:
             raise TaskNotAvailableError(f"model {self.id} has no {task} head; it serves {', '.join(sorted(self.sessions))}")
         if task in self.batchers and len(pixel_values) == 1:
             return [output[None] for output in self.batchers[task].submit(pixel_values[0])]
-        return pixels_runner(self.sessions[task])(pixel_values)
+        run = pixels_runner(self.sessions[task])
+        if len(pixel_values) <= TILE_BATCH:
+            return run(pixel_values)
+        chunks = [run(pixel_values[i:i + TILE_BATCH]) for i in range(0, len(pixel_values), TILE_BATCH)]
+        return [np.concatenate(parts) for parts in zip(*chunks)]
 
     def _image(self, data: ImageSource, limits: ReadLimits) -> MedicalImage:
         image = read_image(data, limits)
@@ -201,8 +209,7 @@ def load_served_model(
     intra-op threads each. On CPU the default is one single-threaded run per core plus one, of at most 2 images:
     while a run waits for its batch to fill (or its results go back), the others keep every core busy, where
     one run spread over all cores stalls on whichever core is decoding an upload; and on one thread a larger
-    batch saves little but spills the shared cache (2 cores, ResNet-50, paired runs: 8 HTTP clients 16.7 img/s
-    with 3 runs, 14.8-15.7 with 2, 15.6 with 4; 32 clients 17.1 img/s with batches of 2, 15.9 with 8). A lone
+    batch saves little but spills the shared cache (`benchmarks/bench_serving.py` measures the throughput). A lone
     request, with nothing else in flight, runs on a second session that uses every core (a second copy of the
     weights). On CUDA one run at a time, of up to 8 images. 3D tasks run in the request's thread on `threads`
     (default: all cores). float16 graphs are cached as `<revision>/<task>.fp16.onnx` and int8 graphs (calibrated on

@@ -14,22 +14,22 @@ from typing import Any
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
-import bentoml  # noqa: E402
-import orjson  # noqa: E402
-import torch  # noqa: E402
-from starlette.applications import Starlette  # noqa: E402
-from starlette.requests import Request  # noqa: E402
-from starlette.responses import Response  # noqa: E402
-from starlette.routing import Route  # noqa: E402
+import bentoml
+import orjson
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from hub.io import ImageSource  # noqa: E402
-from hub.errors import CorruptFileError, InputError, LimitExceededError, MedhubError, UnsupportedFormatError  # noqa: E402
+from hub.io import ImageSource
+from hub.errors import CorruptFileError, InputError, LimitExceededError, MedhubError, UnsupportedFormatError
 
-from .batching import ServiceOverloaded  # noqa: E402
-from .dicomweb import DicomwebNotFoundError, DicomwebUnavailableError, fetch, store_result  # noqa: E402
-from .middleware import RequestGuard  # noqa: E402
-from .models import DeadlinePassedError, DimensionalityError, ServedModel, TaskNotAvailableError, UnknownModelError, load_served_model  # noqa: E402
-from .settings import ServeSettings  # noqa: E402
+from .batching import ServiceOverloaded
+from .dicomweb import DicomwebNotFoundError, DicomwebUnavailableError, fetch, store_result
+from .middleware import RequestGuard
+from .models import DeadlinePassedError, DimensionalityError, ServedModel, TaskNotAvailableError, UnknownModelError, load_served_model
+from .settings import ServeSettings
 
 logger = logging.getLogger("medhub.serving")
 logging.getLogger("medhub").setLevel(logging.INFO)  # BentoML's root handler then shows loads and exports

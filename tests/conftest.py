@@ -6,17 +6,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import subprocess
+import sys
+from pathlib import Path
 
-import huggingface_hub.constants  # noqa: E402
-import pytest  # noqa: E402
+import huggingface_hub.constants
+import pytest
 
-import hub  # noqa: E402,F401  (registers the families)
-from hub.catalogue import get_variant  # noqa: E402
-from hub.cli.main import main  # noqa: E402
-from hub.models.muscle import MuscleConfig  # noqa: E402
+import hub  # noqa: F401  (registers the families)
+from hub.catalogue import get_variant
+from hub.cli.main import main
+from hub.models.muscle import MuscleConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,8 @@ import gzip
 import io
 import os
 import random
-import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -36,10 +34,10 @@ import psutil
 import pydicom
 import pydicom.config
 from io_fixtures import MNI_T1, PYDICOM_TEST_FILES, dicom_file
+from live_server import REPO_ROOT, live_server
 from PIL import Image
 
 FORMATS = ("png", "jpeg", "dicom", "nifti")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # DICOM seeds: uncompressed greyscale single frames (pydicom decodes them) and compressed or colour files (GDCM).
 PYDICOM_PATH_SEEDS = ("CT_small.dcm", "MR_small.dcm")
@@ -82,13 +80,21 @@ def seeds(fmt: str) -> tuple[bytes, ...]:
         small = _small_mni()
         return (nib.Nifti1Image(small, np.diag([6.0, 6.0, 6.0, 1.0])).to_bytes(),
                 _gz(nib.Nifti1Image(small.astype(np.int16) * 40 - 1000, np.diag([6.0, 6.0, 6.0, 1.0])).to_bytes()),
-                MNI_T1.read_bytes())
+                _gz(_small_mni_with_its_header()))
     raise ValueError(f"unknown format {fmt!r}")
 
 
 def _small_mni() -> np.ndarray:
     """Every 6th voxel of the MNI template (33 x 39 x 32, uint8): fast enough for hundreds of 3D requests."""
     return np.asarray(nib.load(MNI_T1).dataobj)[::6, ::6, ::6].copy()
+
+
+def _small_mni_with_its_header() -> bytes:
+    """The small template under the real file's own header (its qform/sform, codes, description), its affine
+    scaled to the 6 mm grid: the full 1 mm template is 1,848 tiles for the 3D model, 10-20 s per request on CPU."""
+    template = nib.load(MNI_T1)
+    affine = template.affine @ np.diag([6.0, 6.0, 6.0, 1.0])
+    return nib.Nifti1Image(_small_mni(), affine, header=template.header).to_bytes()
 
 
 def _gz(data: bytes) -> bytes:
@@ -202,7 +208,7 @@ def dicom_header_edit(data: bytes, rng: random.Random) -> bytes:
     (bit flips instead where an earlier mutation left a file pydicom cannot write back)."""
     try:
         return _dicom_header_edit(data, rng)
-    except Exception:  # noqa: BLE001  pydicom may raise anything on an already-mutated file
+    except Exception:  # pydicom may raise anything on an already-mutated file
         return bit_flips(data, rng)
 
 
@@ -246,7 +252,7 @@ def _explicit_little(data: bytes) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-    except Exception:  # noqa: BLE001  an earlier mutation broke the header
+    except Exception:  # an earlier mutation broke the header
         return False
     syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
     return syntax is not None and not syntax.is_implicit_VR and syntax.is_little_endian
@@ -320,7 +326,8 @@ def nifti_bomb(shape: tuple[int, int, int]) -> bytes:
 
 
 def nifti_bombs(_: bytes, rng: random.Random) -> bytes:
-    """Inside the default voxel budget (512 x 512 x 400) and far over it (2048^3 and a 1 x 32767^2 sliver, data cut at 256 MiB)."""
+    """Inside the default voxel budget (512 x 512 x 400) and far over it (2048^3 and a 1 x 32767^2 sliver, data cut
+    at 256 MiB)."""
     return nifti_bomb(rng.choice([(512, 512, 400), (2048, 2048, 2048), (1, 32767, 32767)]))
 
 
@@ -349,12 +356,6 @@ def case(fmt: str, seed: int, index: int) -> tuple[str, bytes]:
 
 
 # ---- the server ---------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tree_rss(process: psutil.Process) -> int:
@@ -401,37 +402,19 @@ class Server:
 @contextlib.contextmanager
 def serve(models: list[Path], root: Path, kill_above: int = 8 * 1024**3, **env: str) -> Iterator[Server]:
     """`bentoml serve` the service with ``models`` and the default limits (``env`` overrides), on a free port."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log_path = root / "server.log"
-    environment = {**os.environ, "MEDHUB_MODELS": ",".join(map(str, models)), "MEDHUB_ONNX_CACHE": str(root / "onnx"),
-                   "PYTHONPATH": str(REPO_ROOT), **env}
-    bentoml = Path(sys.executable).parent / "bentoml"
-    with open(log_path, "w+") as log:
-        process = subprocess.Popen(
-            [str(bentoml), "serve", "serving.service:MedhubService", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
-        )
-        server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    environment = {"MEDHUB_ONNX_CACHE": str(root / "onnx"), "PYTHONPATH": str(REPO_ROOT), **env}
+    with live_server(models, root / "server.log", environment) as live:
+        server = Server(live.url, live.process, live.log)
+        server.rss_start = server.rss_peak = server.rss()
+        server.pids = {child.pid for child in psutil.Process(live.process.pid).children(recursive=True)}
+        stop = threading.Event()
+        watcher = threading.Thread(target=server.watch, args=(stop, kill_above), daemon=True)
+        watcher.start()
         try:
-            _wait_ready(server)
-            server.rss_start = server.rss_peak = server.rss()
-            server.pids = {child.pid for child in psutil.Process(process.pid).children(recursive=True)}
-            stop = threading.Event()
-            watcher = threading.Thread(target=server.watch, args=(stop, kill_above), daemon=True)
-            watcher.start()
-            try:
-                yield server
-            finally:
-                stop.set()
-                watcher.join()
+            yield server
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop.set()
+            watcher.join()
 
 
 def ready_status(server: Server) -> int:
@@ -440,18 +423,6 @@ def ready_status(server: Server) -> int:
         return httpx.get(f"{server.url}/readyz", timeout=10).status_code
     except httpx.TransportError:
         return 0
-
-
-def _wait_ready(server: Server, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{server.log.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(1)
-    raise RuntimeError(f"server did not become ready in {timeout:.0f} s")
 
 
 # ---- campaigns -----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``AutoBackbone.from_pretrained`` on a local folder / offline, and the README's workaround (the family's backbone class).
+"""``AutoBackbone.from_pretrained`` on a local folder / offline, and the README's workaround (the family's backbone
+class).
 
 The cause is transformers', not ours: its backbone auto class (``_BaseAutoBackboneClass.from_pretrained``) calls
 ``HfApi().repo_exists(name)`` before anything else, whatever the config says, to choose between a Hub model and a

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import test_serving
 from io_fixtures import dicom_file
 from PIL import Image
+from test_serving import post
 
 from hub.data.phantoms import ct_volume, write_dicom_series
 from hub.errors import InputError
@@ -122,9 +124,6 @@ def test_classification_sr_is_valid_and_reads_back(tmp_path):
 
 
 # ----- the service -----------------------------------------------------------------------------------------
-
-import test_serving
-from test_serving import post
 
 repos, server = test_serving.repos, test_serving.server  # the served tiny models, as fixtures of this module
 

@@ -3,9 +3,7 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import requests
+from live_server import free_port, live_server
 
 from hub.data.phantoms import ct_volume, write_dicom_series
 from hub.errors import InputError, LimitExceededError
@@ -35,12 +34,6 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """Orthanc on free HTTP and DICOM ports, storage in a temp folder, no authentication (loopback only)."""
@@ -58,28 +51,27 @@ def orthanc(tmp_path_factory):
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "w+")
-    process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"Orthanc exited early:\n{log.read()[-3000:]}")
-        try:
-            if requests.get(f"{url}/dicom-web/studies", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail("Orthanc did not answer in 60 s")
-    yield {"url": url, "dicomweb": f"{url}/dicom-web", "process": process}
-    if process.poll() is None:
-        process.terminate()
-        process.wait(timeout=30)
-    log.close()
+    with open(root / "orthanc.log", "w+") as log:
+        process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"Orthanc exited early:\n{log.read()[-3000:]}")
+            try:
+                if requests.get(f"{url}/dicom-web/studies", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        else:
+            process.kill()
+            pytest.fail("Orthanc did not answer in 60 s")
+        yield {"url": url, "dicomweb": f"{url}/dicom-web", "process": process}
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -162,35 +154,10 @@ def service(orthanc, tmp_path_factory):
     root = tmp_path_factory.mktemp("service")
     repo = test_serving.tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["background", "liver"],
                                        "macl-unet3d-tiny")
-    port = free_port()
-    env = {**os.environ, "MEDHUB_MODELS": str(repo), "MEDHUB_ONNX_CACHE": str(root / "onnx"), "MEDHUB_THREADS": "1",
-           "MEDHUB_MAX_VOXELS": "4000", "MEDHUB_DICOMWEB_URL": orthanc["dicomweb"]}
-    env.pop("MEDHUB_API_TOKEN", None)
-    log = open(root / "server.log", "w+")
-    bentoml = Path(sys.executable).parent / "bentoml"
-    process = subprocess.Popen(
-        [str(bentoml), "serve", "serving.service:MedhubService", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited early:\n{log.read()[-3000:]}")
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail("server did not become ready in 240 s")
-    yield {"url": url, "repo": repo}
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    env = {"MEDHUB_ONNX_CACHE": str(root / "onnx"), "MEDHUB_THREADS": "1", "MEDHUB_MAX_VOXELS": "4000",
+           "MEDHUB_DICOMWEB_URL": orthanc["dicomweb"], "MEDHUB_API_TOKEN": ""}
+    with live_server([repo], root / "server.log", env) as live:
+        yield {"url": live.url, "repo": repo}
 
 
 def segment(service, **fields) -> requests.Response:

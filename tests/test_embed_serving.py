@@ -1,9 +1,5 @@
 """`medhub embed` on ONNX Runtime equals the service's /embed; the Ray engine writes the same dataset."""
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +10,10 @@ from hub.embed import embed_dataset, list_sources
 from serving.embed import OnnxBackend, ray_batches
 
 from embed_fixtures import image_folder, tiny_encoder_repo, volume_folder
-from test_serving import free_port
+from live_server import live_server
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,29 +26,9 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(setup):
-    port = free_port()
-    log = open(setup["root"] / "server.log", "w+")
-    env = {**os.environ, "MEDHUB_MODELS": ",".join(str(r) for r in setup["repos"].values()),
-           "MEDHUB_ONNX_CACHE": str(setup["onnx"]), "MEDHUB_THREADS": "1"}
-    process = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:MedhubService",
-                                "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(1)
-    else:
-        process.kill()
-        log.seek(0)
-        pytest.fail(f"server did not become ready:\n{log.read()[-3000:]}")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    env = {"MEDHUB_ONNX_CACHE": str(setup["onnx"]), "MEDHUB_THREADS": "1"}
+    with live_server(list(setup["repos"].values()), setup["root"] / "server.log", env) as live:
+        yield live.url
 
 
 def embedded(out: Path) -> dict[str, dict[str, np.ndarray]]:

@@ -15,7 +15,7 @@ from hub.models.muscle import MuscleForImageClassification, MuscleModel
 
 REPO_FILES = {
     "README.md", "checksums.sha256", "config.json", "configuration_muscle.py", "golden.safetensors",
-    "model.safetensors", "modeling_muscle.py", "preprocessor_config.json",
+    "image_processing_medhub.py", "model.safetensors", "modeling_muscle.py", "preprocessor_config.json",
 }
 CARD_SECTIONS = ["## Intended use", "## Out-of-scope use", "not a medical device", "## Training data", "## Preprocessing",
                  "## How to load", "trust_remote_code=True", "## Limitations", "## Citation"]
@@ -84,7 +84,7 @@ def test_head_model_exports_with_encoder_golden(tmp_path, tiny_config):
     with torch.no_grad():
         expected = model.muscle.eval()(golden["pixel_values"]).pooler_output
     assert torch.equal(golden["expected.pooler_output"], expected)
-    assert verify_repo(tmp_path / "r").files_checked == 7
+    assert verify_repo(tmp_path / "r").files_checked == 8
 
 
 def test_verify_passes_then_catches_one_flipped_byte(tiny_repo, cli):

@@ -11,8 +11,14 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from hub.catalogue import VARIANTS
 from hub.models import get_family
 
+# Heads that take 8-50 s a test on 2 CPU cores (Faster R-CNN resizes to 512 px; FCOS; MACL's two-branch views).
+SLOW_HEADS = {("muscle", "AutoModelForObjectDetection"), ("umedpt", "AutoModelForObjectDetection"),
+              ("macl", "AutoModelForPreTraining")}
 CASES = [
-    pytest.param(variant.id, auto_name, id=f"{variant.id}-{auto_name}")
+    pytest.param(
+        variant.id, auto_name, id=f"{variant.id}-{auto_name}",
+        marks=[pytest.mark.slow] if (variant.family, auto_name) in SLOW_HEADS else [],
+    )
     for variant in VARIANTS.values()
     if variant.tiny
     for auto_name in get_family(variant.family).auto_classes

@@ -12,9 +12,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from hub.errors import CorruptFileError
+from hub.errors import CorruptFileError, UnsupportedFormatError
 from hub.io import read_image
-from io_fixtures import dicom_file
+from io_fixtures import PYDICOM_TEST_FILES, dicom_file
 
 
 def _edited(tmp_path, name: str, tag: str, value) -> str:
@@ -145,3 +145,21 @@ def test_png_with_a_broken_pixel_stream_is_corrupt(idat):
     data = b"\x89PNG\r\n\x1a\n" + header + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
     with pytest.raises(CorruptFileError, match="PNG"):
         read_image(data)
+
+
+# Files decoded by pydicom (uncompressed), by GDCM (RLE, JPEG lossless) and a colour one.
+@pytest.mark.parametrize("name", ["693_UNCR.dcm", "MR_small_RLE.dcm", "JPEG-LL.dcm", "SC_rgb.dcm"])
+def test_truncated_dicom_is_corrupt_wherever_it_is_cut(name):
+    """A cut anywhere after the preamble (inside the file meta, the header, before Rows, in the pixel data) is a
+    damaged image (422), never "not an image" (415)."""
+    data = (PYDICOM_TEST_FILES / name if name == "MR_small_RLE.dcm" else dicom_file(name)).read_bytes()
+    pixels = data.rfind(b"\xe0\x7f\x10\x00")
+    cuts = [132, 140, 200, pixels // 2, pixels - 3, pixels, pixels + 10, (pixels + len(data)) // 2, len(data) - 1]
+    for cut in cuts:
+        with pytest.raises(CorruptFileError, match="^uploaded data (is a truncated|is a damaged|is not a readable|could not)"):
+            read_image(data[:cut])
+
+
+def test_a_complete_non_image_dicom_is_still_unsupported():
+    with pytest.raises(UnsupportedFormatError, match="is a Structured Report object, not an image"):
+        read_image((PYDICOM_TEST_FILES / "test-SR.dcm").read_bytes())

@@ -55,4 +55,4 @@ def test_logs_still_work_after_a_read(tmp_path, caplog):
         logging.getLogger("pydicom").warning("after")
     assert [r.getMessage() for r in caplog.records] == ["after"]
     with pytest.warns(UserWarning, match="after"):
-        warnings.warn("after", UserWarning)
+        warnings.warn("after", UserWarning, stacklevel=1)

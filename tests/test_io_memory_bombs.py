@@ -1,8 +1,11 @@
 """Tiny files whose headers make the decode or the resampling allocate gigabytes are refused (issue 13, item 1)."""
 
 import struct
+import subprocess
+import sys
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +90,63 @@ def test_zscore_makes_no_float64_copy_of_the_volume_and_keeps_values():
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
     assert peak < 1.25 * values.nbytes  # the float32 result and one block; a float64 copy alone would be 2x
+
+
+_DAMAGED_DICOM_PEAK = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+from io_fixtures import PYDICOM_TEST_FILES, dicom_file
+from hub.errors import CorruptFileError
+from hub.io import read_image
+rle = (PYDICOM_TEST_FILES / "MR_small_RLE.dcm").read_bytes()
+jpeg = dicom_file("JPEG-LL.dcm").read_bytes()
+rgb = dicom_file("SC_rgb.dcm").read_bytes()
+pixels = rgb.rfind(b"\\xe0\\x7f\\x10\\x00")
+damaged = [rle[: len(rle) * 3 // 5], jpeg[: len(jpeg) * 3 // 5], rgb[: pixels + 5000] + bytes(range(256)) * 16 + rgb[pixels + 5000:]]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for data in damaged:
+    try:
+        read_image(data)
+    except CorruptFileError as error:
+        assert "damaged DICOM file" in str(error), error
+    else:
+        raise AssertionError("a damaged DICOM file was read")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def test_damaged_encapsulated_dicom_is_refused_before_gdcm_allocates(tmp_path):
+    """An RLE or JPEG file cut inside its last fragment, or a file with bytes inserted into its pixel data (the rest
+    then reads as elements of any length), made GDCM allocate 2-4 GiB before its error; they are refused before
+    GDCM sees them. Measured in a child process (GDCM's memory is invisible to tracemalloc)."""
+    tests = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", _DAMAGED_DICOM_PEAK, tests], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) < 100 * 2**20
+
+
+def _cube(n: int) -> np.ndarray:
+    return np.arange(n**3, dtype=np.int16).reshape(n, n, n)
+
+
+def test_sliding_window_tiles_over_the_byte_budget_are_refused_before_allocating():
+    """64^3 int16 (512 KiB) cut into 8^3 tiles at overlap 0.5 is 15^3 tiles = 6.6 MiB of float32: over a 2 MiB
+    budget it is a 413 naming the tiles, and the tiles are never allocated."""
+    processor = MedicalImageProcessor(modality="ct", spatial_dims=3, in_channels=1, size=8, intensity="none")
+    limits = ReadLimits(max_array_bytes=2 * 2**20)
+    tracemalloc.start()
+    with pytest.raises(LimitExceededError, match=r"sliding-window tiles .* 6912000 bytes, over the limit of 2097152"):
+        processor.tile(_cube(64), limits=limits)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * 2**20
+    tiled = processor.tile(_cube(64), limits=ReadLimits(max_array_bytes=8 * 2**20))
+    assert tiled.tiles.shape == (3375, 1, 8, 8, 8) and tiled.tiles[0, 0, 0, 0, 1] == 1.0
+
+
+def test_a_volume_whose_float32_copy_is_over_the_byte_budget_is_refused():
+    processor = MedicalImageProcessor(modality="ct", spatial_dims=3, in_channels=1, size=8, intensity="none")
+    with pytest.raises(LimitExceededError, match=r"float32 copy of a \(64, 64, 64\) volume .* 1048576 bytes"):
+        processor.prepare(_cube(64), limits=ReadLimits(max_array_bytes=2**20 - 1))
+    assert processor.prepare(_cube(64), limits=ReadLimits(max_array_bytes=2**20)).pixel_values.shape == (1, 8, 8, 8)

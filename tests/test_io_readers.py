@@ -22,6 +22,7 @@ REFUSED = {
 }
 
 
+@pytest.mark.slow
 def test_every_pydicom_data_file_reads_or_is_refused_clearly():
     files = sorted(DICOM_DIR.glob("*.dcm"))
     assert len(files) == 68

@@ -17,7 +17,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class SourceUNet(nn.Module):
-    """The released network as reference §2.3 describes it, with its module names (`{"net": state_dict()}`)."""
+    """The authors' released network, with its module names (`{"net": state_dict()}`)."""
 
     def __init__(self, in_channels: int = 1):
         super().__init__()
@@ -96,7 +96,7 @@ def test_converted_repo_loads_every_key_and_reproduces_the_source_network(tmp_pa
     assert len(source_info["details"]["sha256"]) == 64 and "all rights reserved" in source_info["details"]["upstream_license"]
     card = (tmp_path / "repo" / "README.md").read_text()
     assert source_info["details"]["sha256"] in card and "ask the" in card
-    assert verify_repo(tmp_path / "repo").files_checked == 7  # every file but checksums.sha256
+    assert verify_repo(tmp_path / "repo").files_checked == 8  # every file but checksums.sha256
 
 
 def test_brats_weights_keep_four_channels_or_collapse_exactly_to_one(tmp_path, cli):

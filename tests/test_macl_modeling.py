@@ -79,6 +79,7 @@ def test_3d_variant_segments_a_volume():
     assert MaclModel(config)(volume).pooler_output.shape == (1, 64)
 
 
+@pytest.mark.slow
 def test_pretraining_outputs_and_losses():
     model = MaclForPreTraining(tiny())
     views = [torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]

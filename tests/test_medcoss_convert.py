@@ -156,7 +156,7 @@ def test_cli_copies_the_tokenizer_and_keeps_heads(tmp_path, cli):
     assert (out / "vocab.txt").is_file() and "vocab.txt" in (out / "checksums.sha256").read_text()
     ids = BertTokenizer.from_pretrained(out)("No acute effusions")["input_ids"]
     assert ids == [2, 5, 6, 7, 8, 3]
-    assert verify_repo(out).files_checked == 9  # the 7 repo files and 2 tokenizer files
+    assert verify_repo(out).files_checked == 10  # the 8 repo files and 2 tokenizer files
     assert json.loads((out / "config.json").read_text())["architectures"] == ["MedCossForPreTraining"]
     with pytest.raises(ConversionError, match="has no vocab.txt"):
         convert_medcoss(tmp_path / "c.pth", tmp_path / "r2", variant="medcoss-tiny", tokenizer_dir=tmp_path)

@@ -7,6 +7,7 @@ from huggingface_hub import ModelCard
 
 from hub.export import verify_repo
 
+VOLUME = '    print("volume", tuple(model(pixel_values=torch.zeros(1, 1, 16, 32, 32)).last_hidden_state.shape))'
 VOLUME_AND_HEAD = """
     volume = model(pixel_values=torch.zeros(1, 1, 16, 32, 32)).last_hidden_state.shape
     print("volume", tuple(volume))
@@ -38,5 +39,5 @@ def test_tiny_repo_loads_by_id_offline_with_and_without_medhub(tmp_path, load_by
 
 @pytest.mark.slow
 def test_paper_scale_repo_loads_by_id_offline_with_and_without_medhub(load_by_id):
-    with_medhub, without_medhub = load_by_id(["medcoss-vitb"], per_model='    print("volume", tuple(model(pixel_values=torch.zeros(1, 1, 16, 32, 32)).last_hidden_state.shape))')
+    with_medhub, without_medhub = load_by_id(["medcoss-vitb"], per_model=VOLUME)
     assert with_medhub.split()[2:] == without_medhub.split()[2:] == ["(1,", "3,", "224,", "224)", "volume", "(1,", "5,", "768)"]

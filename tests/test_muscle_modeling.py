@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torchvision
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import (
     AutoBackbone,
     AutoModel,
@@ -124,6 +125,23 @@ def detection_labels() -> list[dict[str, torch.Tensor]]:
     ]
 
 
+def test_detection_settings_are_config_fields():
+    config = get_variant("muscle-resnet18-tiny").build_config(
+        num_labels=2, rpn_anchor_sizes=[16, 32, 64, 128, 256], rpn_aspect_ratios=[1.0], rpn_post_nms_top_n_test=50,
+        rpn_nms_threshold=0.6, box_roi_size=5, box_head_channels=64, box_detections_per_image=7, box_score_threshold=0.2,
+    )
+    model = MuscleForObjectDetection(config)
+    assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [1] * 5
+    assert (model.rpn._post_nms_top_n["testing"], model.rpn.nms_thresh) == (50, 0.6)
+    assert model.roi_heads.box_roi_pool.output_size == (5, 5)
+    assert model.roi_heads.box_head.fc6.in_features == config.fpn_channels * 25
+    assert model.roi_heads.box_predictor.cls_score.in_features == 64
+    assert (model.roi_heads.detections_per_img, model.roi_heads.score_thresh) == (7, 0.2)
+    with pytest.raises(StrictDataclassClassValidationError, match="rpn_anchor_sizes"):
+        get_variant("muscle-resnet18-tiny").build_config(rpn_anchor_sizes=[32, 64])
+
+
 def test_detection_head_losses_and_detections(tiny_config):
     tiny_config.num_labels = 2
     tiny_config.detection_min_size, tiny_config.detection_max_size, tiny_config.fpn_channels = 64, 64, 16
@@ -204,6 +222,7 @@ def test_encoder_repo_loads_into_every_head(tmp_path, tiny_config):
         assert torch.equal(head.muscle.layer4[0].bn2.running_var, encoder.layer4[0].bn2.running_var)
 
 
+@pytest.mark.slow
 def test_segmentation_encoder_is_dilated_and_learns_lungs_on_phantom_shapes(tiny_config):
     """At 64 px a stride-32 map is 2x2 and DeepLab cannot learn; the head's encoder runs at stride 8."""
     tiny_config.num_labels = 2

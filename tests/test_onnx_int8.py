@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from test_onnx_export import CASES, HEADS  # every tiny preset's tasks
 
 from hub.catalogue import VARIANTS
 from hub.data.phantoms import write_nifti
@@ -20,15 +21,6 @@ from serving.quantize import Gate, QuantizationGateError, dice, export_int8, gat
 
 pytestmark = pytest.mark.slow
 SEGMENTATION_DICE = 0.6  # random-weight tiny segmenters: 0.74-1.0 measured
-HEADS = {"features": "AutoModel", "classification": "AutoModelForImageClassification",
-         "segmentation": "AutoModelForSemanticSegmentation"}
-CASES = [
-    (variant.id, task)
-    for variant in VARIANTS.values()
-    if variant.tiny
-    for task, auto_name in HEADS.items()
-    if auto_name in get_family(variant.family).auto_classes
-]
 
 
 def _repo(root, variant_id: str, task: str):

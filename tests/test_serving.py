@@ -3,10 +3,6 @@
 import concurrent.futures
 import io
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +10,15 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+from embed_fixtures import tiny_encoder_repo
 from io_fixtures import MNI_T1, dicom_file
+from live_server import live_server
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 from hub.catalogue import get_variant
 from hub.export import Provenance, export_repo
 from hub.io import read_image
-from hub.models import get_family
 from hub.models.macl import MaclForSemanticSegmentation
 from hub.models.muscle import (
     MuscleForImageClassification,
@@ -35,12 +32,6 @@ ENCODERS_2D = ("umedpt-tiny", "medcoss-tiny", "macl-tiny")  # one per 2D family 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def tiny_head_repo(out: Path, head_class, labels: list[str], variant_id: str = "muscle-resnet18-tiny") -> Path:
     variant = get_variant(variant_id)
     config = variant.build_config(
@@ -48,14 +39,6 @@ def tiny_head_repo(out: Path, head_class, labels: list[str], variant_id: str = "
     )
     torch.manual_seed(0)
     return export_repo(head_class(config), out, variant=variant.id, provenance=Provenance("trained", "test"),
-                       processor=variant.build_processor(), modality=variant.modality)
-
-
-def tiny_encoder_repo(out: Path, variant_id: str) -> Path:
-    variant = get_variant(variant_id)
-    torch.manual_seed(0)
-    model = get_family(variant.family).encoder_class(variant.build_config())
-    return export_repo(model, out, variant=variant.id, provenance=Provenance("random-init", "test"),
                        processor=variant.build_processor(), modality=variant.modality)
 
 
@@ -74,11 +57,7 @@ def repos(tmp_path_factory) -> dict[str, Path]:
 def server(repos, tmp_path_factory, request):
     """One server for the module: token on, 12 MiB body limit, at most 2 requests in flight."""
     root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    log = open(root / "server.log", "w+")
     env = {
-        **os.environ,
-        "MEDHUB_MODELS": ",".join(str(repo) for repo in repos.values()),
         "MEDHUB_ONNX_CACHE": str(root / "onnx"),
         "MEDHUB_API_TOKEN": TOKEN,
         "MEDHUB_MAX_BODY_MB": "12",
@@ -88,30 +67,8 @@ def server(repos, tmp_path_factory, request):
     (root / "tmp").mkdir()
     if getattr(request.module, "OWN_TEMP_DIRS", False):  # the privacy tests read the request temp dirs and home
         env.update(TMPDIR=str(root / "tmp"), BENTOML_HOME=str(root / "bentoml"))
-    bentoml = Path(sys.executable).parent / "bentoml"
-    process = subprocess.Popen(
-        [str(bentoml), "serve", "serving.service:MedhubService", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited early:\n{log.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail("server did not become ready in 240 s")
-    yield {"url": url, "log": root / "server.log", "repos": repos, "tmp": root / "tmp", "home": root / "bentoml"}
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    with live_server(list(repos.values()), root / "server.log", env) as live:
+        yield {"url": live.url, "log": live.log, "repos": repos, "tmp": root / "tmp", "home": root / "bentoml"}
 
 
 def post(server, route: str, data: bytes, model: str, headers=AUTH, **fields) -> "httpx.Response":

@@ -1,10 +1,6 @@
 """A timed-out 3D /segment stops its sliding-window tile loop: the server's CPU goes quiet soon after the 504."""
 
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -13,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from hub.models.macl import MaclForSemanticSegmentation
-from test_serving import AUTH, TOKEN, free_port, tiny_head_repo
+from live_server import live_server
+from test_serving import AUTH, TOKEN, tiny_head_repo
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 3
@@ -24,30 +21,10 @@ def slow_server(tmp_path_factory):
     """A server for the 3D model only, with `MEDHUB_TIMEOUT` (what `medhub serve --timeout` sets) of 3 s."""
     root = tmp_path_factory.mktemp("deadline")
     repo = tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["background", "liver"], "macl-unet3d-tiny")
-    port = free_port()
-    log = open(root / "server.log", "w+")
-    env = {**os.environ, "MEDHUB_MODELS": str(repo), "MEDHUB_ONNX_CACHE": str(root / "onnx"),
-           "MEDHUB_API_TOKEN": TOKEN, "MEDHUB_TIMEOUT": str(TIMEOUT_S), "MEDHUB_THREADS": "1"}
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:MedhubService", "--host", "127.0.0.1",
-         "--port", str(port)], cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    else:
-        process.kill()
-        log.seek(0)
-        pytest.fail(f"server not ready:\n{log.read()[-3000:]}")
-    yield {"url": url, "repo": repo, "process": psutil.Process(process.pid)}
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    env = {"MEDHUB_ONNX_CACHE": str(root / "onnx"), "MEDHUB_API_TOKEN": TOKEN, "MEDHUB_TIMEOUT": str(TIMEOUT_S),
+           "MEDHUB_THREADS": "1"}
+    with live_server([repo], root / "server.log", env) as live:
+        yield {"url": live.url, "repo": repo, "process": psutil.Process(live.process.pid)}
 
 
 def cpu_seconds(process: psutil.Process) -> float:

@@ -43,9 +43,6 @@ def fuzz_server(tmp_path_factory):
         yield server, {key: str(model) for key, model in models.items()}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known failure (issue 13, open): damaged RLE DICOMs (cases dicom 6 and 9) take 4.5-4.8 GiB each in the "
-    "processor before their 422, so two in flight pass the watchdog's 8 GiB; strict, so it fails once they are fixed"))
 def test_mutated_uploads_never_get_5xx_hang_or_leak(fuzz_server):
     server, models = fuzz_server
     outcomes = campaign(server, models, PER_FORMAT, seed=0, clients=2, timeout=30)
@@ -55,7 +52,7 @@ def test_mutated_uploads_never_get_5xx_hang_or_leak(fuzz_server):
     failures = [o for o in outcomes if o.status >= 500 or o.status == 0]
     slow = [o for o in outcomes if o.seconds > SLOWEST_S]
     report = (
-        f"status counts {counts}; peak RSS {server.rss_peak >> 20} MiB; restarts {server.restarts}; server exceptions {server_exceptions(server.log)}; "
+        f"status counts {counts}; peak RSS {server.rss_peak >> 20} MiB; restarts " f"{server.restarts}; server exceptions {server_exceptions(server.log)}; "
         f"first failures {[(o.fmt, o.index, o.mutation, o.status, o.body[:120]) for o in failures[:8]]}; "
         f"slow {[(o.fmt, o.index, o.mutation, round(o.seconds, 1)) for o in slow[:8]]}"
     )

@@ -9,10 +9,12 @@ import pytest
 from pydicom import config
 
 from io_fixtures import dicom_file
-from test_serving import AUTH, repos, server  # noqa: F401 (fixtures: one live server for this module)
+import test_serving
+from test_serving import AUTH
 
 pytestmark = pytest.mark.slow
 OWN_TEMP_DIRS = True  # the server fixture then gives the server its own TMPDIR and BENTOML_HOME
+repos, server = test_serving.repos, test_serving.server  # the fixtures: one live server for this module
 CANARIES = ("Zanzibarqx", "Quimbletoe", "MRNQ5512086", "77441122993366", "FNAMECANARY")
 NAME = "FNAMECANARY" + "n" * 300 + ".dcm"  # longer than a file name may be (ENAMETOOLONG before the guard's rewrite)
 
@@ -87,3 +89,33 @@ def test_an_unexpected_exception_is_a_500_logged_once_without_its_values(tmp_pat
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("unexpected KeyError at test_serving_privacy.py:"), lines
     assert not any("Zanzibarqx" in line for line in lines) and not upload.exists()  # the request's temp file is gone
+
+
+def _abandoned_upload(url: str, data: bytes, sent: int) -> None:
+    """A multipart /embed whose client sends the headers and ``sent`` bytes of its file, then closes the socket."""
+    import socket
+    import urllib.parse
+
+    boundary = "abandonedboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\norg/model\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{NAME}\"\r\n"
+            "Content-Type: application/dicom\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    address = urllib.parse.urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall((f"POST /embed HTTP/1.1\r\nHost: {address.netloc}\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                      f"Content-Length: {len(head) + len(data) + len(tail)}\r\n\r\n").encode() + head + data[:sent])
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.9])
+def test_an_upload_abandoned_mid_body_leaves_no_temp_file(server, canary_dicom, fraction):
+    import time
+
+    _abandoned_upload(server["url"], canary_dicom * 4, int(len(canary_dicom) * 4 * fraction))
+    deadline = time.monotonic() + 10
+    while list(Path(server["tmp"]).glob("bentoml-request-*/*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not list(Path(server["tmp"]).glob("bentoml-request-*/*"))
+    assert httpx.get(f"{server['url']}/readyz").status_code == 200
+    assert leaks(server) == []

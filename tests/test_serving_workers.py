@@ -4,7 +4,6 @@ its file lock), and /models is the same from either worker; int8 graphs serve ov
 import io
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from test_serving import free_port, tiny_encoder_repo, tiny_head_repo
+from live_server import live_server
+from test_serving import tiny_encoder_repo, tiny_head_repo
 
 from hub.models.muscle import MuscleForImageClassification
 
@@ -24,32 +24,21 @@ def two_workers(tmp_path_factory):
     root = tmp_path_factory.mktemp("workers")
     repos = [tiny_encoder_repo(root / "encoder", "muscle-resnet18-tiny"),
              tiny_head_repo(root / "classifier", MuscleForImageClassification, ["normal", "nodule"])]
-    port, log = free_port(), open(root / "server.log", "w+")
-    env = {**os.environ, "MEDHUB_MODELS": ",".join(map(str, repos)), "MEDHUB_ONNX_CACHE": str(root / "onnx"),
-           "MEDHUB_WORKERS": "2", "MEDHUB_INT8": "1", "MEDHUB_THREADS": "1"}
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:MedhubService", "--host",
-         "127.0.0.1", "--port", str(port)],
-        cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    answers: dict[str, dict] = {}  # worker pid -> its /models body
-    deadline = time.monotonic() + 300
-    while len(answers) < 2 and time.monotonic() < deadline:  # a fresh connection each time: either worker accepts
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited early:\n{log.read()[-3000:]}")
-        try:
-            response = httpx.get(f"{url}/models", timeout=5)
-            if response.status_code == 200 and len(response.json()["models"]) == len(repos):
-                answers[response.headers["x-medhub-worker"]] = response.json()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    yield {"url": url, "answers": answers, "log": root / "server.log", "repos": repos, "cache": root / "onnx"}
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    env = {"MEDHUB_ONNX_CACHE": str(root / "onnx"), "MEDHUB_WORKERS": "2", "MEDHUB_INT8": "1", "MEDHUB_THREADS": "1"}
+    with live_server(repos, root / "server.log", env, wait=False) as live:
+        answers: dict[str, dict] = {}  # worker pid -> its /models body
+        deadline = time.monotonic() + 300
+        while len(answers) < 2 and time.monotonic() < deadline:  # a fresh connection each time: either worker accepts
+            if live.process.poll() is not None:
+                pytest.fail(f"server exited early:\n{live.log_tail()}")
+            try:
+                response = httpx.get(f"{live.url}/models", timeout=5)
+                if response.status_code == 200 and len(response.json()["models"]) == len(repos):
+                    answers[response.headers["x-medhub-worker"]] = response.json()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield {"url": live.url, "answers": answers, "log": live.log, "repos": repos, "cache": root / "onnx"}
 
 
 def test_both_workers_answer_with_the_same_models(two_workers):

@@ -14,7 +14,7 @@ from training.config import load_recipe_config
 from training.distributed import DistInfo
 from training.errors import TrainingConfigError
 from training.launch import train
-from training.recipes.medcoss import MedcossRecipe, MedcossSettings
+from training.recipes.medcoss import MedCossRecipe, MedCossSettings
 from training.rehearsal import distillation_loss, image_mixup, kmeans_buffer, teacher_image_tokens, text_mixup
 from training.text import encode, train_wordpiece, whole_word_mask
 from training_fixtures import write_config, xray_manifest
@@ -141,25 +141,25 @@ def test_whole_word_masking_masks_words_together_with_80_10_10():
 )
 def test_bad_settings_are_named(tmp_path, settings, message):
     with pytest.raises(TrainingConfigError, match=message):
-        load_recipe_config(MedcossSettings, "medcoss", "tiny", write_config(tmp_path / "bad.yaml", settings))
+        load_recipe_config(MedCossSettings, "medcoss", "tiny", write_config(tmp_path / "bad.yaml", settings))
 
 
 def test_a_stage_without_data_or_tokenizer_fails_before_training(tmp_path, manifest):
-    settings = load_recipe_config(MedcossSettings, "medcoss", "tiny")
+    settings = load_recipe_config(MedCossSettings, "medcoss", "tiny")
     settings.stages = ["xray", "ct"]
     with pytest.raises(TrainingConfigError, match="stage 'ct' has no data"):
-        MedcossRecipe(settings, [manifest], CPU)
+        MedCossRecipe(settings, [manifest], CPU)
     settings.stages, settings.tokenizer = ["text"], str(tmp_path / "no-tokenizer")
     with pytest.raises(TrainingConfigError, match="tokenizer folder .* does not exist"):
-        MedcossRecipe(settings, [manifest], CPU)
+        MedCossRecipe(settings, [manifest], CPU)
     settings.tokenizer, settings.tokenizer_vocab_size = None, 5000
     with pytest.raises(TrainingConfigError, match="more than the model's vocab_size 1024"):
-        MedcossRecipe(settings, [manifest], CPU)
+        MedCossRecipe(settings, [manifest], CPU)
 
 
 def test_later_stages_draw_single_modality_batches_from_data_and_buffers(manifest):
-    settings = load_recipe_config(MedcossSettings, "medcoss", "tiny")
-    recipe = MedcossRecipe(settings, [manifest], CPU)
+    settings = load_recipe_config(MedCossSettings, "medcoss", "tiny")
+    recipe = MedCossRecipe(settings, [manifest], CPU)
     stages = recipe.stages()
     stages[1].start()
     assert len(recipe.buffers["text"]) == 1  # 6 reports, 1 centre, int(6 * 0.25) -> at least 1
@@ -173,7 +173,7 @@ def test_later_stages_draw_single_modality_batches_from_data_and_buffers(manifes
 
 def test_plain_sequential_ablation_builds_no_buffer_and_trains_only_on_the_current_stage(manifest, tmp_path):
     path = write_config(tmp_path / "plain.yaml", {"rehearsal": {"enabled": False}})
-    recipe = MedcossRecipe(load_recipe_config(MedcossSettings, "medcoss", "tiny", path), [manifest], CPU)
+    recipe = MedCossRecipe(load_recipe_config(MedCossSettings, "medcoss", "tiny", path), [manifest], CPU)
     stages = recipe.stages()
     stages[1].start()
     assert recipe.buffers == {} and stages[1].sources() == [("xray", list(range(len(recipe.data["xray"]))))]

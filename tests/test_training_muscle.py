@@ -1,5 +1,6 @@
 """The MUSCLE recipe: MoCo's EMA and queue, L2-SP, the task schedule, task/manifest validation, the CLI run."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,6 @@ from hub.catalogue import get_variant
 from hub.data.manifest import load_manifest, write_manifest
 from hub.export import verify_repo
 from hub.models import FAMILIES
-from hub.models.family import Family
 from hub.models.muscle import MuscleModel
 from training.config import AugmentSettings, load_recipe_config
 from training.continual import l2sp_penalty, task_order
@@ -117,8 +117,7 @@ def test_a_task_the_family_has_no_head_for_fails_before_training(micro, manifest
     micro.continual.tasks[1].kind = "detection"
     muscle = FAMILIES["muscle"]
     classes = {k: v for k, v in muscle.auto_classes.items() if k != "AutoModelForObjectDetection"}
-    no_detection = Family(muscle.model_type, muscle.config_class, classes, muscle.source_dir, muscle.example_inputs,
-                          muscle.card_context)
+    no_detection = dataclasses.replace(muscle, auto_classes=classes)
     monkeypatch.setitem(FAMILIES, "muscle", no_detection)
     with pytest.raises(TrainingConfigError, match="'lungs': the muscle family has no detection head"):
         MuscleRecipe(micro, [manifest], CPU)

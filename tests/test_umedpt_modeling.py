@@ -123,3 +123,17 @@ def test_bad_inputs_are_refused_with_a_clear_error(shape, message):
 def test_bad_labels_are_refused():
     with pytest.raises(ValueError, match="labels must have shape"):
         UmedptForSemanticSegmentation(tiny(num_labels=2))(torch.rand(1, 3, 64, 64), labels=torch.zeros(1, 32, 32, dtype=torch.long))
+
+
+def test_points_match_the_smallest_box_around_them_and_side_distances_round_trip():
+    from hub.models.umedpt.modeling_umedpt import decode_side_distances, encode_side_distances, match_points
+
+    centres = torch.tensor([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0], [28.0, 28.0]])
+    anchors = torch.cat([centres - 4, centres + 4], dim=1)  # stride-8 points
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 0.0, 16.0, 8.0]])
+    matched = match_points(anchors, boxes, [5], center_sampling_radius=1.5)
+    assert matched.tolist() == [0, 1, 0, 0, -1]  # (12, 4) lies in both: the smaller box; (28, 28) in none
+    assert match_points(anchors, boxes[:0], [5], 1.5).tolist() == [-1] * 5
+    distances = encode_side_distances(anchors[:1], boxes[:1])
+    assert distances.tolist() == [[0.5, 0.5, 1.5, 1.5]]  # 4 px left/top, 12 px right/bottom, per 8 px stride
+    assert torch.equal(decode_side_distances(distances, anchors[:1]), boxes[:1])

@@ -3,8 +3,8 @@
 A checkpoint is written to a temporary file in the run folder, flushed to disk, then renamed over
 `checkpoint.pt` with `os.replace` (atomic on POSIX). A crash or interruption mid-write leaves the previous
 checkpoint untouched and removes the partial file; a process killed mid-write (`kill -9`) cannot, so every run
-removes such leftovers when it starts (`remove_stale_temporaries`). Everything stored is plain tensors, numbers, strings and
-containers, so checkpoints load with `torch.load(weights_only=True)`.
+removes such leftovers when it starts (`remove_stale_temporaries`). Everything stored is plain tensors, numbers,
+strings and containers, so checkpoints load with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations

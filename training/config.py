@@ -48,13 +48,14 @@ class OptimSettings:
 class EngineSettings:
     """How the engine runs a recipe. `amp` (fp16 autocast) takes effect on GPU only; `sync_bn` under torchrun
     with more than one rank, on any backend (BatchNorm statistics over all ranks: `training.sync_batchnorm`), in
-    every stage but those that need per-rank statistics (MoCo's shuffled BatchNorm)."""
+    every stage but those that need per-rank statistics (MoCo's shuffled BatchNorm). These defaults are every
+    recipe's: a recipe's YAML names only what it changes."""
 
     amp: bool = True
     grad_clip: float = 0.0
-    checkpoint_every: int = 100
-    log_every: int = 10
-    num_workers: int = 0
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    num_workers: int = 4
     sync_bn: bool = True
     progress: bool = True
 

@@ -108,7 +108,7 @@ def default_task(kind: str, manifest: Path, modality: str, label: str | None = N
         keys = set.intersection(*(set(row.labels) for _, row in rows))
         if len(keys) != 1:
             raise TrainingConfigError(
-                f"manifest {manifest.name!r}: choose the label to learn with --label (rows share {sorted(keys) or 'none'})"
+                f"manifest {manifest.name!r}: choose the label to learn " f"with --label (rows share {sorted(keys) or 'none'})"
             )
         (label,) = keys
     if not class_names:

@@ -1,13 +1,13 @@
 """Synchronised BatchNorm on any process-group backend, and the conversion the engine applies under torchrun.
 
-torch's `nn.SyncBatchNorm` refuses CPU tensors (under torchrun with gloo each rank would normalise with its own
-half of the batch) and cannot be switched off for one stage (MoCo's shuffled BatchNorm needs per-rank
-statistics: global ones would undo the shuffle). `AllReduceBatchNorm`, used on every backend, computes training-mode statistics over every rank's samples with
-all-reduces that autograd differentiates (the backward of a sum over ranks sums the gradients over ranks, the
-gradient of the global statistics): first the per-channel sums and the sample count, then the centred sums of
-squares around the global mean (two passes, like single-process BatchNorm). R ranks of B/R samples then
-normalise exactly as one process with B samples does, up to float rounding. Ranks may hold different numbers
-of samples (even none: the counts are all-reduced); note that the engine averages per-rank gradients, so a
+torch's `nn.SyncBatchNorm` refuses CPU tensors (under torchrun with gloo each rank would normalise with its own half
+of the batch) and cannot be switched off for one stage (MoCo's shuffled BatchNorm needs per-rank statistics: global
+ones would undo the shuffle). `AllReduceBatchNorm`, used on every backend, computes training-mode statistics over
+every rank's samples with all-reduces that autograd differentiates (the backward of a sum over ranks sums the
+gradients over ranks, the gradient of the global statistics): first the per-channel sums and the sample count, then
+the centred sums of squares around the global mean (two passes, like single-process BatchNorm). R ranks of B/R
+samples then normalise exactly as one process with B samples does, up to float rounding. Ranks may hold different
+numbers of samples (even none: the counts are all-reduced); note that the engine averages per-rank gradients, so a
 run equals one process only when the per-rank losses are means over equal batches.
 
 `synchronised = False` (set per stage by the engine through `set_synchronised`) makes it per-rank BatchNorm.
@@ -97,7 +97,8 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def _synchronised(layer: nn.modules.batchnorm._BatchNorm) -> AllReduceBatchNorm:
-    """`layer` as an `AllReduceBatchNorm`, holding the same parameter and buffer objects (so optimisers and references still apply)."""
+    """`layer` as an `AllReduceBatchNorm`, holding the same parameter and buffer objects (so optimisers and
+    references still apply)."""
     out = AllReduceBatchNorm(layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
               track_running_stats=layer.track_running_stats)
     for name in ("weight", "bias"):

@@ -169,7 +169,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     report = verify_repo(args.repo, args.revision)
-    print(f"ok: {report.files_checked} files match checksums.sha256; golden output within {report.golden_max_abs_diff:.2g} ({report.repo_dir})")
+    print(f"ok: {report.files_checked} files match checksums.sha256; golden " f"output within {report.golden_max_abs_diff:.2g} ({report.repo_dir})")
     return 0
 
 
@@ -177,7 +177,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
     unknown = sorted(set(kinds) - set(PHANTOM_KINDS))
     if unknown or not kinds:
-        raise InputError(f"--kinds {args.kinds!r} names no known phantom kind; expected a comma-separated subset of {','.join(PHANTOM_KINDS)}")
+        raise InputError(f"--kinds {args.kinds!r} names no known phantom kind; expected " f"a comma-separated subset of {','.join(PHANTOM_KINDS)}")
     if args.count is not None and args.count < 1:
         raise InputError(f"--count must be a positive number of phantoms per kind, got {args.count}")
     counts = {f"n_{kind}": (args.count if args.count is not None else None) if kind in kinds else 0 for kind in PHANTOM_KINDS}

@@ -90,7 +90,8 @@ def convert_macl(
     processor = MedicalImageProcessor(**{**variant.processor_spec(), "modality": modality, "in_channels": num_channels})
     provenance = Provenance(
         kind="converted",
-        description=f"converted from `{checkpoint.name}` (sha256 `{digest}`) with `medhub convert macl`; upstream licence: {UPSTREAM_LICENSE}",
+        description=f"converted from `{checkpoint.name}` (sha256 `{digest}`) with `medhub convert macl`; "
+        f"upstream licence: {UPSTREAM_LICENSE}",
         license=license,
         training_data=(
             "The authors' MACL pre-training on unlabelled slices: CHD (cardiac CT, 17,525 slices), BraTS 2018 "

@@ -1,4 +1,5 @@
-"""The authors' MedCoSS checkpoint (`checkpoint-299.pth` of MedCoSS_Report_Xray_CT_MR_Path_Buffer0.05) -> a `medcoss` repo.
+"""The authors' MedCoSS checkpoint (`checkpoint-299.pth` of MedCoSS_Report_Xray_CT_MR_Path_Buffer0.05) -> a
+`medcoss` repo.
 
 The file is MAE's `save_model` dict (`model`, `optimizer`, `epoch`, `scaler`, `args` as an argparse Namespace) or a
 bare state dict; it is read with `weights_only=True` and Namespace allow-listed. Every upstream key is renamed by
@@ -117,7 +118,7 @@ def check_against(model_class: type, config, state: dict[str, torch.Tensor], pat
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise ConversionError(
-                f"checkpoint {path} key for {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+                f"checkpoint {path} key for {key!r} has shape " f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}"
             )
 
 

@@ -39,7 +39,7 @@ def encoder_state_dict(tensors: dict[str, torch.Tensor], expected: set[str], pat
     state = {key: value for key, value in stripped.items() if not _is_head(key)}
     missing = sorted(expected - state.keys())
     if missing:
-        raise ConversionError(f"checkpoint {path} has no encoder key {missing[0]} (after stripping {best_prefix or 'no prefix'!r}; {len(missing)} missing)")
+        raise ConversionError(f"checkpoint {path} has no encoder key {missing[0]} (after " f"stripping {best_prefix or 'no prefix'!r}; {len(missing)} missing)")
     unexpected = sorted(state.keys() - expected)
     if unexpected:
         raise ConversionError(f"checkpoint {path} has an unrecognised non-head key {unexpected[0]} ({len(unexpected)} in all)")
@@ -63,7 +63,7 @@ def convert_resnet50_ssl(
     state, prefix = encoder_state_dict(tensors, expected, checkpoint)
     for key, value in state.items():
         if value.shape != model.state_dict()[key].shape:
-            raise ConversionError(f"checkpoint {checkpoint} key {key} has shape {tuple(value.shape)}, expected ResNet-50's {tuple(model.state_dict()[key].shape)}")
+            raise ConversionError(f"checkpoint {checkpoint} key {key} has shape {tuple(value.shape)}, " f"expected ResNet-50's {tuple(model.state_dict()[key].shape)}")
     model.load_state_dict(state, strict=True)
     digest = sha256_file(checkpoint)
     provenance = Provenance(

@@ -110,10 +110,10 @@ def convert_umedpt(
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         key = (missing or unexpected)[0]
-        raise ConversionError(f"checkpoint {checkpoint} does not match Swin V2 + squeezer: {'missing' if missing else 'unexpected'} key {key}")
+        raise ConversionError(f"checkpoint {checkpoint} does not match Swin V2 + squeezer: " f"{'missing' if missing else 'unexpected'} key {key}")
     for key, value in state.items():
         if value.shape != expected[key].shape:
-            raise ConversionError(f"checkpoint {checkpoint} key {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+            raise ConversionError(f"checkpoint {checkpoint} key {key} has shape " f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}")
     model.load_state_dict(state, strict=True)
     digest = sha256_file(checkpoint)
     skipped = sorted(set(modules) - {"encoder", "squeezer"})

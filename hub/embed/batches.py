@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from hub.errors import InputError, MedhubError
 from hub.export.resolve import repo_revision, resolve_repo
@@ -44,8 +47,10 @@ _processor: MedicalImageProcessor | None = None
 _limits: ReadLimits | None = None
 
 
-def _init_worker(repo_dir: Path, limits: ReadLimits | None) -> None:
+def _init_worker(repo_dir: Path, limits: ReadLimits | None, single_thread: bool = False) -> None:
     global _processor, _limits
+    if single_thread:  # a decoding process is one thread: the parallelism is the number of processes
+        torch.set_num_threads(1)
     _processor, _limits = MedicalImageProcessor.from_pretrained(repo_dir), limits
 
 
@@ -60,14 +65,20 @@ def _decode(source: EmbedSource) -> np.ndarray | EmbedError:
 
 
 def _decoded(sources: list[EmbedSource], repo_dir: Path, limits: ReadLimits | None,
-             workers: int) -> Iterator[tuple[EmbedSource, np.ndarray | EmbedError]]:
-    """Decoded sources in input order; with workers > 0 in that many processes, at most 4 per worker ahead."""
+             workers: int, ahead: int) -> Iterator[tuple[EmbedSource, np.ndarray | EmbedError]]:
+    """Decoded sources in input order.
+
+    ``workers`` > 0: in that many processes, at most 4 per process ahead of the model. 0: ``ahead`` sources
+    (a model batch of 2D images: the thread decodes the next batch while the model runs this one) in one thread of this process, which overlaps decoding with the
+    model (ONNX Runtime and torch release the GIL) without starting processes (each one re-imports torch, ~5 s)
+    or pickling tensors; on a 2-core machine this is the fastest (ResNet-50: 27.6 img/s against 14.5 with 2
+    processes, 200 images, raw ONNX Runtime 34 img/s)."""
     if workers == 0:
         _init_worker(repo_dir, limits)
-        yield from ((source, _decode(source)) for source in sources)
+        yield from _threaded(sources, ahead if _processor.spatial_dims == 2 else 2)
         return
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(repo_dir, limits)) as pool:
+    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(repo_dir, limits, True)) as pool:
         pending: deque[tuple[EmbedSource, Future]] = deque()
         items = iter(sources)
         for source in items:
@@ -80,6 +91,41 @@ def _decoded(sources: list[EmbedSource], repo_dir: Path, limits: ReadLimits | No
             if nxt is not None:
                 pending.append((nxt, pool.submit(_decode, nxt)))
             yield source, future.result()
+
+
+def _threaded(sources: list[EmbedSource], ahead: int) -> Iterator[tuple[EmbedSource, np.ndarray | EmbedError]]:
+    """``_decode`` of each source in a background thread, ``ahead`` at most; stops it when the consumer stops."""
+    ready: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+    stop = threading.Event()
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def decode_all() -> None:
+        try:
+            for source in sources:
+                if not offer((source, _decode(source))):
+                    return
+            offer(None)
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which raises it)
+            offer(exc)
+
+    thread = threading.Thread(target=decode_all, name="medhub-embed-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _embed(run: Runner, inputs: list[np.ndarray], batch_size: int, layers: list[int]) -> list[np.ndarray]:
@@ -107,7 +153,7 @@ def embed_batches(
     """Embed ``sources`` with the repo's processor and encoder, ``batch_size`` model inputs per run.
 
     Yields batches in input order; a source that cannot be read is reported in its batch's ``errors`` and the
-    job goes on. ``workers`` decoding processes (0: in this process). ``runner`` (an opened backend) skips
+    job goes on. ``workers`` decoding processes (0: a decoding thread in this process). ``runner`` (an opened backend) skips
     loading the model again.
     """
     repo_dir = resolve_repo(repo)
@@ -125,7 +171,7 @@ def embed_batches(
         ids.clear(), inputs.clear(), errors.clear()
         return batch
 
-    for source, decoded in _decoded(list(sources), repo_dir, limits, workers):
+    for source, decoded in _decoded(list(sources), repo_dir, limits, workers, batch_size):
         if isinstance(decoded, EmbedError):
             errors.append(decoded)
             continue

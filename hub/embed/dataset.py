@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,8 +150,8 @@ def embed_dataset(
     label_names = sorted({name for s in sources for name in s.labels})
     if batches is None:
         runner = (backend or TorchBackend()).open(repo_dir, str(repo), info["revision"])
-        batches = lambda group: embed_batches(repo_dir, group, batch_size=batch_size, layers=layers,
-                                              workers=workers, limits=limits, runner=runner)
+        batches = partial(embed_batches, repo_dir, batch_size=batch_size, layers=layers, workers=workers,
+                          limits=limits, runner=runner)
     bar = tqdm(total=sum(len(g) for _, g in plan), initial=sum(len(g) for _, g in plan) - sum(len(g) for _, g in todo),
                unit="img", disable=not progress, smoothing=0.1)
     shard_of = {s.id: name for name, group in todo for s in group}

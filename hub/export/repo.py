@@ -1,5 +1,6 @@
-"""The one exporter: writes a model as a medhub repo (ARCHITECTURE §4), whatever made it."""
+"""The one exporter: writes a model as a medhub repo (docs/architecture.md, "The repo format"), whatever made it."""
 
+import copy
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,9 @@ from .checksums import write_checksums
 from .golden import write_golden
 
 WEIGHTS_NAME = "model.safetensors"
+PROCESSOR_SOURCE = Path(__file__).resolve().parents[1] / "processing" / "image_processing_medhub.py"
+"""The processor as remote code: `AutoImageProcessor` with `trust_remote_code=True` where medhub is not installed."""
+PROCESSOR_AUTO_MAP = {"AutoImageProcessor": f"{PROCESSOR_SOURCE.stem}.MedicalImageProcessor"}
 
 
 @dataclass
@@ -77,7 +81,10 @@ def export_repo(
     )
     for source_file in family.source_files:
         shutil.copy2(source_file, out_dir / source_file.name)
-    processor.save_pretrained(out_dir)
+    shutil.copy2(PROCESSOR_SOURCE, out_dir / PROCESSOR_SOURCE.name)
+    saved = copy.deepcopy(processor)
+    saved.auto_map = PROCESSOR_AUTO_MAP
+    saved.save_pretrained(out_dir)
     encoder = family.load_encoder(out_dir)
     write_golden(encoder, family, out_dir)
     facts = CardFacts(

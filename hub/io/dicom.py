@@ -17,6 +17,7 @@ import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -44,16 +45,93 @@ _PARSE_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, OSError, Val
 def _header(path: str, source: str) -> pydicom.Dataset:
     """The header without pixel data, every element decoded now so that a corrupt one fails here, not later.
 
+    A file with an element that runs past its end is refused here too (see :func:`_runs_past_end`).
     The error names only the kind of fault: pydicom's messages quote the offending bytes, which may be patient data.
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        with open(path, "rb") as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+            truncated = _runs_past_end(f, ds)
         for _ in ds.iterall():
             pass
     except _PARSE_ERRORS as exc:
         raise CorruptFileError(f"{source} is not a readable DICOM file ({type(exc).__name__} while parsing its "
                                "header)") from None
+    if truncated:
+        raise CorruptFileError(f"{source} is a damaged DICOM file: an element runs past the end of the file")
     return ds
+
+
+_PIXEL_TAGS = {b"\xe0\x7f\x10\x00": "<", b"\x7f\xe0\x00\x10": ">"}
+_ITEM, _SEQUENCE_END, _UNDEFINED = 0xFFFEE000, 0xFFFEE0DD, 0xFFFFFFFF
+
+
+def _runs_past_end(f: BinaryIO, ds: pydicom.Dataset) -> bool:
+    """Whether an element of the file open in ``f`` (its header just read into ``ds``) declares more bytes than the
+    file holds: the last header element, the pixel data (or one of its fragments) or an element after it.
+
+    GDCM allocates 2-4 GiB before it gives up on such a file (an RLE or JPEG file cut inside its last fragment,
+    bytes inserted into the pixel data so that the rest reads as elements of any length); pydicom keeps the short
+    value without a word. Deflated files are not checked (their offsets are not file offsets)."""
+    if _deflated(ds):
+        return False
+    stop, size = f.tell(), os.fstat(f.fileno()).st_size
+    if stop >= size:
+        return _last_element_short(ds, size)
+    end = _pixel_data_end(f, stop, size)
+    if end is None:
+        return True
+    if end >= size:
+        return False
+    f.seek(end)
+    is_implicit, is_little = ds.original_encoding
+    tail = pydicom.filereader.read_dataset(f, bool(is_implicit), is_little is not False)
+    return _last_element_short(tail, size) or f.tell() < size
+
+
+def _last_element_short(ds: pydicom.Dataset, size: int) -> bool:
+    """Whether the last element of ``ds``, read up to the end of a file of ``size`` bytes, is cut short (pydicom
+    also drops a partial element header at the end of a file, so the last element must end exactly there)."""
+    if not ds.keys():
+        return False
+    last = ds.get_item(list(ds.keys())[-1])
+    if not isinstance(last, pydicom.dataelem.RawDataElement) or last.length == _UNDEFINED:
+        return False
+    return last.value_tell + last.length != size
+
+
+def _deflated(ds: pydicom.Dataset) -> bool:
+    syntax = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
+    return str(syntax) == "1.2.840.10008.1.2.1.99"
+
+
+def _pixel_data_end(f: BinaryIO, stop: int, size: int) -> int | None:
+    """The offset just past the Pixel Data element at ``stop`` (``stop`` itself when something else is there), or
+    None when the element, or one of its encapsulated fragments, runs past the end of a file of ``size`` bytes."""
+    f.seek(stop)
+    head = f.read(12)
+    order = _PIXEL_TAGS.get(head[:4])
+    if order is None:
+        return stop
+    explicit = head[4:6].isalpha()
+    if len(head) < (12 if explicit else 8):
+        return None
+    length = struct.unpack(order + "I", head[8:12] if explicit else head[4:8])[0]
+    position = stop + (12 if explicit else 8)
+    if length != _UNDEFINED:
+        return position + length if position + length <= size else None
+    while position < size:  # encapsulated: items, then a sequence delimiter (or the end of the file)
+        f.seek(position)
+        item = f.read(8)
+        if len(item) < 8:
+            return None
+        group, element, length = struct.unpack("<HHI", item)
+        position += 8 + (length if length != _UNDEFINED else size)
+        if group << 16 | element == _SEQUENCE_END:
+            return position
+        if group << 16 | element != _ITEM or position > size:
+            return None
+    return position
 
 
 def _declared_shape(ds: pydicom.Dataset, source: str) -> tuple[int, int, int, int]:
@@ -62,12 +140,22 @@ def _declared_shape(ds: pydicom.Dataset, source: str) -> tuple[int, int, int, in
     if modality in _NOT_IMAGES:
         raise UnsupportedFormatError(f"{source} is {_NOT_IMAGES[modality]} object, not an image")
     if "Rows" not in ds or "Columns" not in ds:
+        if _image_storage(ds) or not ds.keys():
+            raise CorruptFileError(f"{source} is a truncated or damaged DICOM image: its header ends before the "
+                                   "image size (Rows, Columns)")
         raise UnsupportedFormatError(f"{source} is a DICOM object without pixel data; expected an image")
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         return frames, int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1)
     except (TypeError, ValueError) as exc:
         raise CorruptFileError(f"{source} has an unreadable image size in its DICOM header: {exc}") from exc
+
+
+def _image_storage(ds: pydicom.Dataset) -> bool:
+    """Whether the file's SOP class (from the data set, else the file meta) is one of the image storage classes."""
+    meta = getattr(ds, "file_meta", None)
+    uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    return isinstance(uid, pydicom.uid.UID) and "Image Storage" in uid.name
 
 
 def _bits_stored(ds: pydicom.Dataset, source: str) -> int | None:

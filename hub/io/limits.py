@@ -19,6 +19,11 @@ class ReadLimits:
     ``max_aspect_ratio`` bounds the long side of a 2D image over its short side: a 1 x 50,000,000 PNG is
     69 bytes and within ``max_pixels``, but every resize to a model's square input would then need weights
     proportional to the long side times the output side (about 15 GB), and its decode fails with MemoryError.
+
+    ``max_array_bytes`` bounds the bytes of one array that processing builds from an input, checked before it is
+    allocated (the float32 working copy of a volume, its sliding-window tiles): a 512 x 512 x 400 volume (105 M
+    voxels, inside ``max_voxels``, a few hundred KB as .nii.gz) becomes 23,064 tiles of 32^3 float32 values,
+    2.9 GiB, and the float32 copy of a 512 x 512 x 1024 one is 1 GiB before any cast or resample.
     """
 
     max_bytes: int = 2 * 1024**3
@@ -26,6 +31,7 @@ class ReadLimits:
     max_voxels: int = 1024 * 1024 * 512
     max_files: int = 4096
     max_aspect_ratio: int = 100
+    max_array_bytes: int = 512 * 1024**2
 
     def check_bytes(self, n: int, source: str) -> None:
         if n > self.max_bytes:
@@ -51,6 +57,15 @@ class ReadLimits:
         if count > self.max_voxels:
             raise LimitExceededError(
                 f"{source} declares {'x'.join(map(str, shape))} = {count} voxels, over the limit of {self.max_voxels}"
+            )
+
+    def check_array(self, shape: tuple[int, ...], itemsize: int, what: str) -> None:
+        """Check an intermediate array of ``shape`` and ``itemsize``-byte values before allocating it."""
+        n = _product(shape) * int(itemsize)
+        if n > self.max_array_bytes:
+            raise LimitExceededError(
+                f"{what} would take {'x'.join(map(str, shape))} values = {n} bytes, over the limit of "
+                f"{self.max_array_bytes} bytes for one array; send a smaller volume"
             )
 
     def check_files(self, n: int, source: str) -> None:

@@ -8,6 +8,7 @@ import struct
 import tempfile
 import zlib
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import SimpleITK as sitk
@@ -75,14 +76,15 @@ def check(header: NiftiHeader, limits: ReadLimits, source: str, stored_bytes: in
         raise CorruptFileError(f"{source} is truncated: its NIfTI header needs {needed} bytes, the data hold {stored_bytes}")
 
 
-def inflate(data: bytes | str, header: NiftiHeader, source: str) -> bytes:
-    """Decompress a gzipped NIfTI, refusing a stream that is truncated or inflates past what the header needs.
+def inflate(data: bytes | str, header: NiftiHeader, source: str, out: BinaryIO) -> int:
+    """Decompress a gzipped NIfTI into ``out`` in 4 MiB steps (never the whole volume in memory), refusing a stream
+    that is truncated or inflates past what the header needs; returns the bytes written.
 
     SimpleITK zero-fills a truncated gzip stream without complaint, so the stream is checked here.
     """
     limit = needed_bytes(header) + 2**20
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    parts, total = [], 0
+    total = 0
     with (open(data, "rb") if isinstance(data, str) else _Chunks(data)) as stream:
         while not inflater.eof:
             chunk = inflater.unconsumed_tail or stream.read(2**22)
@@ -95,8 +97,8 @@ def inflate(data: bytes | str, header: NiftiHeader, source: str) -> bytes:
             total += len(part)
             if total > limit:
                 raise CorruptFileError(f"{source} inflates to more data than its NIfTI header declares")
-            parts.append(part)
-    return b"".join(parts)
+            out.write(part)
+    return total
 
 
 class _Chunks:
@@ -119,14 +121,16 @@ def read_nifti(data: bytes | str, gzipped: bool, header: NiftiHeader, source: st
     """Decode a NIfTI (path or bytes) whose header has passed :func:`check`."""
     if isinstance(data, str) and not gzipped and data.endswith(".nii"):
         return read_nifti_file(data, source)
-    raw = inflate(data, header, source) if gzipped else (data if isinstance(data, bytes) else _read(data))
-    if len(raw) < needed_bytes(header):
-        raise CorruptFileError(f"{source} is truncated: its NIfTI header needs {needed_bytes(header)} bytes, the data hold {len(raw)}")
     with tempfile.TemporaryDirectory(prefix="medhub-") as tmp:
         path = os.path.join(tmp, "volume.nii")
         with open(path, "wb") as f:
-            f.write(raw)
-        del raw
+            if gzipped:
+                stored = inflate(data, header, source, f)
+            else:
+                stored = f.write(data if isinstance(data, bytes) else _read(data))
+        if stored < needed_bytes(header):
+            raise CorruptFileError(f"{source} is truncated: its NIfTI header needs {needed_bytes(header)} bytes, "
+                                   f"the data hold {stored}")
         return read_nifti_file(path, source)
 
 

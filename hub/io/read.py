@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,7 +16,7 @@ from hub.io.image import MONOCHROME2, RGB, MedicalImage, identity_geometry
 from hub.io.limits import DEFAULT_LIMITS, ReadLimits
 from hub.io.sniff import DICOM, HEAD_BYTES, JPEG, NIFTI, NIFTI_GZ, PNG, gunzip_head, sniff
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, sitk.Image, MedicalImage]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | sitk.Image | MedicalImage
 
 _EXPECTED = "expected PNG, JPEG, DICOM or NIfTI (.nii/.nii.gz)"
 

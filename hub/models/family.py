@@ -8,6 +8,8 @@ import torch
 import transformers
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from .variant import Variant
+
 ExampleInputs = Callable[[PreTrainedConfig, int, int], dict[str, torch.Tensor]]
 CardContext = Callable[[PreTrainedConfig], dict[str, object]]
 
@@ -20,6 +22,8 @@ class Family:
     exported repo so that `trust_remote_code=True` works where medhub is not installed.
     `example_inputs(config, batch_size, seed)` builds the deterministic input of the golden regression check.
     `card_context(config)` gives the family-specific variables of its model card template.
+    `variants` and `presets` (preprocessing presets by name) come from the family's `variants.py`; the catalogue
+    and `hub.processing.presets` only collect them.
     """
 
     model_type: str
@@ -28,6 +32,8 @@ class Family:
     source_dir: Path
     example_inputs: ExampleInputs
     card_context: CardContext
+    variants: tuple[Variant, ...]
+    presets: dict[str, dict[str, object]]
 
     @property
     def encoder_class(self) -> type[PreTrainedModel]:

@@ -1,9 +1,10 @@
-"""``MedicalImageProcessor``: the declarative preprocessing every medhub repo ships (ARCHITECTURE section 6).
+"""``MedicalImageProcessor``: the declarative preprocessing every medhub repo ships (docs/architecture.md).
 
 Pipeline per image: read (any :func:`hub.io.read_image` source) -> [3D: reorient, resample to
 ``target_spacing``] -> MONOCHROME1 inversion -> intensity policy -> [``resize``] -> channel policy ->
-``image_mean``/``image_std`` -> centre crop/pad to ``size`` (padding is 0 after normalisation). Every spatial step is recorded so model outputs can be mapped
-back onto the input's grid (:meth:`restore`, :meth:`stitch`, :meth:`predict`).
+``image_mean``/``image_std`` -> centre crop/pad to ``size`` (padding is 0 after normalisation). Every spatial step
+is recorded so model outputs can be mapped back onto the input's grid (:meth:`restore`, :meth:`stitch`,
+:meth:`predict`).
 """
 
 from __future__ import annotations
@@ -200,8 +201,10 @@ class MedicalImageProcessor(BaseImageProcessor):
                                        bit_depth=image.bit_depth, meta=dict(image.meta))
         return after, Grid.of(source), Grid.of(moved)
 
-    def _values(self, image: MedicalImage) -> np.ndarray:
+    def _values(self, image: MedicalImage, limits: ReadLimits | None = None) -> np.ndarray:
         """Photometric and intensity steps: returns (source channels, *spatial) float32."""
+        if self.spatial_dims == 3:
+            (limits or DEFAULT_LIMITS).check_array(image.array.shape, 4, f"the float32 copy of a {image.array.shape} volume")
         bits = policies.bit_depth_of(image.array, image.bit_depth)
         array = image.array
         if self.invert_monochrome1:
@@ -223,7 +226,7 @@ class MedicalImageProcessor(BaseImageProcessor):
         """Preprocess one input to the model's input size, recording how to map outputs back."""
         image = self._read(source, limits)
         moved, input_grid, processed_grid = self._resampled(image, limits)
-        values = self._values(moved)
+        values = self._values(moved, limits)
         base = tuple(values.shape[1:])
         resized = tuple(self.resize) if self.resize else None
         if resized:
@@ -238,16 +241,24 @@ class MedicalImageProcessor(BaseImageProcessor):
         """The whole input after resampling, intensity, channel and mean/std steps, with no ``resize`` and no
         crop/pad to ``size``: what :meth:`tile` cuts, and what training crops its own windows from."""
         image = self._read(source, limits)
-        moved, input_grid, processed_grid = self._resampled(image, limits)
-        values = self._model_channels(self._values(moved))
+        return self._whole(image, *self._resampled(image, limits), limits)
+
+    def _whole(self, image: MedicalImage, moved: MedicalImage, input_grid: Grid | None,
+               processed_grid: Grid | None, limits: ReadLimits | None) -> Prepared:
+        values = self._model_channels(self._values(moved, limits))
         base = tuple(values.shape[1:])
         record = SpatialRecord(image.spatial_shape, input_grid, processed_grid, base, None, (0,) * len(base), base)
         return Prepared(values, record, image)
 
     def tile(self, source: Any, limits: ReadLimits | None = None) -> Tiled:
-        """Cut a (resampled, normalised) volume into overlapping ``size`` tiles for sliding-window inference."""
-        whole = self.prepare_whole(source, limits)
-        plan = tiling.plan_tiles(whole.record.base_shape, tuple(self.size), self.tile_overlap)
+        """Cut a (resampled, normalised) volume into overlapping ``size`` tiles for sliding-window inference; the
+        tiles' bytes are checked against ``limits.max_array_bytes`` before the intensity steps or the tiles run."""
+        image = self._read(source, limits)
+        moved, input_grid, processed_grid = self._resampled(image, limits)
+        plan = tiling.plan_tiles(moved.spatial_shape, tuple(self.size), self.tile_overlap)
+        (limits or DEFAULT_LIMITS).check_array((len(plan), self.in_channels, *plan.patch), 4,
+                                               f"the sliding-window tiles of a {moved.spatial_shape} volume")
+        whole = self._whole(image, moved, input_grid, processed_grid, limits)
         return Tiled(tiling.extract_tiles(whole.pixel_values, plan), plan, whole.record, whole.image)
 
     def restore(self, outputs: np.ndarray, record: SpatialRecord) -> np.ndarray:

@@ -29,7 +29,7 @@ RECIPES: dict[str, RecipeEntry] = {
         RecipeEntry("macl", "MACL: asymmetric global/dense slice-position contrastive U-Net pretraining on CT/MRI slices",
                     macl.MaclSettings, macl.MaclRecipe),
         RecipeEntry("medcoss", "MedCoSS: modality-by-modality MAE/MLM with k-means rehearsal, mixup and feature distillation",
-                    medcoss.MedcossSettings, medcoss.MedcossRecipe),
+                    medcoss.MedCossSettings, medcoss.MedCossRecipe),
         RecipeEntry("umedpt", "UMedPT: multi-task classification/segmentation/detection with encoder gradients accumulated over tasks",
                     umedpt.UmedptSettings, umedpt.UmedptRecipe),
     )

@@ -14,7 +14,7 @@ rotation with isotropic scale, and no elastic deformation. The dominant branch s
 (trilinear) and its encoder needs sides that are multiples of 16, so every crop side is a multiple of 64; the
 default crop is the variant's input size rounded up to that (64^3 for both 3D variants).
 
-Where the released code and the paper differ (reference §2.13) the config chooses and the default is the code's:
+Where the released code and the paper differ the config chooses and the default is the code's:
 learning rate 0.01 (paper 0.1), photometric views with jitter and blur (paper: identity), elastic deformation
 (paper: none), the temperature / base_temperature factor 0.1 / 0.07 (paper: none; set base_temperature to 0.1).
 """
@@ -123,7 +123,7 @@ class MaclRecipe(Recipe):
         self.variant = get_variant(settings.variant)
         if self.variant.family != "macl":
             raise TrainingConfigError(
-                f"variant {settings.variant!r} is not a MACL variant (macl-unet2d, macl-tiny, macl-unet3d, macl-unet3d-tiny)"
+                f"variant {settings.variant!r} is not a MACL variant " "(macl-unet2d, macl-tiny, macl-unet3d, macl-unet3d-tiny)"
             )
         loss = settings.loss
         config = self.variant.build_config(
@@ -185,7 +185,8 @@ class MaclRecipe(Recipe):
         description = (
             f"trained with medhub's MACL recipe on {inputs} for {s.steps} steps (batch {s.optim.batch_size} per "
             f"rank, {s.optim.optimizer} lr {s.optim.lr}, cosine to 0); views follow the "
-            f"{'released code (jitter + blur' if s.views.photometric == 'code' else 'paper (identity photometric views'}"
+            f"{'released code (jitter + blur' if s.views.photometric == 'code' else 'paper (identity photometric'}"
+            f"{'' if s.views.photometric == 'code' else ' views'}"
             f"{', elastic' if s.views.elastic else ', no elastic'}); slice threshold {s.loss.slice_threshold}, "
             f"temperature {s.loss.temperature} / {s.loss.base_temperature}, loss weights "
             f"{s.loss.global_weight}/{s.loss.dense_weight}/{s.loss.equivariance_weight}"

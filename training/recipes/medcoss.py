@@ -58,7 +58,7 @@ class RehearsalSettings:
 
 
 @dataclass
-class MedcossSettings:
+class MedCossSettings:
     variant: str = "medcoss-vitb"
     seed: int = 0
     stages: list[str] = field(default_factory=lambda: list(MODALITIES))
@@ -109,7 +109,7 @@ def report_texts(manifests: list[Path]) -> list[str]:
 class ModalityData:
     """One modality's training data and how a batch of given indices is built from it (deterministically)."""
 
-    def __init__(self, modality: str, data: ManifestDataset | ConcatDataset | TextData, recipe: "MedcossRecipe"):
+    def __init__(self, modality: str, data: ManifestDataset | ConcatDataset | TextData, recipe: "MedCossRecipe"):
         self.modality, self.data, self.recipe = modality, data, recipe
 
     def __len__(self) -> int:
@@ -149,7 +149,7 @@ class ModalityData:
         return torch.cat(out)
 
 
-class MedcossNetwork(nn.Module):
+class MedCossNetwork(nn.Module):
     """Everything checkpointed: the pretraining model and the frozen previous-stage encoder (the teacher)."""
 
     def __init__(self, model: MedCossForPreTraining):
@@ -160,7 +160,7 @@ class MedcossNetwork(nn.Module):
 
 
 class ModalityStage(Stage):
-    def __init__(self, index: int, recipe: "MedcossRecipe"):
+    def __init__(self, index: int, recipe: "MedCossRecipe"):
         settings = recipe.settings
         self.index, self.recipe, self.modality = index, recipe, settings.stages[index]
         self.name, self.num_steps, self.optim = f"{index + 1}-{self.modality}", settings.steps_per_stage, settings.optim
@@ -242,10 +242,10 @@ class ModalityStage(Stage):
         self.recipe.buffers.update({m: list(v) for m, v in state["buffers"].items()})
 
 
-class MedcossRecipe(Recipe):
+class MedCossRecipe(Recipe):
     name = "medcoss"
 
-    def __init__(self, settings: MedcossSettings, manifests: list[Path], dist: DistInfo):
+    def __init__(self, settings: MedCossSettings, manifests: list[Path], dist: DistInfo):
         if not manifests:
             raise TrainingConfigError("the medcoss recipe needs at least one --data manifest")
         self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
@@ -258,7 +258,7 @@ class MedcossRecipe(Recipe):
         for modality in settings.stages:
             self.data[modality] = ModalityData(modality, self._load(modality, config), self)
         self.buffers: dict[str, list[int]] = {}
-        self.network = MedcossNetwork(MedCossForPreTraining(config))
+        self.network = MedCossNetwork(MedCossForPreTraining(config))
 
     def _load(self, modality: str, config) -> ManifestDataset | ConcatDataset | TextData:
         if modality != "text":

@@ -259,7 +259,8 @@ class MuscleRecipe(Recipe):
             f"of continual learning over {len(self.tasks)} tasks ({s.continual.steps_per_task} steps per visit"
             f"{', L2-SP' if s.continual.l2sp else ''}{', reshuffled' if s.continual.reshuffle else ''})"
         )
-        data = f"{images} training images from {', '.join(m.name for m in self.manifests)} (modality {self.variant.modality})"
+        sources = ", ".join(m.name for m in self.manifests)
+        data = f"{images} training images from {sources} (modality {self.variant.modality})"
         details = {"recipe": self.name, "seed": str(s.seed), "variant": s.variant}
         return Provenance(kind="trained", description=description, training_data=data, details=details)
 

@@ -12,6 +12,7 @@ from .modeling_macl import (
     MaclPreTrainedModel,
     MaclPreTrainingOutput,
 )
+from .variants import PRESETS, VARIANTS, card_context
 from ..family import Family
 
 
@@ -20,20 +21,6 @@ def image_or_volume_inputs(config: MaclConfig, batch_size: int = 1, seed: int = 
     generator = torch.Generator().manual_seed(seed)
     shape = (batch_size, config.num_channels) + (config.image_size,) * config.spatial_dims
     return {"pixel_values": torch.randn(shape, generator=generator)}
-
-
-def card_context(config: MaclConfig) -> dict[str, object]:
-    side = " x ".join([str(config.image_size)] * config.spatial_dims)
-    return {
-        "architecture": f"{config.spatial_dims}D U-Net, F={config.base_filters}, widths {config.stage_channels}",
-        "hidden_size": config.hidden_size,
-        "pooling_text": "global average pool of the encoder's bottleneck",
-        "num_channels": config.num_channels,
-        "input_shape": f"{config.num_channels} x {side}",
-        "example_shape": ", ".join(["1", str(config.num_channels)] + [str(config.image_size)] * config.spatial_dims),
-        "spatial_dims": config.spatial_dims,
-        "input_multiple": config.input_multiple,
-    }
 
 
 FAMILY = Family(
@@ -47,6 +34,8 @@ FAMILY = Family(
     source_dir=Path(__file__).parent,
     example_inputs=image_or_volume_inputs,
     card_context=card_context,
+    variants=VARIANTS,
+    presets=PRESETS,
 )
 
 __all__ = [

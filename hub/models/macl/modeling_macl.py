@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SemanticSegmenterOutput
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_macl import MaclConfig
 
@@ -144,22 +144,20 @@ class MaclModel(MaclPreTrainedModel):
         check_pixel_values(self.config, pixel_values, self.config.input_multiple)
         return self.encoder(pixel_values)
 
+    # Copied from hub.models.muscle.modeling_muscle.MuscleModel.forward
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> BaseModelOutputWithPooling:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         maps = self.stage_maps(pixel_values)
         pooled = maps[-1].flatten(2).mean(dim=-1)
         hidden_states = tuple(maps) if output_hidden_states else None
-        if not return_dict:
-            return tuple(value for value in (maps[-1], pooled, hidden_states) if value is not None)
         return BaseModelOutputWithPooling(last_hidden_state=maps[-1], pooler_output=pooled, hidden_states=hidden_states)
 
 
@@ -175,26 +173,27 @@ class MaclForSemanticSegmentation(MaclPreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> SemanticSegmenterOutput | tuple:
+    ) -> SemanticSegmenterOutput:
         """`labels`: (batch, *spatial) class indices; the loss is pixel-wise cross-entropy (BCE for one label)."""
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else config.return_dict
         maps = self.macl.stage_maps(pixel_values)
         logits = self.head(self.decoder(maps)[-1])
         loss = None if labels is None else segmentation_loss(self.config, logits, labels)
         output = SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=tuple(maps) if output_hidden_states else None)
-        return output if return_dict else output.to_tuple()
+        return output
 
 
+# Copied from hub.models.muscle.modeling_muscle.segmentation_loss with MuscleConfig->MaclConfig
 def segmentation_loss(config: MaclConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise cross-entropy over (batch, *spatial) class indices; BCE for a single foreground channel."""
     if labels.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"labels must have shape {tuple(logits.shape[:1] + logits.shape[2:])}, got {tuple(labels.shape)}")
     if config.num_labels == 1:
@@ -261,6 +260,7 @@ class MaclForPreTraining(MaclPreTrainedModel):
         mode = _INTERPOLATION[self.config.spatial_dims]
         return F.interpolate(values, scale_factor=self.config.dominant_scale, mode=mode, align_corners=True)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -269,14 +269,12 @@ class MaclForPreTraining(MaclPreTrainedModel):
         dominant_spatial_pixel_values: torch.Tensor,
         slice_positions: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> MaclPreTrainingOutput | tuple:
+    ) -> MaclPreTrainingOutput:
         """Views I1, I2 (photometric pair) and V1, V2 (spatially transformed pair) of the same slices, all at full
         resolution; `slice_positions` (batch,) in (0, 1] make positives and turn on the loss."""
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else config.return_dict
         multiple = round(self.config.input_multiple / self.config.dominant_scale)
         views = {
             "pixel_values": pixel_values, "dominant_pixel_values": dominant_pixel_values,
@@ -302,12 +300,12 @@ class MaclForPreTraining(MaclPreTrainedModel):
         )
         if slice_positions is not None:
             self._add_losses(output, slice_positions)
-        return output if return_dict else output.to_tuple()
+        return output
 
     def _add_losses(self, output: MaclPreTrainingOutput, slice_positions: torch.Tensor) -> None:
         config = self.config
         if slice_positions.shape != output.auxiliary_global.shape[:1]:
-            raise ValueError(f"slice_positions must have shape ({output.auxiliary_global.shape[0]},), got {tuple(slice_positions.shape)}")
+            raise ValueError(f"slice_positions must have shape ({output.auxiliary_global.shape[0]},), " f"got {tuple(slice_positions.shape)}")
         positives = (slice_positions[:, None] - slice_positions[None, :]).abs() < config.slice_threshold
         temperatures = (config.temperature, config.base_temperature)
         output.loss_global = supcon_loss(output.auxiliary_global, output.dominant_global, positives, *temperatures)

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_medcoss import MedCossConfig
 
@@ -499,6 +499,7 @@ class MedCossForPreTraining(MedCossPreTrainedModel):
         self.legacy_video_type_embeddings = nn.Parameter(torch.empty(1, config.hidden_size))
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -510,13 +511,11 @@ class MedCossForPreTraining(MedCossPreTrainedModel):
         mask_ratio: float | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> MedCossPreTrainingOutput | tuple:
+    ) -> MedCossPreTrainingOutput:
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        return_dict = return_dict if return_dict is not None else config.return_dict
         if (pixel_values is None) == (input_ids is None):
             raise ValueError("MedCossForPreTraining takes exactly one of pixel_values (MAE) or input_ids (MLM)")
         attentions = [] if output_attentions else None
@@ -528,7 +527,7 @@ class MedCossForPreTraining(MedCossPreTrainedModel):
         if not output_hidden_states:
             output.hidden_states = None
         output.attentions = tuple(attentions) if output_attentions else None
-        return output if return_dict else output.to_tuple()
+        return output
 
     def _mlm(self, input_ids, attention_mask, token_type_ids, labels, attentions) -> MedCossPreTrainingOutput:
         encoder = self.medcoss
@@ -605,6 +604,7 @@ class MedCossForImageClassification(MedCossPreTrainedModel):
             self.classifier = MedCossMLPClassifier(config)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -613,10 +613,8 @@ class MedCossForImageClassification(MedCossPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> ImageClassifierOutput:
         outputs = self.medcoss(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
@@ -627,19 +625,25 @@ class MedCossForImageClassification(MedCossPreTrainedModel):
         output = ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
+# Copied from hub.models.muscle.modeling_muscle.problem_type_of with MuscleConfig->MedCossConfig
+def problem_type_of(config: MedCossConfig, labels: torch.Tensor) -> str:
+    """`config.problem_type`, or, when unset, inferred from the labels as transformers' classification heads do."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+# Copied from hub.models.muscle.modeling_muscle.classification_loss with MuscleConfig->MedCossConfig
 def classification_loss(config: MedCossConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy, BCE or MSE by `config.problem_type`, inferred from the labels when unset."""
-    problem_type = config.problem_type
-    if problem_type is None:
-        if config.num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+    problem_type = problem_type_of(config, labels)
     if problem_type == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
     if problem_type == "single_label_classification":
@@ -750,21 +754,20 @@ class MedCossForSemanticSegmentation(MedCossPreTrainedModel):
         self.decode_head = MedCossUnetrDecoder(config)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> SemanticSegmenterOutput | tuple:
+    ) -> SemanticSegmenterOutput:
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else config.return_dict
         dims = self.config.segmentation_spatial_dims
         if pixel_values.ndim != dims + 2:
-            raise ValueError(f"this segmentation model is {dims}D; pixel_values must have {dims + 2} dims, got shape {tuple(pixel_values.shape)}")
+            raise ValueError(f"this segmentation model is {dims}D; pixel_values must have " f"{dims + 2} dims, got shape {tuple(pixel_values.shape)}")
         outputs = self.medcoss(
             pixel_values=pixel_values, add_cls_token=False, output_hidden_states=True, output_attentions=output_attentions,
             return_dict=True,
@@ -780,7 +783,7 @@ class MedCossForSemanticSegmentation(MedCossPreTrainedModel):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 def dice_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -11,18 +11,8 @@ from .modeling_muscle import (
     MuscleModel,
     MusclePreTrainedModel,
 )
+from .variants import PRESETS, VARIANTS, card_context
 from ..family import Family, square_image_inputs
-
-
-def card_context(config: MuscleConfig) -> dict[str, object]:
-    depth = 2 + sum(config.depths) * (3 if config.block_type == "bottleneck" else 2)
-    return {
-        "architecture": f"ResNet-{depth} layout, {config.block_type} blocks, widths {config.hidden_sizes}",
-        "hidden_size": config.hidden_size,
-        "pooling_text": f"{config.pooling} pooling of the last stage map",
-        "num_channels": config.num_channels,
-        "image_size": config.image_size,
-    }
 
 
 FAMILY = Family(
@@ -38,6 +28,8 @@ FAMILY = Family(
     source_dir=Path(__file__).parent,
     example_inputs=square_image_inputs,
     card_context=card_context,
+    variants=VARIANTS,
+    presets=PRESETS,
 )
 
 __all__ = [

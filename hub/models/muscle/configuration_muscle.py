@@ -30,6 +30,13 @@ class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
     pooling (`str`): how `pooler_output` is made from the last stage map; only `"mean"` (global average pool).
     aspp_channels / atrous_rates: DeepLab-V3 head (torchvision's defaults: 256 channels, rates 12/24/36).
     fpn_channels / detection_min_size / detection_max_size: Faster R-CNN on an FPN over stages 1-4.
+    rpn_*: the region proposal network (torchvision's `fasterrcnn_resnet50_fpn` defaults): one anchor size per
+        FPN level (`rpn_anchor_sizes`) with `rpn_aspect_ratios`, IoU thresholds for foreground/background
+        anchors, sampled anchors per image and their positive fraction, proposals kept before/after NMS in
+        training and in eval, and the NMS IoU.
+    box_*: the RoI heads: `box_roi_size` x `box_roi_size` RoIAlign (`box_sampling_ratio`), a two-layer MLP of
+        `box_head_channels`, IoU thresholds, sampled RoIs per image and their positive fraction, and in eval the
+        score threshold, NMS IoU and detections kept per image.
     classifier_dropout (`float`): dropout before the FC classifier.
     semantic_loss_ignore_index (`int`): label value ignored by the segmentation loss.
 
@@ -58,6 +65,27 @@ class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
     fpn_channels: int = 256
     detection_min_size: int = 512
     detection_max_size: int = 1024
+    rpn_anchor_sizes: list[int] | tuple[int, ...] = (32, 64, 128, 256, 512)
+    rpn_aspect_ratios: list[float] | tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_fg_iou_threshold: float = 0.7
+    rpn_bg_iou_threshold: float = 0.3
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_threshold: float = 0.7
+    box_roi_size: int = 7
+    box_sampling_ratio: int = 2
+    box_head_channels: int = 1024
+    box_fg_iou_threshold: float = 0.5
+    box_bg_iou_threshold: float = 0.5
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    box_score_threshold: float = 0.05
+    box_nms_threshold: float = 0.5
+    box_detections_per_image: int = 100
     classifier_dropout: float = 0.0
     semantic_loss_ignore_index: int = 255
 
@@ -65,6 +93,8 @@ class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
         self.hidden_sizes = list(self.hidden_sizes)
         self.depths = list(self.depths)
         self.atrous_rates = list(self.atrous_rates)
+        self.rpn_anchor_sizes = list(self.rpn_anchor_sizes)
+        self.rpn_aspect_ratios = list(self.rpn_aspect_ratios)
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         self.set_output_features_output_indices(
             out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
@@ -79,6 +109,8 @@ class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"pooling={self.pooling!r} is not one of {', '.join(self.poolings)}")
         if len(self.hidden_sizes) != len(self.depths) or len(self.depths) != 4:
             raise ValueError(f"hidden_sizes and depths must both list 4 stages, got {self.hidden_sizes} and {self.depths}")
+        if len(self.rpn_anchor_sizes) != 5:
+            raise ValueError(f"rpn_anchor_sizes must list one size per FPN level (5), got {self.rpn_anchor_sizes}")
         for name in ("output_stride", "segmentation_output_stride"):
             if getattr(self, name) not in (8, 16, 32):
                 raise ValueError(f"{name}={getattr(self, name)} is not one of 8, 16, 32")

@@ -34,7 +34,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_muscle import MuscleConfig
 
@@ -183,22 +183,19 @@ class MuscleModel(MusclePreTrainedModel):
             maps.append(hidden_states)
         return maps
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> BaseModelOutputWithPooling:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         maps = self.stage_maps(pixel_values)
-        pooled = maps[-1].mean(dim=(2, 3))
+        pooled = maps[-1].flatten(2).mean(dim=-1)
         hidden_states = tuple(maps) if output_hidden_states else None
-        if not return_dict:
-            return tuple(value for value in (maps[-1], pooled, hidden_states) if value is not None)
         return BaseModelOutputWithPooling(last_hidden_state=maps[-1], pooler_output=pooled, hidden_states=hidden_states)
 
 
@@ -213,33 +210,34 @@ class MuscleForImageClassification(MusclePreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> ImageClassifierOutput:
         outputs = self.muscle(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None if labels is None else classification_loss(self.config, logits, labels)
-        if not return_dict:
-            return tuple(value for value in (loss, logits, outputs.hidden_states) if value is not None)
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+def problem_type_of(config: MuscleConfig, labels: torch.Tensor) -> str:
+    """`config.problem_type`, or, when unset, inferred from the labels as transformers' classification heads do."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
 
 
 def classification_loss(config: MuscleConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy, BCE or MSE by `config.problem_type`, inferred from the labels when unset."""
-    problem_type = config.problem_type
-    if problem_type is None:
-        if config.num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+    problem_type = problem_type_of(config, labels)
     if problem_type == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
     if problem_type == "single_label_classification":
@@ -259,15 +257,14 @@ class MuscleForSemanticSegmentation(MusclePreTrainedModel):
         self.decode_head = DeepLabHead(config.hidden_size, config.num_labels, list(config.atrous_rates))
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> SemanticSegmenterOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> SemanticSegmenterOutput:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -275,13 +272,13 @@ class MuscleForSemanticSegmentation(MusclePreTrainedModel):
         logits = self.decode_head(outputs.last_hidden_state)
         logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         loss = None if labels is None else segmentation_loss(self.config, logits, labels)
-        if not return_dict:
-            return tuple(value for value in (loss, logits, outputs.hidden_states) if value is not None)
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
 def segmentation_loss(config: MuscleConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Pixel-wise cross-entropy over (batch, H, W) class indices; BCE for a single foreground channel."""
+    """Pixel-wise cross-entropy over (batch, *spatial) class indices; BCE for a single foreground channel."""
+    if labels.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:1] + logits.shape[2:])}, got {tuple(labels.shape)}")
     if config.num_labels == 1:
         valid = labels != config.semantic_loss_ignore_index
         return F.binary_cross_entropy_with_logits(logits[:, 0][valid], labels[valid].to(logits.dtype))
@@ -321,28 +318,45 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         self.transform = GeneralizedRCNNTransform(
             config.detection_min_size, config.detection_max_size, [0.0] * config.num_channels, [1.0] * config.num_channels
         )
-        anchors = MuscleAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+        ratios = tuple(config.rpn_aspect_ratios)
+        anchors = MuscleAnchorGenerator(tuple((size,) for size in config.rpn_anchor_sizes), (ratios,) * 5)
         self.rpn = RegionProposalNetwork(
-            anchors, RPNHead(channels, 3), 0.7, 0.3, 256, 0.5, dict(training=2000, testing=1000),
-            dict(training=2000, testing=1000), 0.7,
+            anchors,
+            RPNHead(channels, len(ratios)),
+            fg_iou_thresh=config.rpn_fg_iou_threshold,
+            bg_iou_thresh=config.rpn_bg_iou_threshold,
+            batch_size_per_image=config.rpn_batch_size_per_image,
+            positive_fraction=config.rpn_positive_fraction,
+            pre_nms_top_n={"training": config.rpn_pre_nms_top_n_train, "testing": config.rpn_pre_nms_top_n_test},
+            post_nms_top_n={"training": config.rpn_post_nms_top_n_train, "testing": config.rpn_post_nms_top_n_test},
+            nms_thresh=config.rpn_nms_threshold,
         )
+        roi_size, box_width = config.box_roi_size, config.box_head_channels
         self.roi_heads = RoIHeads(
-            MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), TwoMLPHead(channels * 49, 1024),
-            FastRCNNPredictor(1024, config.num_labels + 1), 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100,
+            MultiScaleRoIAlign(["0", "1", "2", "3"], roi_size, config.box_sampling_ratio),
+            TwoMLPHead(channels * roi_size**2, box_width),
+            FastRCNNPredictor(box_width, config.num_labels + 1),
+            fg_iou_thresh=config.box_fg_iou_threshold,
+            bg_iou_thresh=config.box_bg_iou_threshold,
+            batch_size_per_image=config.box_batch_size_per_image,
+            positive_fraction=config.box_positive_fraction,
+            bbox_reg_weights=None,
+            score_thresh=config.box_score_threshold,
+            nms_thresh=config.box_nms_threshold,
+            detections_per_img=config.box_detections_per_image,
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> MuscleObjectDetectionOutput | tuple:
+    ) -> MuscleObjectDetectionOutput:
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else config.return_dict
         if labels is not None and not self.training:
             raise ValueError("MuscleForObjectDetection computes losses in training mode only; call model.train() first")
         if labels is None and self.training:
@@ -369,7 +383,7 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         output = MuscleObjectDetectionOutput(
             loss=loss, loss_dict=loss_dict, detections=detections, hidden_states=tuple(maps) if output_hidden_states else None
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 class MuscleBackbone(BackboneMixin, MuscleModel):
@@ -381,14 +395,13 @@ class MuscleBackbone(BackboneMixin, MuscleModel):
         super().__init__(config)
         self.num_features = config.stage_channels
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BackboneOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> BackboneOutput:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -396,8 +409,6 @@ class MuscleBackbone(BackboneMixin, MuscleModel):
         by_name = dict(zip(self.stage_names, maps))
         feature_maps = tuple(by_name[name] for name in self.out_features)
         hidden_states = tuple(maps) if output_hidden_states else None
-        if not return_dict:
-            return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
 
 

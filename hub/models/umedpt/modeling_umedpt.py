@@ -17,12 +17,10 @@ from functools import partial
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.swin_transformer import PatchMergingV2, ShiftedWindowAttentionV2, SwinTransformerBlockV2
-from torchvision.ops import FeaturePyramidNetwork, sigmoid_focal_loss
+from torchvision.ops import FeaturePyramidNetwork, batched_nms, clip_boxes_to_image, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Permute
 from transformers import initialization as init
@@ -35,7 +33,7 @@ from transformers.modeling_outputs import (
     SemanticSegmenterOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_umedpt import UmedptConfig
 
@@ -145,6 +143,7 @@ class UmedptSqueezer(nn.Module):
         return self._squeeze(last_map), self._squeeze(last_map.mean(dim=(2, 3), keepdim=True)).flatten(1)
 
 
+# Copied from hub.models.muscle.modeling_muscle.MuscleAnchorGenerator with Muscle->Umedpt
 class UmedptAnchorGenerator(AnchorGenerator):
     """torchvision's AnchorGenerator with its cell anchors held as (non-persistent) buffers, so that they follow
     `.to()` and are re-created by `_init_weights` after an initialisation on the meta device."""
@@ -232,7 +231,7 @@ class UmedptModel(UmedptPreTrainedModel):
         config = self.config
         if pixel_values.ndim != 4 or pixel_values.shape[1] != config.num_channels:
             raise ValueError(
-                f"pixel_values must have shape (batch, {config.num_channels}, height, width), got {tuple(pixel_values.shape)}"
+                f"pixel_values must have shape (batch, {config.num_channels}, " f"height, width), got {tuple(pixel_values.shape)}"
             )
         if any(side % config.input_multiple for side in pixel_values.shape[2:]):
             raise ValueError(
@@ -252,18 +251,17 @@ class UmedptModel(UmedptPreTrainedModel):
             maps.append(hidden_states.permute(0, 3, 1, 2))
         return maps
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> BaseModelOutputWithPooling:
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        return_dict = return_dict if return_dict is not None else config.return_dict
         attentions = [] if output_attentions else None
         maps = self.stage_maps(pixel_values, attentions)
         latent, pooled = self.squeezer(maps[-1])
@@ -271,7 +269,7 @@ class UmedptModel(UmedptPreTrainedModel):
             last_hidden_state=latent, pooler_output=pooled, hidden_states=tuple(maps) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 def _inverse_log_classes(num_classes: int) -> float:
@@ -290,36 +288,41 @@ class UmedptForImageClassification(UmedptPreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> ImageClassifierOutput:
         outputs = self.umedpt(
             pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True
         )
         logits = self.classifier(outputs.pooler_output)
-        loss = None if labels is None else classification_loss(self.config, logits, labels)
+        loss = None if labels is None else log_scaled_classification_loss(self.config, logits, labels)
         output = ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
-def classification_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    problem_type = config.problem_type
-    if problem_type is None:
-        if config.num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+# Copied from hub.models.muscle.modeling_muscle.problem_type_of with MuscleConfig->UmedptConfig
+def problem_type_of(config: UmedptConfig, labels: torch.Tensor) -> str:
+    """`config.problem_type`, or, when unset, inferred from the labels as transformers' classification heads do."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def log_scaled_classification_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy / ln C, BCE / ln 2 or MSE by `config.problem_type` (inferred from the labels when unset)."""
+    problem_type = problem_type_of(config, labels)
     if problem_type == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
     if problem_type == "single_label_classification":
@@ -387,20 +390,19 @@ class UmedptForSemanticSegmentation(UmedptPreTrainedModel):
         self.head = nn.Conv2d(config.decoder_channels[-1], config.num_labels, 3, padding=1)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> SemanticSegmenterOutput | tuple:
+    ) -> SemanticSegmenterOutput:
         """`labels`: (batch, H, W) class indices, `semantic_loss_ignore_index` where unknown."""
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        return_dict = return_dict if return_dict is not None else config.return_dict
         attentions = [] if output_attentions else None
         maps = self.umedpt.stage_maps(pixel_values, attentions)
         latent, _ = self.umedpt.squeezer(maps[-1])
@@ -410,16 +412,16 @@ class UmedptForSemanticSegmentation(UmedptPreTrainedModel):
             if labels.shape != (pixel_values.shape[0],) + pixel_values.shape[2:]:
                 raise ValueError(f"labels must have shape (batch, height, width) of the input, got {tuple(labels.shape)}")
             small = F.interpolate(labels[:, None].float(), size=half.shape[2:], mode="nearest")[:, 0].long()
-            loss = segmentation_loss(self.config, half, small)
+            loss = dice_focal_loss(self.config, half, small)
         logits = F.interpolate(half, size=pixel_values.shape[2:], mode="bilinear", align_corners=False)
         output = SemanticSegmenterOutput(
             loss=loss, logits=logits, hidden_states=tuple(maps) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
-def segmentation_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def dice_focal_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Multiclass soft Dice (classes absent from the batch skipped) + per-class sigmoid focal loss / ln C."""
     num_classes = logits.shape[1]
     valid = labels != config.semantic_loss_ignore_index
@@ -501,9 +503,8 @@ class UmedptFCOSHead(nn.Module):
         loss_cls = sigmoid_focal_loss(
             logits, class_targets, alpha=config.detection_focal_alpha, gamma=config.focal_gamma, reduction="sum"
         ) / num_foreground * _inverse_log_classes(config.num_labels)
-        coder = det_utils.BoxLinearCoder(normalize_by_size=True)
-        predicted = coder.decode(head_outputs["bbox_regression"][foreground], anchors[foreground])
-        distances = coder.encode(anchors[foreground], boxes[foreground])
+        predicted = decode_side_distances(head_outputs["bbox_regression"][foreground], anchors[foreground])
+        distances = encode_side_distances(anchors[foreground], boxes[foreground])
         left_right, top_bottom = distances[:, [0, 2]], distances[:, [1, 3]]
         centerness = torch.sqrt(
             (left_right.min(-1).values / left_right.max(-1).values) * (top_bottom.min(-1).values / top_bottom.max(-1).values)
@@ -520,13 +521,62 @@ class UmedptFCOSHead(nn.Module):
         }
 
 
+def encode_side_distances(anchors: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """FCOS's regression targets: the distances (left, top, right, bottom) from each anchor's centre to the sides
+    of its box, in units of the anchor's width and height."""
+    centre_x, centre_y = (anchors[..., 0] + anchors[..., 2]) / 2, (anchors[..., 1] + anchors[..., 3]) / 2
+    width, height = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
+    return torch.stack(
+        ((centre_x - boxes[..., 0]) / width, (centre_y - boxes[..., 1]) / height,
+         (boxes[..., 2] - centre_x) / width, (boxes[..., 3] - centre_y) / height), dim=-1,
+    )
+
+
+def decode_side_distances(distances: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """The xyxy boxes that `encode_side_distances` describes."""
+    anchors = anchors.to(distances.dtype)
+    centre_x, centre_y = (anchors[..., 0] + anchors[..., 2]) / 2, (anchors[..., 1] + anchors[..., 3]) / 2
+    width, height = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
+    return torch.stack(
+        (centre_x - distances[..., 0] * width, centre_y - distances[..., 1] * height,
+         centre_x + distances[..., 2] * width, centre_y + distances[..., 3] * height), dim=-1,
+    )
+
+
+def match_points(
+    anchors: torch.Tensor, boxes: torch.Tensor, per_level: list[int], center_sampling_radius: float
+) -> torch.Tensor:
+    """FCOS's assignment of points (one stride-sized anchor per location) to ground-truth boxes: the index of the
+    box each point regresses, -1 for background. A point is a candidate for a box when it lies inside the box,
+    within `center_sampling_radius` strides of its centre, and its largest side distance is in its level's range
+    (4 to 8 strides; the first level from 0, the last without bound); among candidates the smallest box wins."""
+    if boxes.numel() == 0:
+        return torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
+    box_centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    points = (anchors[:, :2] + anchors[:, 2:]) / 2
+    strides = anchors[:, 2] - anchors[:, 0]
+    candidate = (points[:, None] - box_centres[None]).abs().amax(dim=2) < center_sampling_radius * strides[:, None]
+    sides = torch.cat((points[:, None] - boxes[None, :, :2], boxes[None, :, 2:] - points[:, None]), dim=2)
+    candidate &= sides.amin(dim=2) > 0
+    lower, upper = strides * 4, strides * 8
+    lower[: per_level[0]] = 0
+    upper[-per_level[-1] :] = float("inf")
+    reach = sides.amax(dim=2)
+    candidate &= (reach > lower[:, None]) & (reach < upper[:, None])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    preference = candidate.to(torch.float32) * (1e8 - areas[None])
+    best, matched = preference.max(dim=1)
+    matched[best < 1e-5] = -1
+    return matched
+
+
 def _paired_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """IoU of row-aligned xyxy boxes."""
     top_left = torch.maximum(first[:, :2], second[:, :2])
     bottom_right = torch.minimum(first[:, 2:], second[:, 2:])
     intersection = (bottom_right - top_left).clamp_min(0).prod(-1)
-    area = lambda boxes: (boxes[:, 2:] - boxes[:, :2]).clamp_min(0).prod(-1)  # noqa: E731
-    return intersection / (area(first) + area(second) - intersection).clamp_min(1e-6)
+    areas = [(boxes[:, 2:] - boxes[:, :2]).clamp_min(0).prod(-1) for boxes in (first, second)]
+    return intersection / (areas[0] + areas[1] - intersection).clamp_min(1e-6)
 
 
 @dataclass
@@ -548,8 +598,9 @@ class UmedptObjectDetectionOutput(ModelOutput):
 class UmedptForObjectDetection(UmedptPreTrainedModel):
     """FCOS on an FPN (P3-P7, strides 8-128) over stages 2-3 and the squeezed last map.
 
-    Point matching and post-processing are torchvision's (`FCOS.compute_loss`, `FCOS.postprocess_detections`, which
-    read only the attributes set here); points are anchors of one stride-sized box per location. `labels`: one
+    Points are anchors of one stride-sized box per location, assigned to boxes by `match_points` (FCOS's centre
+    sampling and scale ranges); detections keep, per level, the `detection_topk` points whose
+    sqrt(class probability x centerness) passes `detection_score_threshold`, then class-wise NMS. `labels`: one
     dict per image with `class_labels` (N,) in `0..num_labels-1` and `boxes` (N, 4) as absolute xyxy pixels.
     """
 
@@ -562,25 +613,42 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
         strides = (8, 16, 32, 64, 128)
         self.head = UmedptFCOSHead(config, len(strides))
         self.anchor_generator = UmedptAnchorGenerator(tuple((stride,) for stride in strides), ((1.0,),) * len(strides))
-        self.box_coder = det_utils.BoxLinearCoder(normalize_by_size=True)
         self.center_sampling_radius = 1.5 if config.detection_center_sampling else float("inf")
-        self.score_thresh = config.detection_score_threshold
-        self.nms_thresh = config.detection_nms_threshold
-        self.topk_candidates = config.detection_topk
-        self.detections_per_img = config.detections_per_image
         self.post_init()
 
+    def _detections(
+        self, outputs: dict[str, torch.Tensor], points: torch.Tensor, per_level: list[int], image_size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """One image's detections from its head outputs (points x ...) and points."""
+        config = self.config
+        boxes, scores, labels = [], [], []
+        for logits, regression, centerness, level_points in zip(
+            outputs["cls_logits"].split(per_level), outputs["bbox_regression"].split(per_level),
+            outputs["bbox_ctrness"].split(per_level), points.split(per_level),
+        ):
+            level_scores = torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(centerness)).flatten()
+            kept = torch.where(level_scores > config.detection_score_threshold)[0]
+            level_scores, order = level_scores[kept].topk(min(config.detection_topk, kept.numel()))
+            kept = kept[order]
+            point_index = torch.div(kept, logits.shape[-1], rounding_mode="floor")
+            decoded = decode_side_distances(regression[point_index], level_points[point_index])
+            boxes.append(clip_boxes_to_image(decoded, image_size))
+            scores.append(level_scores)
+            labels.append(kept % logits.shape[-1])
+        boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        keep = batched_nms(boxes, scores, labels, config.detection_nms_threshold)[: config.detections_per_image]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> UmedptObjectDetectionOutput | tuple:
+    ) -> UmedptObjectDetectionOutput:
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else config.return_dict
         maps = self.umedpt.stage_maps(pixel_values)
         latent, _ = self.umedpt.squeezer(maps[-1])
         pyramid = self.fpn(OrderedDict(zip(("p3", "p4", "p5"), [maps[2], maps[3], latent])))
@@ -594,16 +662,22 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
             if len(labels) != pixel_values.shape[0]:
                 raise ValueError(f"labels must hold one dict per image ({pixel_values.shape[0]}), got {len(labels)}")
             targets = [{"boxes": t["boxes"].float(), "labels": t["class_labels"].long()} for t in labels]
-            loss_dict = FCOS.compute_loss(self, targets, head_outputs, anchors, per_level)
+            matched = [
+                match_points(points, target["boxes"], per_level, self.center_sampling_radius)
+                for points, target in zip(anchors, targets)
+            ]
+            loss_dict = self.head.compute_loss(targets, head_outputs, anchors, matched)
             loss = sum(loss_dict.values())
         if not self.training:
-            split = {name: list(value.split(per_level, dim=1)) for name, value in head_outputs.items()}
-            split_anchors = [list(anchor.split(per_level)) for anchor in anchors]
-            detections = FCOS.postprocess_detections(self, split, split_anchors, images.image_sizes)
+            detections = [
+                self._detections({name: value[index] for name, value in head_outputs.items()}, anchors[index],
+                                 per_level, images.image_sizes[index])
+                for index in range(pixel_values.shape[0])
+            ]
         output = UmedptObjectDetectionOutput(
             loss=loss, loss_dict=loss_dict, detections=detections, hidden_states=tuple(maps) if output_hidden_states else None
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 class UmedptBackbone(BackboneMixin, UmedptModel):
@@ -614,18 +688,17 @@ class UmedptBackbone(BackboneMixin, UmedptModel):
         super().__init__(config)
         self.num_features = [config.embed_dim] + config.stage_channels
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BackboneOutput | tuple:
+    ) -> BackboneOutput:
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        return_dict = return_dict if return_dict is not None else config.return_dict
         attentions = [] if output_attentions else None
         maps = self.stage_maps(pixel_values, attentions)
         by_name = dict(zip(self.stage_names, maps))
@@ -634,7 +707,7 @@ class UmedptBackbone(BackboneMixin, UmedptModel):
             hidden_states=tuple(maps) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 __all__ = [
