@@ -243,3 +243,34 @@ def test_imagenet_backbone_is_converted_from_torch_hub_cache(tmp_path, monkeypat
         features = torch.nn.Sequential(*list(network.children())[:-1])(x).flatten(1)
         assert torch.allclose(model(pixel_values=x).pooler_output.flatten(1), features, atol=1e-4)
     assert backbone_repo("torchvision:resnet50", tmp_path / "backbones") == repo  # written once
+
+
+def _linear_study(study_file):
+    study = load_study(study_file)
+    study.protocols, study.runs, study.label_fractions = ["linear"], 2, [0.5]
+    return study
+
+
+def _metrics_by_key(rows):
+    return {row["key"]: row["metrics"] for row in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine, jobs", [("local", 2), ("ray", 1)])
+def test_parallel_and_ray_runs_give_the_sequential_results(study_file, tmp_path, engine, jobs):
+    from training.evaluate.runner import run_study
+
+    sequential = run_study(_linear_study(study_file), tmp_path / "sequential", progress=False)
+    if engine == "ray":
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        parallel = run_study(_linear_study(study_file), tmp_path / engine, jobs=jobs, engine=engine, progress=False)
+    finally:
+        if engine == "ray":
+            ray.shutdown()
+    assert len(sequential) == 2 * 2  # two backbones x two runs; the random arm has its own init per run
+    inits = sorted(p.name for p in (tmp_path / "sequential" / "backbones").iterdir())
+    assert inits == ["random-muscle-resnet18-tiny-seed0", "random-muscle-resnet18-tiny-seed1"]
+    assert _metrics_by_key(parallel) == _metrics_by_key(sequential)

@@ -95,12 +95,16 @@ def test_int8_difference_is_paired_by_run():
 
 @pytest.fixture(scope="module")
 def study_file(tmp_path_factory):
-    """24 X-rays: 12 train, 4 val, 8 test; one random tiny backbone; linear and linear-int8 on half the labels."""
+    """24 X-rays: 12 train, 4 val, 8 test; one seeded tiny backbone folder (a `random:` one would be initialised
+    per run, so exported and quantized three times); linear and linear-int8 on half the labels."""
+    from hub.cli.main import main
+
     folder = tmp_path_factory.mktemp("int8study")
+    assert main(["init", "muscle-resnet18-tiny", "--seed", "7", "--out", str(folder / "seeded")]) == 0
     rows = load_manifest(xray_manifest(folder / "phantoms", n_xray=24))
     splits = ["train"] * 12 + ["val"] * 4 + ["test"] * 8
     write_manifest([dataclasses.replace(r, split=s) for r, s in zip(rows, splits)], folder / "phantoms" / "task.jsonl")
-    study = {"backbones": {"random": "random:muscle-resnet18-tiny"}, "baseline": "random",
+    study = {"backbones": {"seeded": str(folder / "seeded")}, "baseline": "seeded",
              "tasks": {"nodule": {"manifest": "phantoms/task.jsonl", "label": "nodule"}},
              "protocols": ["linear", "linear-int8"], "label_fractions": [0.5], "runs": 3, "seed": 0}
     return write_config(folder / "study.yaml", study)
@@ -115,7 +119,7 @@ def test_linear_int8_study_reports_the_paired_difference(study_file, tmp_path, c
     expected = [(protocol, run) for protocol in ("linear", "linear-int8") for run in range(3)]
     assert sorted((r["protocol"], r["run"]) for r in rows) == expected
     assert all(r["n_test"] == 8 and 0 <= r["metrics"]["roc_auc"] <= 1 for r in rows)
-    assert (out / "features" / "random_nodule_onnx-int8.npz").is_file()
+    assert (out / "features" / "seeded_nodule_onnx-int8.npz").is_file()
 
     arm = {p: [next(r["metrics"]["roc_auc"] for r in rows if r["protocol"] == p and r["run"] == k) for k in range(3)]
            for p in ("linear", "linear-int8")}
@@ -126,7 +130,7 @@ def test_linear_int8_study_reports_the_paired_difference(study_file, tmp_path, c
                if np.ptp(arm["linear"]) or np.ptp(arm["linear-int8"]) else math.nan)
     with open(out / "summary.csv", encoding="utf-8") as stream:
         line = next(r for r in csv.DictReader(stream) if r["protocol"] == "linear-int8 - linear")
-    assert (line["backbone"], line["fraction"], line["runs"]) == ("random", "0.5", "3")
+    assert (line["backbone"], line["fraction"], line["runs"]) == ("seeded", "0.5", "3")
     assert float(line["mean"]) == pytest.approx(difference.mean(), abs=1e-12)
     assert float(line["std"]) == pytest.approx(difference.std(ddof=1), abs=1e-12)
     for column, expected in (("p_paired", paired), ("p_student", student)):
@@ -134,16 +138,16 @@ def test_linear_int8_study_reports_the_paired_difference(study_file, tmp_path, c
     report = (out / "report.md").read_text()
     assert "## int8 vs fp32 (linear probe)" in report
     cell = f"{difference.mean():+.4f} +- {difference.std(ddof=1):.4f}"
-    assert f"| nodule | random | 0.5 | ROC AUC | 3 | {cell} |" in report
+    assert f"| nodule | seeded | 0.5 | ROC AUC | 3 | {cell} |" in report
     assert f"| {format_p(paired)} | {format_p(student)} |" in report
 
     # linear's torch fp32 features are the served fp32 ONNX graph's up to float error, so int8 - linear is the
     # quantization's effect; the int8 graph passed the service's gate (cosine >= 0.995) and is close as well
-    torch_features = np.load(out / "features" / "random_nodule.npz")["embeddings"]
-    int8_features = np.load(out / "features" / "random_nodule_onnx-int8.npz")["embeddings"]
+    torch_features = np.load(out / "features" / "seeded_nodule.npz")["embeddings"]
+    int8_features = np.load(out / "features" / "seeded_nodule_onnx-int8.npz")["embeddings"]
     from training.evaluate.units import dataset_features
 
-    onnx_features = dataset_features(out / "backbones" / "random-muscle-resnet18-tiny",
+    onnx_features = dataset_features(study_file.parent / "seeded",
                                      study_file.parent / "phantoms" / "task.jsonl", tmp_path / "f.npz", "onnx")
     onnx_features = onnx_features["embeddings"]
     assert np.abs(onnx_features - torch_features).max() < 1e-4 * np.abs(torch_features).max()

@@ -163,3 +163,13 @@ def test_truncated_dicom_is_corrupt_wherever_it_is_cut(name):
 def test_a_complete_non_image_dicom_is_still_unsupported():
     with pytest.raises(UnsupportedFormatError, match="is a Structured Report object, not an image"):
         read_image((PYDICOM_TEST_FILES / "test-SR.dcm").read_bytes())
+
+
+def test_a_non_finite_frame_count_is_corrupt_without_quoting_it():
+    """Fuzz case dicom 647 (truncated, then NumberOfFrames edited to inf) was a 500 from ``int(inf)``."""
+    import fuzzing
+
+    _, data = fuzzing.case("dicom", 0, 647)
+    with pytest.raises(CorruptFileError, match="unreadable image size") as caught:
+        read_image(data)
+    assert "inf" not in str(caught.value)

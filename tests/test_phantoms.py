@@ -92,3 +92,21 @@ def test_phantoms_command_names_unknown_kinds_in_one_line(tmp_path, cli):
     result = cli("phantoms", "--out", str(tmp_path / "d"), "--kinds", "xray,ultrasound")
     assert result.code == 1 and "ultrasound" not in result.out
     assert "--kinds 'xray,ultrasound'" in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_varied_xrays_are_seeded_with_labels_masks_boxes_and_reports_that_agree(tmp_path):
+    from hub.data.phantoms import generate_varied_xrays
+
+    manifest = generate_varied_xrays(tmp_path / "a", n=10, seed=3, progress=False)
+    assert digest(generate_varied_xrays(tmp_path / "b", n=10, seed=3, progress=False).parent) == digest(manifest.parent)
+    rows = load_manifest(manifest)
+    assert [r.split for r in rows] == ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+    assert [r.labels["nodule"] for r in rows] == [0, 1] * 5
+    for row in rows:
+        mask = np.asarray(Image.open(manifest.parent / row.mask))
+        assert bool((mask == 2).any()) == bool(row.labels["nodule"]) == bool(row.boxes)
+        assert ("IMPRESSION: Pulmonary nodule" in row.text) == bool(row.labels["nodule"])
+        assert 2 <= len(row.boxes) <= 4 if row.labels["nodule"] else row.boxes == []
+        for x0, y0, x1, y1 in row.boxes:
+            # at the tiny variants' 64 px input (256 -> 73 -> crop 64) a nodule is at least 4 px across
+            assert min(x1 - x0, y1 - y0) * 73 / 256 >= 4

@@ -147,8 +147,9 @@ def _declared_shape(ds: pydicom.Dataset, source: str) -> tuple[int, int, int, in
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         return frames, int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1)
-    except (TypeError, ValueError) as exc:
-        raise CorruptFileError(f"{source} has an unreadable image size in its DICOM header: {exc}") from exc
+    except (TypeError, ValueError, OverflowError):
+        raise CorruptFileError(f"{source} has an unreadable image size (NumberOfFrames, Rows, Columns or "
+                               "SamplesPerPixel) in its DICOM header; expected whole numbers") from None
 
 
 def _image_storage(ds: pydicom.Dataset) -> bool:

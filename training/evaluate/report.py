@@ -146,7 +146,7 @@ def task_plot(task: str, summaries: list[Summary], rows: list[dict[str, Any]]) -
     metric = METRIC_NAMES.get(cells[0].metric, cells[0].metric)
     axes.set_xticks(range(len(groups)), [f"{p}\n{f:g} of labels" for p, f in groups])
     axes.set_ylabel(f"test {metric}")
-    axes.set_title(f"{task}: mean +- sample std over runs (points: single runs)")
+    axes.set_title(f"{task}: mean +- sample std over runs\n(points: single runs)")
     axes.legend(title="backbone")
     figure.tight_layout()
     return figure

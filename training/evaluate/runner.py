@@ -4,6 +4,7 @@ units already there; in this process, in N local processes, or as Ray tasks."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,8 @@ def run_study(study: Study, out: Path, *, jobs: int = 1, engine: str = "local", 
             _append(out, run_unit(study, unit, out))
             bar.update()
     else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        # spawn, not fork: a forked child of a process that has run torch can hang in its thread pools
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(run_unit, study, unit, out) for unit in pending]
             for future in as_completed(futures):
                 _append(out, future.result())

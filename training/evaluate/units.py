@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -38,24 +39,36 @@ from .study import LINEAR_BACKENDS, Study, Unit
 GENERATED = ("random:", IMAGENET_PREFIX)  # backbones medhub writes as repo folders under the study's work dir
 
 
-def backbone_repo(source: str, cache: Path) -> Path:
-    """A repo folder for a study backbone: a folder or ORG/NAME as it is, `random:<variant>` and
-    `torchvision:resnet50[=FILE]` (the ImageNet baseline) written once."""
+def backbone_repo(source: str, cache: Path, seed: int | None = None) -> Path:
+    """A repo folder for a study backbone: a folder or ORG/NAME as it is, `random:<variant>` (initialised with
+    `seed`, 0 when None) and `torchvision:resnet50[=FILE]` (the ImageNet baseline) written once."""
     if source.startswith(IMAGENET_PREFIX):
         name = source.removeprefix(IMAGENET_PREFIX).partition("=")[0]
         return imagenet_repo(source, cache / f"torchvision-{name}")
     if source.startswith("random:"):
         variant = get_variant(source.removeprefix("random:"))
-        folder = cache / f"random-{variant.id}"
+        folder = cache / (f"random-{variant.id}" if seed is None else f"random-{variant.id}-seed{seed}")
         if not (folder / "config.json").is_file():
-            torch.manual_seed(0)
+            torch.manual_seed(seed or 0)
             model = get_family(variant.family).encoder_class(variant.build_config())
-            export_repo(model, folder, variant=variant.id, processor=variant.build_processor(),
+            partial = folder.with_name(f"{folder.name}.{os.getpid()}")
+            export_repo(model, partial, variant=variant.id, processor=variant.build_processor(),
                         modality=variant.modality, overwrite=True,
-                        provenance=Provenance(kind="random-init", description="random initialisation (seed 0)",
-                                              details={"seed": "0"}))
+                        provenance=Provenance(kind="random-init", description=f"random initialisation (seed {seed or 0})",
+                                              details={"seed": str(seed or 0)}))
+            _move_into_place(partial, folder)
         return folder
     return resolve_repo(source)
+
+
+def _move_into_place(partial: Path, folder: Path) -> None:
+    """Rename a finished repo folder into place; a parallel unit that wrote the same repo first wins."""
+    try:
+        os.replace(partial, folder)
+    except OSError:
+        if not (folder / "config.json").is_file():
+            raise
+        shutil.rmtree(partial)
 
 
 def stratified_train(splits: list[str | None], labels: list[Any], fraction: float, seed: int) -> set[int]:
@@ -130,7 +143,10 @@ def run_unit(study: Study, unit: Unit, work: Path) -> dict[str, Any]:
     """Train and score one unit; the row written to results.jsonl."""
     started = time.time()
     entry = study.tasks[unit.task]
-    repo = backbone_repo(study.backbones[unit.backbone], work / "backbones")
+    source = study.backbones[unit.backbone]
+    # scratch is a fresh initialisation per run (seeded by the run), as the study trains its random-init arm
+    scratch = source.startswith("random:")
+    repo = backbone_repo(source, work / "backbones", unit.seed if scratch else None)
     processor = MedicalImageProcessor.from_pretrained(repo)
     task = default_task(entry.kind, entry.manifest, processor.modality, entry.label, list(entry.classes) or None,
                         entry.mask_map)
@@ -138,7 +154,8 @@ def run_unit(study: Study, unit: Unit, work: Path) -> dict[str, Any]:
         if task.kind != "classification":
             raise TrainingConfigError(f"task {unit.task!r}: the {unit.protocol} protocol needs a classification task")
         backend = LINEAR_BACKENDS[unit.protocol]
-        cache = work / "features" / f"{unit.backbone}_{unit.task}{'' if backend == 'torch' else '_' + backend}.npz"
+        name = (f"{unit.backbone}-seed{unit.seed}" if scratch else unit.backbone) + f"_{unit.task}"
+        cache = work / "features" / f"{name}{'' if backend == 'torch' else '_' + backend}.npz"
         features = dataset_features(repo, entry.manifest, cache, backend)
         result = linear_probe(features, entry.manifest, task.label, unit.fraction, unit.seed)
         return {"key": unit.key, **dataclasses.asdict(unit), **result, "revision": _revision(repo),
