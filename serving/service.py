@@ -26,6 +26,7 @@ from hub.io import ImageSource
 from hub.errors import CorruptFileError, InputError, LimitExceededError, MedhubError, UnsupportedFormatError
 
 from .batching import ServiceOverloaded
+from .memory import keep_large_arrays_in_their_own_mappings, release_free_memory
 from .dicomweb import DicomwebNotFoundError, DicomwebUnavailableError, fetch, store_result
 from .middleware import RequestGuard
 from .models import DeadlinePassedError, DimensionalityError, ServedModel, TaskNotAvailableError, UnknownModelError, load_served_model
@@ -35,6 +36,7 @@ logger = logging.getLogger("medhub.serving")
 logging.getLogger("medhub").setLevel(logging.INFO)  # BentoML's root handler then shows loads and exports
 # Request threads preprocess in parallel; torch's own thread pool (used for resizing) would fight ONNX Runtime's.
 torch.set_num_threads(1)
+keep_large_arrays_in_their_own_mappings()
 SETTINGS = ServeSettings.from_env()
 LOADED: dict[str, ServedModel] = {}  # this worker's models, shared with the /models route and the guard
 MASK_MEDIA = {"png": "image/png", "nifti": "application/gzip"}
@@ -199,6 +201,8 @@ def _handle(file: Path, dicomweb: str, model: str, run: Callable[[ServedModel, I
         logger.error("unexpected %s at %s:%d in %s; answered 500", type(error).__name__, Path(where.filename).name,
                      where.lineno, where.name)
         return JSONResponse({"error": "internal error; the service logged its type and place"}, status_code=500)
+    finally:
+        release_free_memory()
 
 
 MedhubService.mount_asgi_app(models_app, path="/")  # BentoML mounts match only their own routes

@@ -150,3 +150,16 @@ def test_a_volume_whose_float32_copy_is_over_the_byte_budget_is_refused():
     with pytest.raises(LimitExceededError, match=r"float32 copy of a \(64, 64, 64\) volume .* 1048576 bytes"):
         processor.prepare(_cube(64), limits=ReadLimits(max_array_bytes=2**20 - 1))
     assert processor.prepare(_cube(64), limits=ReadLimits(max_array_bytes=2**20)).pixel_values.shape == (1, 8, 8, 8)
+
+
+def test_tiles_over_the_byte_budget_are_refused_before_the_resampling_runs(monkeypatch):
+    """The tile budget is checked on the resampled grid's size before sitk.Resample builds it: a 512 x 512 x 400
+    volume took seconds to resample only to be refused afterwards."""
+    processor = MedicalImageProcessor(modality="ct", spatial_dims=3, in_channels=1, size=8, intensity="none",
+                                      target_spacing=[0.5, 0.5, 0.5])
+    image = sitk.GetImageFromArray(_cube(32))
+    calls = []
+    monkeypatch.setattr(spatial.sitk, "Resample", lambda *args: calls.append(args))
+    with pytest.raises(LimitExceededError, match=r"sliding-window tiles of a \(64, 64, 64\) volume"):
+        processor.tile(image, limits=ReadLimits(max_array_bytes=2 * 2**20))
+    assert calls == []

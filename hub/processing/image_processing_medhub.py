@@ -172,7 +172,10 @@ def apply_intensity(array: np.ndarray, spec: dict[str, Any], bits: int | None = 
         depth = spec["bits"] or bits
         if depth is None:
             return x
-        return x * np.float32(1.0 / (2**depth - 1))
+        if x is array:
+            return x * np.float32(1.0 / (2**depth - 1))
+        x *= np.float32(1.0 / (2**depth - 1))  # in the fresh float32 copy: a 7000 x 7000 upload is 196 MB each
+        return x
     if policy == "window":
         low, high = float(spec["low"]), float(spec["high"])
         x = np.clip(x, low, high)

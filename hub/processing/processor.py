@@ -190,13 +190,16 @@ class MedicalImageProcessor(BaseImageProcessor):
         return image
 
     def _resampled(
-        self, image: MedicalImage, limits: ReadLimits | None
+        self, image: MedicalImage, limits: ReadLimits | None,
+        check_output: Callable[[tuple[int, ...]], None] | None = None,
     ) -> tuple[MedicalImage, Grid | None, Grid | None]:
         if self.spatial_dims == 2 or (self.target_spacing is None and self.orientation is None):
+            if check_output is not None:
+                check_output(image.spatial_shape)
             return image, None, None
         source = image.to_sitk()
         moved = spatial.resample_spacing(spatial.reorient(source, self.orientation), self.target_spacing,
-                                         (limits or DEFAULT_LIMITS).max_voxels)
+                                         (limits or DEFAULT_LIMITS).max_voxels, check_output)
         after = MedicalImage.from_sitk(moved, modality=image.modality, photometric=image.photometric,
                                        bit_depth=image.bit_depth, meta=dict(image.meta))
         return after, Grid.of(source), Grid.of(moved)
@@ -254,10 +257,14 @@ class MedicalImageProcessor(BaseImageProcessor):
         """Cut a (resampled, normalised) volume into overlapping ``size`` tiles for sliding-window inference; the
         tiles' bytes are checked against ``limits.max_array_bytes`` before the intensity steps or the tiles run."""
         image = self._read(source, limits)
-        moved, input_grid, processed_grid = self._resampled(image, limits)
+
+        def check_tiles(shape: tuple[int, ...]) -> None:  # before the resampling runs, from its output size
+            plan = tiling.plan_tiles(shape, tuple(self.size), self.tile_overlap)
+            (limits or DEFAULT_LIMITS).check_array((len(plan), self.in_channels, *plan.patch), 4,
+                                                   f"the sliding-window tiles of a {shape} volume")
+
+        moved, input_grid, processed_grid = self._resampled(image, limits, check_tiles)
         plan = tiling.plan_tiles(moved.spatial_shape, tuple(self.size), self.tile_overlap)
-        (limits or DEFAULT_LIMITS).check_array((len(plan), self.in_channels, *plan.patch), 4,
-                                               f"the sliding-window tiles of a {moved.spatial_shape} volume")
         whole = self._whole(image, moved, input_grid, processed_grid, limits)
         return Tiled(tiling.extract_tiles(whole.pixel_values, plan), plan, whole.record, whole.image)
 

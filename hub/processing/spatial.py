@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collections.abc import Callable
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -81,17 +83,19 @@ def reorient(image: sitk.Image, orientation: str | None) -> sitk.Image:
 
 
 def resample_spacing(image: sitk.Image, spacing_zyx: tuple[float, ...] | None,
-                     max_voxels: int = DEFAULT_LIMITS.max_voxels) -> sitk.Image:
+                     max_voxels: int = DEFAULT_LIMITS.max_voxels,
+                     check_output: Callable[[tuple[int, ...]], None] | None = None) -> sitk.Image:
     """Linear resampling to ``spacing_zyx`` (mm), keeping origin and direction; float32 output.
 
     The output grid is budgeted before anything is allocated: a 2 x 2 x 2 volume declaring 1,000 mm voxels
-    would otherwise become 1,000,000,000 voxels at 1 mm (4 GB of float32).
+    would otherwise become 1,000,000,000 voxels at 1 mm (4 GB of float32). ``check_output`` gets the output's
+    (z, y, x) size first too, so that a caller can refuse what it would build from it before the resampling runs.
     """
     pixel_type = sitk.sitkVectorFloat32 if image.GetNumberOfComponentsPerPixel() > 1 else sitk.sitkFloat32
-    if not spacing_zyx:
-        return sitk.Cast(image, pixel_type)
-    spacing = tuple(float(s) for s in reversed(spacing_zyx))
-    if np.allclose(spacing, image.GetSpacing()):
+    spacing = tuple(float(s) for s in reversed(spacing_zyx)) if spacing_zyx else None
+    if spacing is None or np.allclose(spacing, image.GetSpacing()):
+        if check_output is not None:
+            check_output(tuple(reversed(image.GetSize())))
         return sitk.Cast(image, pixel_type)
     scaled = np.maximum(1.0, np.rint(np.asarray(image.GetSize()) * np.asarray(image.GetSpacing()) / spacing))
     if not np.prod(scaled) * image.GetNumberOfComponentsPerPixel() <= max_voxels:  # also refuses inf and nan
@@ -101,6 +105,8 @@ def resample_spacing(image: sitk.Image, spacing_zyx: tuple[float, ...] | None,
             f"{'x'.join(f'{n:g}' for n in reversed(scaled))} voxels, over the limit of {max_voxels}"
         )
     size = [int(n) for n in scaled]
+    if check_output is not None:
+        check_output(tuple(reversed(size)))
     return sitk.Resample(sitk.Cast(image, pixel_type), size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
                          spacing, image.GetDirection(), 0.0, pixel_type)
 
