@@ -1,9 +1,10 @@
 """`medhub embed` throughput on phantom radiographs (half 224 px PNG, half 1024 px DICOM) and muscle-resnet50.
 
 Prints images/s side by side, in one run: (a) `medhub embed` (its defaults: ONNX Runtime on every core, decoding
-in cores // 4 processes, below 4 cores in a thread of the command's process), (b) the loop a user writes with transformers (AutoImageProcessor + AutoModel, torch eager, batch 16),
-(c) raw ONNX Runtime on pre-decoded tensors (the ceiling: no decoding at all), (d) `medhub embed --engine ray`
-on a local Ray instance. (a) and (d) are whole command runs (worker and actor start-up included).
+in cores // 4 processes, below 4 cores in a thread of the command's process), (b) the loop a user writes with
+transformers (AutoImageProcessor + AutoModel, torch eager, batch 16), (c) raw ONNX Runtime on pre-decoded
+tensors (the ceiling: no decoding at all), (d) `medhub embed --engine ray` on a local Ray instance.
+(a) and (d) are whole command runs (worker and actor start-up included).
 Goals (issue #18): (a) >= 1.5 x (b), (a) >= 0.8 x (c), (d) >= 0.7 x (a). Random weights: speed does not depend
 on them. `--count` runs it smaller.
 """
@@ -38,9 +39,14 @@ def build_repo(root: Path) -> Path:
     variant = get_variant("muscle-resnet50")
     torch.manual_seed(0)
     model = get_family(variant.family).encoder_class(variant.build_config())
-    return export_repo(model, root / "muscle-resnet50", variant=variant.id,
-                       provenance=Provenance("random-init", "benchmark"), processor=variant.build_processor(),
-                       modality=variant.modality)
+    return export_repo(
+        model,
+        root / "muscle-resnet50",
+        variant=variant.id,
+        provenance=Provenance("random-init", "benchmark"),
+        processor=variant.build_processor(),
+        modality=variant.modality,
+    )
 
 
 def phantoms(folder: Path, count: int) -> Path:
@@ -103,8 +109,10 @@ def main() -> None:
         a = medhub_embed(repo, data, root / "out-local")
         d = medhub_embed(repo, data, root / "out-ray", "--engine", "ray")
         b = transformers_loop(repo, data)
-        print(f"medhub embed on {count} phantom radiographs (224 px PNG + 1024 px DICOM), muscle-resnet50, "
-              f"{os.cpu_count()} cores")
+        print(
+            f"medhub embed on {count} phantom radiographs (224 px PNG + 1024 px DICOM), muscle-resnet50, "
+            f"{os.cpu_count()} cores"
+        )
         print(f"{'(a) medhub embed':<44}{a:8.1f} img/s")
         print(f"{'(b) transformers loop (eager, batch 16)':<44}{b:8.1f} img/s   (a)/(b) = {a / b:.2f}  (goal >= 1.5)")
         print(f"{'(c) raw ONNX Runtime, pre-decoded tensors':<44}{c:8.1f} img/s   (a)/(c) = {a / c:.2f}  (goal >= 0.8)")

@@ -61,8 +61,9 @@ def _resnet50_session(folder: Path) -> ort.InferenceSession:
     path = folder / "resnet50.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, str(path), dynamo=True,
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}})
+        torch.onnx.export(
+            model, example, str(path), dynamo=True, dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}}
+        )
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
@@ -73,23 +74,33 @@ def main() -> None:
         radiograph = folder / "radiograph_2048.png"
         pixels = chest_xray(np.random.default_rng(0), size=2048, nodule=True)["image"] * 16  # 12 -> 16 bit range
         Image.fromarray(pixels.astype(np.uint16)).save(radiograph)
-        ct = write_nifti(ct_volume(np.random.default_rng(0), shape=(200, 512, 512))["image"], folder / "ct.nii.gz",
-                         (0.8, 0.8, 2.5))
+        ct = write_nifti(
+            ct_volume(np.random.default_rng(0), shape=(200, 512, 512))["image"], folder / "ct.nii.gz", (0.8, 0.8, 2.5)
+        )
         xray = MedicalImageProcessor(**preset("muscle"))
         cases = [
             ("2048x2048 16-bit radiograph PNG", xray, radiograph, 20),
             ("RG1_UNCI.dcm (1955x1841, MONOCHROME1)", xray, _package_file("data_store", "data", "RG1_UNCI.dcm"), 10),
-            ("MNI152 T1 NIfTI (197x233x189)", MedicalImageProcessor(**preset("medcoss-mri")),
-             _package_file("nilearn", "datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"), 5),
+            (
+                "MNI152 T1 NIfTI (197x233x189)",
+                MedicalImageProcessor(**preset("medcoss-mri")),
+                _package_file("nilearn", "datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"),
+                5,
+            ),
             ("512x512x200 CT phantom NIfTI -> 1 mm", MedicalImageProcessor(**preset("medcoss-ct")), ct, 2),
         ]
         session = _resnet50_session(folder)
         batch = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
         name = session.get_inputs()[0].name
         forward = _median_ms(lambda: session.run(None, {name: batch}), 20)
-        print(f"machine: torch threads {torch.get_num_threads()}, ORT provider {session.get_providers()[0]}, "
-              f"SimpleITK threads {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}")
-        print(f"{'input':42s} {'decode ms':>10s} {'preprocess ms':>14s} " f"{'decode+preprocess ms':>21s} {'/ ResNet-50':>12s}")
+        print(
+            f"machine: torch threads {torch.get_num_threads()}, ORT provider {session.get_providers()[0]}, "
+            f"SimpleITK threads {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}"
+        )
+        print(
+            f"{'input':42s} {'decode ms':>10s} {'preprocess ms':>14s} "
+            f"{'decode+preprocess ms':>21s} {'/ ResNet-50':>12s}"
+        )
         results = {}
         for label, processor, path, repeats in cases:
             decode = _median_ms(partial(read_image, str(path)), repeats)
@@ -100,8 +111,10 @@ def main() -> None:
             print(f"{label:42s} {decode:10.1f} {prep:14.1f} {ms:21.1f} {ms / forward:12.0%}")
         print(f"{'ResNet-50 ONNX Runtime CPU forward, 1x3x224x224':42s} {forward:21.1f}")
         floor = _png_inflate_floor_ms(radiograph, 20)
-        print(f"{'radiograph PNG: zlib inflate of its IDAT alone':42s} {floor:10.1f} {'':14s} {'':21s} "
-              f"{floor / forward:12.0%}")
+        print(
+            f"{'radiograph PNG: zlib inflate of its IDAT alone':42s} {floor:10.1f} {'':14s} {'':21s} "
+            f"{floor / forward:12.0%}"
+        )
         ratio = results[cases[0][0]] / forward
         print(f"radiograph / ResNet-50 = {ratio:.0%} (goal <= 25%: {'met' if ratio <= 0.25 else 'not met'})")
 

@@ -36,8 +36,8 @@ import hub  # noqa: F401
 from hub.catalogue import VARIANTS, get_variant
 from hub.export import Provenance, export_repo
 from hub.models import get_family
-from serving.models import repo_revision
 from hub.processing import MedicalImageProcessor
+from serving.models import repo_revision
 from serving.onnx_export import export_onnx
 from serving.quantize import export_int8
 from serving.runtime import create_session
@@ -50,8 +50,14 @@ def build_repo(variant_id: str, root: Path) -> Path:
     variant = get_variant(variant_id)
     torch.manual_seed(0)
     model = get_family(variant.family).encoder_class(variant.build_config())
-    return export_repo(model, root / variant_id, variant=variant_id, provenance=Provenance("random-init", "benchmark"),
-                       processor=variant.build_processor(), modality=variant.modality)
+    return export_repo(
+        model,
+        root / variant_id,
+        variant=variant_id,
+        provenance=Provenance("random-init", "benchmark"),
+        processor=variant.build_processor(),
+        modality=variant.modality,
+    )
 
 
 def images_per_second(run, batch: int) -> float:
@@ -64,8 +70,13 @@ def images_per_second(run, batch: int) -> float:
 
 
 def server_env(cache: Path, int8: bool = False, workers: int = 1) -> dict[str, str]:
-    return {"MEDHUB_ONNX_CACHE": str(cache), "MEDHUB_MAX_CONCURRENCY": "64", "BENTOML_DO_NOT_TRACK": "True",
-            "MEDHUB_INT8": "1" if int8 else "0", "MEDHUB_WORKERS": str(workers)}
+    return {
+        "MEDHUB_ONNX_CACHE": str(cache),
+        "MEDHUB_MAX_CONCURRENCY": "64",
+        "BENTOML_DO_NOT_TRACK": "True",
+        "MEDHUB_INT8": "1" if int8 else "0",
+        "MEDHUB_WORKERS": str(workers),
+    }
 
 
 def http_load(url: str, model: str, png: bytes, clients: int) -> tuple[float, float, float]:
@@ -74,7 +85,9 @@ def http_load(url: str, model: str, png: bytes, clients: int) -> tuple[float, fl
     The clients share this machine's cores with the service, so each sends one multipart body encoded once (by
     httpx, as any client would encode it) over a keep-alive `http.client` connection: about 0.6 ms of CPU per
     request where `httpx.post(files=...)` spends 2-6 ms, CPU the service would otherwise have had."""
-    request = httpx.Request("POST", f"{url}/embed", files={"file": ("x.png", png, "application/octet-stream")}, data={"model": model})
+    request = httpx.Request(
+        "POST", f"{url}/embed", files={"file": ("x.png", png, "application/octet-stream")}, data={"model": model}
+    )
     body, headers = request.read(), {"Content-Type": request.headers["content-type"]}
     latencies: list[float] = []
     deadline = time.perf_counter() + SECONDS
@@ -119,11 +132,18 @@ def main() -> None:
         for name, repo in repos.items():
             model = get_family(get_variant(name).family).encoder_class.from_pretrained(repo).eval()
             folder = root / "onnx-cache" / repo_revision(repo)  # where the service looks
-            onnx_path = export_onnx(repo, "features", folder / "features.onnx", repo_id=str(repo),
-                                    revision=repo_revision(repo)).path
-            quantized = export_int8(repo, "features", folder / "features.int8.onnx", repo_id=str(repo),
-                                    revision=repo_revision(repo), processor=MedicalImageProcessor.from_pretrained(repo),
-                                    fp32_path=onnx_path)
+            onnx_path = export_onnx(
+                repo, "features", folder / "features.onnx", repo_id=str(repo), revision=repo_revision(repo)
+            ).path
+            quantized = export_int8(
+                repo,
+                "features",
+                folder / "features.int8.onnx",
+                repo_id=str(repo),
+                revision=repo_revision(repo),
+                processor=MedicalImageProcessor.from_pretrained(repo),
+                fp32_path=onnx_path,
+            )
             gates[name] = quantized
             session, int8_session = create_session(onnx_path), create_session(quantized.path)
             rows[name], int8_rows[name] = [], []
@@ -135,8 +155,8 @@ def main() -> None:
                 rows[name].append(images_per_second(partial(session.run, None, feed), batch))
                 int8_rows[name].append(images_per_second(partial(int8_session.run, None, feed), batch))
             pixels = np.random.default_rng(1).standard_normal((BATCH, 3, 224, 224), dtype=np.float32)
-            ort_runs[name] = (lambda session=session, pixels=pixels: session.run(None, {"pixel_values": pixels}))
-            int8_runs[name] = (lambda session=int8_session, pixels=pixels: session.run(None, {"pixel_values": pixels}))
+            ort_runs[name] = lambda session=session, pixels=pixels: session.run(None, {"pixel_values": pixels})
+            int8_runs[name] = lambda session=int8_session, pixels=pixels: session.run(None, {"pixel_values": pixels})
             del model
         with live_server(list(repos.values()), root / "server.log", server_env(root / "onnx-cache"), 600) as live:
             http, ort_samples = {}, {}
@@ -152,8 +172,11 @@ def main() -> None:
             with live_server(list(repos.values()), root / "server.log", env, 600) as live:
                 for name in repos:
                     int8_http[name, workers] = [http_load(live.url, str(repos[name]), png, c) for c in INT8_CLIENTS]
-    print(f"{'model':<16}" + "".join(f"{f'eager b{b}':>10}{f'ORT b{b}':>9}{'ORT/eager':>10}" for b in (1, BATCH))
-          + "".join(f"{f'HTTP c={c} img/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'/ORT':>6}" for c in CLIENTS))
+    print(
+        f"{'model':<16}"
+        + "".join(f"{f'eager b{b}':>10}{f'ORT b{b}':>9}{'ORT/eager':>10}" for b in (1, BATCH))
+        + "".join(f"{f'HTTP c={c} img/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'/ORT':>6}" for c in CLIENTS)
+    )
     for name, (eager1, ort1, eager_b, _) in rows.items():
         ort_b = float(np.mean(ort_samples[name]))
         line = f"{name:<16}{eager1:>10.1f}{ort1:>9.1f}{ort1 / eager1:>10.2f}"
@@ -161,13 +184,18 @@ def main() -> None:
         line += "".join(f"{ips:>17.1f}{p50:>8.0f}{p99:>8.0f}{ips / ort_b:>6.2f}" for ips, p50, p99 in http[name])
         print(line)
     for name, samples in ort_samples.items():
-        print(f"{name}: ORT b{BATCH} is the mean of {len(samples)} runs of {SECONDS:g} s, one before each HTTP run: "
-              + " ".join(f"{value:.1f}" for value in samples) + " img/s")
+        print(
+            f"{name}: ORT b{BATCH} is the mean of {len(samples)} runs of {SECONDS:g} s, one before each HTTP run: "
+            + " ".join(f"{value:.1f}" for value in samples)
+            + " img/s"
+        )
     print(f"service resident memory: {memory:.0f} MiB ({len(repos)} models)")
     print()
-    print(f"{'int8':<16}{'ORT fp32 b1':>12}{'int8 b1':>9}{'x':>6}{f'ORT fp32 b{BATCH}':>12}{f'int8 b{BATCH}':>9}{'x':>6}"
-          + "".join(f"{f'HTTP int8 c={c} w={w}':>22}{'x fp32':>7}" for w in WORKERS for c in INT8_CLIENTS)
-          + f"{'cos min':>9}{'cos mean':>9}  calibration")
+    print(
+        f"{'int8':<16}{'ORT fp32 b1':>12}{'int8 b1':>9}{'x':>6}{f'ORT fp32 b{BATCH}':>12}{f'int8 b{BATCH}':>9}{'x':>6}"
+        + "".join(f"{f'HTTP int8 c={c} w={w}':>22}{'x fp32':>7}" for w in WORKERS for c in INT8_CLIENTS)
+        + f"{'cos min':>9}{'cos mean':>9}  calibration"
+    )
     for name, (_, ort1, _, _) in rows.items():
         ort_b = float(np.mean(ort_samples[name]))
         fp32_http = dict(zip(CLIENTS, (ips for ips, _, _ in http[name])))
@@ -175,16 +203,23 @@ def main() -> None:
         line = f"{name:<16}{ort1:>12.1f}{int8_1:>9.1f}{int8_1 / ort1:>6.2f}"
         line += f"{ort_b:>12.1f}{int8_b:>9.1f}{int8_b / ort_b:>6.2f}"
         for workers in WORKERS:
-            line += "".join(f"{ips:>22.1f}{ips / fp32_http[c]:>7.2f}"
-                            for c, (ips, _, _) in zip(INT8_CLIENTS, int8_http[name, workers]))
+            line += "".join(
+                f"{ips:>22.1f}{ips / fp32_http[c]:>7.2f}"
+                for c, (ips, _, _) in zip(INT8_CLIENTS, int8_http[name, workers])
+            )
         gate = gates[name]
         line += f"{gate.value:>9.4f}{gate.cosine:>9.4f}  {gate.method}, {gate.plan}, {gate.calibration_size} inputs"
         print(line)
-    print("x fp32 over HTTP: int8 img/s / float32 img/s of the 1-worker float32 service at the same client count; "
-          "int8 p50/p99 ms: " + "; ".join(
-              f"{name} w={w} " + " ".join(f"c={c} {p50:.0f}/{p99:.0f}" for c, (_, p50, p99) in
-                                          zip(INT8_CLIENTS, int8_http[name, w]))
-              for name in rows for w in WORKERS))
+    print(
+        "x fp32 over HTTP: int8 img/s / float32 img/s of the 1-worker float32 service at the same client count; "
+        "int8 p50/p99 ms: "
+        + "; ".join(
+            f"{name} w={w} "
+            + " ".join(f"c={c} {p50:.0f}/{p99:.0f}" for c, (_, p50, p99) in zip(INT8_CLIENTS, int8_http[name, w]))
+            for name in rows
+            for w in WORKERS
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,9 @@ def _overrides(recipe: str, preset: str, base: dict) -> dict:
     return override
 
 
-def time_step(recipe_name: str, stage_index: int, preset: str, base: dict, manifest: Path, tmp: Path,
-              dist: DistInfo) -> tuple[float, int, float]:
+def time_step(
+    recipe_name: str, stage_index: int, preset: str, base: dict, manifest: Path, tmp: Path, dist: DistInfo
+) -> tuple[float, int, float]:
     """(samples/s, batch, seconds per step) of `recipe_name`'s stage `stage_index` at `preset`."""
     entry = get_recipe(recipe_name)
     config = tmp / f"{recipe_name}-{preset}.yaml"
@@ -96,9 +97,13 @@ def time_step(recipe_name: str, stage_index: int, preset: str, base: dict, manif
 def throughput(manifest: Path, tmp: Path) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist = DistInfo(0, 1, device, None)
-    print(f"training-step throughput on {device.type} ({torch.get_num_threads()} threads); "
-          f"paper = paper model at batch {PAPER_BATCH} per task/step, 1 timed step")
-    print(f"{'step':30s} {'tiny samples/s':>16s} {'(batch)':>8s} {'paper samples/s':>18s} {'(batch)':>8s} {'s/step':>8s}")
+    print(
+        f"training-step throughput on {device.type} ({torch.get_num_threads()} threads); "
+        f"paper = paper model at batch {PAPER_BATCH} per task/step, 1 timed step"
+    )
+    print(
+        f"{'step':30s} {'tiny samples/s':>16s} {'(batch)':>8s} {'paper samples/s':>18s} {'(batch)':>8s} {'s/step':>8s}"
+    )
     signal.signal(signal.SIGALRM, _alarm)
     for label, recipe, stage_index, base in STEPS:
         tiny, tiny_batch, _ = time_step(recipe, stage_index, "tiny", base, manifest, tmp, dist)
@@ -141,8 +146,12 @@ def peak_one(num_tasks: int, manifest: Path, tmp: Path) -> None:
 def peak_memory(manifest: Path, tmp: Path) -> None:
     print("UMedPT step peak memory (RSS growth of one step, tiny model, batch 4 per task, fresh process per count)")
     for num_tasks in (1, 3, 6):
-        result = subprocess.run([sys.executable, __file__, "--peak", str(num_tasks), "--manifest", str(manifest),
-                                 "--tmp", str(tmp)], capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, __file__, "--peak", str(num_tasks), "--manifest", str(manifest), "--tmp", str(tmp)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         print(f"  {num_tasks} task(s): {result.stdout.strip().splitlines()[-1]} MiB", flush=True)
 
 

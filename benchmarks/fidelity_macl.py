@@ -40,7 +40,7 @@ from training.config import load_recipe_config
 from training.data import mask_to_grid
 from training.distributed import DistInfo
 from training.engine import Engine
-from training.finetune import FinetuneSettings, FinetuneTaskSettings, Finetuner, TaskSpec, dice_scores, load_head_model
+from training.finetune import Finetuner, FinetuneSettings, FinetuneTaskSettings, TaskSpec, dice_scores, load_head_model
 from training.heads import label_config
 from training.launch import seed_everything
 from training.recipes.macl import MaclRecipe, MaclSettings
@@ -76,14 +76,20 @@ def split_manifest(manifest: Path, n_val: int, n_test: int) -> Path:
     """The phantom manifest with the last `n_test` volumes as test, the `n_val` before them as val, the rest train."""
     rows = load_manifest(manifest)
     splits = ["train"] * (len(rows) - n_val - n_test) + ["val"] * n_val + ["test"] * n_test
-    return write_manifest([replace(row, split=split) for row, split in zip(rows, splits)], manifest.parent / "split.jsonl")
+    return write_manifest(
+        [replace(row, split=split) for row, split in zip(rows, splits)], manifest.parent / "split.jsonl"
+    )
 
 
 def pretrain(manifest: Path, run_dir: Path, steps: int, batch_size: int) -> tuple[Path, list[dict]]:
     """MACL (the tiny preset's views and losses) on the training volumes' slices; the exported repo and the logged
     metrics of every step."""
-    override = {"variant": VARIANT, "steps": steps, "optim": {"batch_size": batch_size},
-                "engine": {"progress": False, "checkpoint_every": 100000, "log_every": 1}}
+    override = {
+        "variant": VARIANT,
+        "steps": steps,
+        "optim": {"batch_size": batch_size},
+        "engine": {"progress": False, "checkpoint_every": 100000, "log_every": 1},
+    }
     config = run_dir.parent / "macl.yaml"
     config.write_text(yaml.safe_dump(override))
     settings = load_recipe_config(MaclSettings, "macl", "tiny", config)
@@ -94,8 +100,16 @@ def pretrain(manifest: Path, run_dir: Path, steps: int, batch_size: int) -> tupl
 
 
 def finetune_settings(tmp: Path, epochs: int, batch_size: int, lr: float) -> FinetuneTaskSettings:
-    override = {"segmentation": {"epochs": epochs, "patience": epochs, "schedule": "cosine", "dice_weight": 1.0,
-                                 "ce_weight": 1.0, "optim": {"batch_size": batch_size, "lr": lr}}}
+    override = {
+        "segmentation": {
+            "epochs": epochs,
+            "patience": epochs,
+            "schedule": "cosine",
+            "dice_weight": 1.0,
+            "ce_weight": 1.0,
+            "optim": {"batch_size": batch_size, "lr": lr},
+        }
+    }
     path = tmp / "finetune.yaml"
     path.write_text(yaml.safe_dump(override))
     return load_recipe_config(FinetuneSettings, "finetune", "tiny", path).segmentation
@@ -120,7 +134,9 @@ def loaded_tensors(model: MaclForSemanticSegmentation, repo: Path) -> tuple[int,
     (the two models share these names), out of how many."""
     pretrained = load_file(repo / "model.safetensors")
     names = [name for name in model.state_dict() if name.startswith(("macl.", "decoder."))]
-    return sum(name in pretrained and torch.equal(model.state_dict()[name], pretrained[name]) for name in names), len(names)
+    return sum(name in pretrained and torch.equal(model.state_dict()[name], pretrained[name]) for name in names), len(
+        names
+    )
 
 
 def main() -> None:
@@ -169,19 +185,27 @@ def main() -> None:
             results[name].append(pooled_dice(model, test))
 
     window = max(1, min(10, len(logged) // 2))
-    first, last = ({key: np.mean([e[key] for e in part]) for key in ("loss", "loss_global", "loss_dense")}
-                   for part in (logged[:window], logged[-window:]))
+    first, last = (
+        {key: np.mean([e[key] for e in part]) for key in ("loss", "loss_global", "loss_dense")}
+        for part in (logged[:window], logged[-window:])
+    )
     uniform = 0.1 / 0.07 * np.log(2 * args.pretrain_batch - 1)  # SupCon when every embedding is the same
-    print(f"MACL fidelity on CT phantoms: {args.volumes} volumes of 32 slices (seed 0): {len(rows['train'])} train, "
-          f"{len(rows['val'])} val, {len(rows['test'])} test; variant {VARIANT} (64x64 slices)")
-    print(f"pretraining: {args.pretrain_steps} steps x batch {args.pretrain_batch} on {32 * len(rows['train'])} "
-          f"unlabelled slices, {pretrain_s:.0f} s; mean of the first / last {window} steps: loss {first['loss']:.3f} / "
-          f"{last['loss']:.3f}, global {first['loss_global']:.3f} / {last['loss_global']:.3f} (identical embeddings "
-          f"give {uniform:.3f}), dense {first['loss_dense']:.3f} / {last['loss_dense']:.3f}")
-    print(f"fine-tuning: {n_labelled} labelled volume(s) ({32 * n_labelled} slices, "
-          f"{args.label_fraction:.0%} of the training volumes) per seed, {args.epochs} epochs x batch "
-          f"{args.finetune_batch}, Adam {args.lr:g}, Dice + CE; {args.seeds} seeds; pretrained tensors loaded: "
-          + ", ".join(f"{same}/{total}" for same, total in checks))
+    print(
+        f"MACL fidelity on CT phantoms: {args.volumes} volumes of 32 slices (seed 0): {len(rows['train'])} train, "
+        f"{len(rows['val'])} val, {len(rows['test'])} test; variant {VARIANT} (64x64 slices)"
+    )
+    print(
+        f"pretraining: {args.pretrain_steps} steps x batch {args.pretrain_batch} on {32 * len(rows['train'])} "
+        f"unlabelled slices, {pretrain_s:.0f} s; mean of the first / last {window} steps: loss {first['loss']:.3f} / "
+        f"{last['loss']:.3f}, global {first['loss_global']:.3f} / {last['loss_global']:.3f} (identical embeddings "
+        f"give {uniform:.3f}), dense {first['loss_dense']:.3f} / {last['loss_dense']:.3f}"
+    )
+    print(
+        f"fine-tuning: {n_labelled} labelled volume(s) ({32 * n_labelled} slices, "
+        f"{args.label_fraction:.0%} of the training volumes) per seed, {args.epochs} epochs x batch "
+        f"{args.finetune_batch}, Adam {args.lr:g}, Dice + CE; {args.seeds} seeds; pretrained tensors loaded: "
+        + ", ".join(f"{same}/{total}" for same, total in checks)
+    )
     print(f"{'test Dice (pooled)':22s} {'MACL':>15s} {'scratch':>15s}")
     for metric, label in (("dice", "mean (liver, lesion)"), ("dice_class_1", "liver"), ("dice_class_2", "lesion")):
         cells = []
@@ -189,8 +213,10 @@ def main() -> None:
             values = np.array([r.get(metric, np.nan) for r in results[name]])
             cells.append(f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}")
         print(f"{label:22s} {cells[0]:>15s} {cells[1]:>15s}")
-    print(f"liver Dice per seed: MACL {[round(r['dice_class_1'], 3) for r in results['MACL']]}, "
-          f"scratch {[round(r['dice_class_1'], 3) for r in results['scratch']]}")
+    print(
+        f"liver Dice per seed: MACL {[round(r['dice_class_1'], 3) for r in results['MACL']]}, "
+        f"scratch {[round(r['dice_class_1'], 3) for r in results['scratch']]}"
+    )
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

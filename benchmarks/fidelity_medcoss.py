@@ -65,23 +65,36 @@ class HeldOut:
             self.images = ManifestDataset(self.rows, modality_processor("xray", config))
         tokenizer = recipe.tokenizer
         encoded = encode(tokenizer, self.texts, recipe.settings.text_length)
-        masked, labels = zip(*(
-            whole_word_mask(encoded.input_ids[i], encoded.word_ids[i], tokenizer.mask_token_id, len(tokenizer),
-                            sample_generator(1, i), recipe.settings.mlm_probability)
-            for i in range(len(self.texts))
-        ))
+        masked, labels = zip(
+            *(
+                whole_word_mask(
+                    encoded.input_ids[i],
+                    encoded.word_ids[i],
+                    tokenizer.mask_token_id,
+                    len(tokenizer),
+                    sample_generator(1, i),
+                    recipe.settings.mlm_probability,
+                )
+                for i in range(len(self.texts))
+            )
+        )
         pixels = torch.stack([self.images[i]["pixel_values"] for i in range(len(self.images))])
         patches = math.prod(recipe.network.model.medcoss.image_embeddings.check(pixels))
         noise = torch.rand(len(pixels), patches, generator=torch.Generator().manual_seed(1))
         return {
-            "text": {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask,
-                     "masked_ids": torch.stack(masked), "labels": torch.stack(labels)},
+            "text": {
+                "input_ids": encoded.input_ids,
+                "attention_mask": encoded.attention_mask,
+                "masked_ids": torch.stack(masked),
+                "labels": torch.stack(labels),
+            },
             "xray": {"pixel_values": pixels, "noise": noise},
         }
 
     @torch.no_grad()
-    def measure(self, recipe: MedCossRecipe, model: MedCossForPreTraining,
-                heads: dict[str, MedCossForPreTraining]) -> dict[str, float]:
+    def measure(
+        self, recipe: MedCossRecipe, model: MedCossForPreTraining, heads: dict[str, MedCossForPreTraining]
+    ) -> dict[str, float]:
         """Probe AUC per task, and `loss-<task>` for the tasks whose own stage has ended (`heads`)."""
         inputs = self.inputs(recipe)
         encoder = model.medcoss.eval()
@@ -95,8 +108,9 @@ class HeldOut:
             reader = copy.deepcopy(head).eval()
             reader.medcoss.load_state_dict(encoder.state_dict())
             if task == "text":
-                loss = reader(input_ids=text["masked_ids"], attention_mask=text["attention_mask"],
-                              labels=text["labels"]).loss
+                loss = reader(
+                    input_ids=text["masked_ids"], attention_mask=text["attention_mask"], labels=text["labels"]
+                ).loss
             else:
                 loss = reader(pixel_values=xray["pixel_values"], noise=xray["noise"]).loss
             out[f"loss-{task}"] = float(loss)
@@ -147,7 +161,9 @@ class _ProbedRecipe(MedCossRecipe):
 
 def settings_for(tmp: Path, seed: int, rehearsal: bool, args: argparse.Namespace) -> MedCossSettings:
     override = {
-        "seed": seed, "stages": STAGES, "steps_per_stage": args.steps_per_stage,
+        "seed": seed,
+        "stages": STAGES,
+        "steps_per_stage": args.steps_per_stage,
         "engine": {"progress": False, "checkpoint_every": 10**9, "log_every": 10**9},
         "optim": {"batch_size": args.batch_size, "lr": args.lr, "warmup_steps": max(1, args.steps_per_stage // 10)},
         "rehearsal": {"enabled": rehearsal, "buffer_ratio": args.buffer_ratio, "center_ratio": args.center_ratio},
@@ -157,8 +173,9 @@ def settings_for(tmp: Path, seed: int, rehearsal: bool, args: argparse.Namespace
     return load_recipe_config(MedCossSettings, "medcoss", "tiny", path)
 
 
-def run_arm(tmp: Path, manifest: Path, held_out: HeldOut, seed: int, rehearsal: bool,
-            args: argparse.Namespace) -> _ProbedRecipe:
+def run_arm(
+    tmp: Path, manifest: Path, held_out: HeldOut, seed: int, rehearsal: bool, args: argparse.Namespace
+) -> _ProbedRecipe:
     settings = settings_for(tmp, seed, rehearsal, args)
     seed_everything(seed)
     recipe = _ProbedRecipe(settings, [manifest], held_out)
@@ -173,8 +190,10 @@ def mean_std(values: list[float]) -> str:
 def print_table(title: str, results: dict[str, list[dict[str, dict[str, float]]]], key: str, sign: int) -> None:
     """One row per arm and task: at init (probe only), after the task's own stage, after the last stage, forgetting."""
     print(title)
-    print(f"{'arm':18s} {'task':6s} {'at init':>15s} {'after own stage':>17s} {'after last stage':>17s} "
-          f"{'forgetting':>15s}")
+    print(
+        f"{'arm':18s} {'task':6s} {'at init':>15s} {'after own stage':>17s} {'after last stage':>17s} "
+        f"{'forgetting':>15s}"
+    )
     for arm, runs in results.items():
         for task in TASKS:
             name = key.format(task=task)
@@ -182,8 +201,10 @@ def print_table(title: str, results: dict[str, list[dict[str, dict[str, float]]]
             own = [r[task][name] for r in runs]
             last = [r[STAGES[-1]][name] for r in runs]
             forgetting = [sign * (a - b) for a, b in zip(own, last)]
-            print(f"{arm:18s} {task:6s} {init:>15s} {mean_std(own):>17s} {mean_std(last):>17s} "
-                  f"{mean_std(forgetting):>15s}")
+            print(
+                f"{arm:18s} {task:6s} {init:>15s} {mean_std(own):>17s} {mean_std(last):>17s} "
+                f"{mean_std(forgetting):>15s}"
+            )
 
 
 def main() -> None:
@@ -200,35 +221,51 @@ def main() -> None:
     torch.set_num_threads(1)  # a tiny model: a second thread only adds contention on a shared CPU
     tmp = Path(tempfile.mkdtemp(prefix="fidelity_medcoss_"))
     start = time.perf_counter()
-    manifest = generate(tmp / "pretrain", seed=0, n_xray=args.n_xray, n_ct=args.n_ct, n_mri=0, n_pathology=0,
-                        progress=False)
-    held_out = HeldOut(generate(tmp / "probe", seed=1, n_xray=args.n_xray, n_ct=0, n_mri=0, n_pathology=0,
-                                progress=False))
+    manifest = generate(
+        tmp / "pretrain", seed=0, n_xray=args.n_xray, n_ct=args.n_ct, n_mri=0, n_pathology=0, progress=False
+    )
+    held_out = HeldOut(
+        generate(tmp / "probe", seed=1, n_xray=args.n_xray, n_ct=0, n_mri=0, n_pathology=0, progress=False)
+    )
     pretrain_labels = [int(row.labels["nodule"]) for _, row in read_split(manifest, "train", "xray").rows]
     results: dict[str, list[dict[str, dict[str, float]]]] = {arm: [] for arm in ARMS}
     for seed in args.seeds:
         for arm, rehearsal in ARMS.items():
             recipe = run_arm(tmp, manifest, held_out, seed, rehearsal, args)
             results[arm].append(recipe.scores)
-            buffers = ", ".join(f"{m} {len(v)} ({sum(pretrain_labels[i] for i in v)} with nodule)"
-                                for m, v in recipe.buffers.items()) or "none"
-            draws = "; ".join(f"{m}: " + ", ".join(f"{k} {n}" for k, n in sorted(c.items()))
-                              for m, c in recipe.draws.items())
+            buffers = (
+                ", ".join(
+                    f"{m} {len(v)} ({sum(pretrain_labels[i] for i in v)} with nodule)"
+                    for m, v in recipe.buffers.items()
+                )
+                or "none"
+            )
+            draws = "; ".join(
+                f"{m}: " + ", ".join(f"{k} {n}" for k, n in sorted(c.items())) for m, c in recipe.draws.items()
+            )
             print(f"seed {seed} {arm}: buffers {buffers}; batches per stage {draws}", flush=True)
 
     y = held_out.labels
     print()
-    print(f"MedCoSS fidelity (Fig. 5 in miniature): medcoss-tiny, stages {' -> '.join(STAGES)}, "
-          f"{args.steps_per_stage} steps x batch {args.batch_size} each, lr {args.lr:g}, seeds {args.seeds}"
-          + (" (mean ± std)" if len(args.seeds) > 1 else ""))
-    print(f"pretrain: phantom set seed 0 ({args.n_xray - 2} X-rays with reports, {args.n_ct - 2} CT in the train "
-          f"split); MedCoSS buffers: ratio {args.buffer_ratio:g}, centres {args.center_ratio:g}")
+    print(
+        f"MedCoSS fidelity (Fig. 5 in miniature): medcoss-tiny, stages {' -> '.join(STAGES)}, "
+        f"{args.steps_per_stage} steps x batch {args.batch_size} each, lr {args.lr:g}, seeds {args.seeds}"
+        + (" (mean ± std)" if len(args.seeds) > 1 else "")
+    )
+    print(
+        f"pretrain: phantom set seed 0 ({args.n_xray - 2} X-rays with reports, {args.n_ct - 2} CT in the train "
+        f"split); MedCoSS buffers: ratio {args.buffer_ratio:g}, centres {args.center_ratio:g}"
+    )
     print(f"held out: phantom set seed 1 ({len(y)} X-rays and their reports, {int(y.sum())} with nodule)")
     print()
     print_table("linear-probe AUC, nodule label (5-fold CV); forgetting = own - last", results, "{task}", 1)
     print()
-    print_table("held-out pretext loss with the own stage's head (text MLM, X-ray MAE); forgetting = last - own",
-                results, "loss-{task}", -1)
+    print_table(
+        "held-out pretext loss with the own stage's head (text MLM, X-ray MAE); forgetting = last - own",
+        results,
+        "loss-{task}",
+        -1,
+    )
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

@@ -43,9 +43,18 @@ CPU = DistInfo(0, 1, torch.device("cpu"), None)
 QUEUE = 64
 LONG = 4  # the long MoCo arm runs LONG x --moco-steps
 TASKS = [  # nodule classification first: the earliest task of MUSCLE-- (configured order every round)
-    {"name": "nodule-classification", "kind": "classification", "label": "nodule", "class_names": ["no nodule", "nodule"]},
-    {"name": "lung-segmentation", "kind": "segmentation", "class_names": ["background", "lung", "nodule"],
-     "head": {"aspp_channels": 16}},
+    {
+        "name": "nodule-classification",
+        "kind": "classification",
+        "label": "nodule",
+        "class_names": ["no nodule", "nodule"],
+    },
+    {
+        "name": "lung-segmentation",
+        "kind": "segmentation",
+        "class_names": ["background", "lung", "nodule"],
+        "head": {"aspp_channels": 16},
+    },
 ]
 
 
@@ -61,14 +70,20 @@ class _MocoOnly(_NoExport):
         return super().stages()[:1]
 
 
-def settings_for(tmp: Path, name: str, seed: int, moco_steps: int, rounds: int, steps_per_task: int,
-                 **continual) -> MuscleSettings:
+def settings_for(
+    tmp: Path, name: str, seed: int, moco_steps: int, rounds: int, steps_per_task: int, **continual
+) -> MuscleSettings:
     override = {
         "seed": seed,
         "engine": {"progress": False, "checkpoint_every": 100000, "log_every": 1},
         "moco": {"steps": moco_steps, "queue_size": QUEUE, "optim": {"batch_size": 8}},
-        "continual": {"rounds": rounds, "steps_per_task": steps_per_task, "optim": {"batch_size": 8},
-                      "tasks": TASKS, **continual},
+        "continual": {
+            "rounds": rounds,
+            "steps_per_task": steps_per_task,
+            "optim": {"batch_size": 8},
+            "tasks": TASKS,
+            **continual,
+        },
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(override))
@@ -93,8 +108,15 @@ def view_distances(recipe: MuscleRecipe) -> tuple[float, float]:
     """(mean pixel L2 between the two MoCo views of an image, mean L2 between two different un-augmented images)."""
     dataset, settings = recipe.pretrain_sets[0], recipe.settings.moco.augment
     raw = torch.stack([dataset.sample(i)["pixel_values"] for i in range(len(dataset))]).flatten(1)
-    views = [torch.stack([augment(dataset.sample(i), settings, sample_generator(0, 0, 0, i, view))["pixel_values"]
-                          for i in range(len(dataset))]).flatten(1) for view in (0, 1)]
+    views = [
+        torch.stack(
+            [
+                augment(dataset.sample(i), settings, sample_generator(0, 0, 0, i, view))["pixel_values"]
+                for i in range(len(dataset))
+            ]
+        ).flatten(1)
+        for view in (0, 1)
+    ]
     between = torch.cdist(raw, raw)[~torch.eye(len(raw), dtype=torch.bool)]
     return float((views[0] - views[1]).norm(dim=1).mean()), float(between.mean())
 
@@ -133,11 +155,17 @@ def run_seed(tmp: Path, seed: int, args: argparse.Namespace) -> tuple[dict[str, 
     arms = {
         "random init": (_NoExport, settings_for(tmp, "random", seed, args.moco_steps, *common), False),
         "MoCo only": (_MocoOnly, settings_for(tmp, "moco", seed, args.moco_steps, *common), True),
-        f"MoCo only ({LONG}x steps)": (_MocoOnly, settings_for(tmp, "long", seed, LONG * args.moco_steps, *common),
-                                       True),
+        f"MoCo only ({LONG}x steps)": (
+            _MocoOnly,
+            settings_for(tmp, "long", seed, LONG * args.moco_steps, *common),
+            True,
+        ),
         "MUSCLE (L2-SP, reshuffled)": (_NoExport, settings_for(tmp, "muscle", seed, args.moco_steps, *common), True),
-        "MUSCLE-- (no L2-SP, fixed order)": (_NoExport, settings_for(tmp, "minus", seed, args.moco_steps, *common,
-                                                                      l2sp=False, reshuffle=False), True),
+        "MUSCLE-- (no L2-SP, fixed order)": (
+            _NoExport,
+            settings_for(tmp, "minus", seed, args.moco_steps, *common, l2sp=False, reshuffle=False),
+            True,
+        ),
     }
     results: dict[str, dict] = {}
     checks: dict[str, tuple] = {}
@@ -146,14 +174,21 @@ def run_seed(tmp: Path, seed: int, args: argparse.Namespace) -> tuple[dict[str, 
         run_dir = tmp / f"seed{seed}-arm{number}"
         recipe = trained_encoder(cls, settings, pretrain, run_dir if train else None)
         if probe is None:
-            probe = ManifestDataset(read_split(held_out, "train", "xray"), recipe.processor,
-                                    Target("classification", ("no nodule", "nodule"), "nodule"))
+            probe = ManifestDataset(
+                read_split(held_out, "train", "xray"),
+                recipe.processor,
+                Target("classification", ("no nodule", "nodule"), "nodule"),
+            )
             y = np.array([int(probe.sample(i)["labels"]) for i in range(len(probe))])
             checks = {"views": view_distances(recipe), "probe": (len(y), int(y.sum()))}
         x = features(recipe, probe)
         cosine, rank = collapse(x)
-        results[label] = {"auc": probe_auc(x, y), "cosine": cosine, "rank": rank,
-                          "losses": moco_losses(run_dir) if cls is _MocoOnly else None}
+        results[label] = {
+            "auc": probe_auc(x, y),
+            "cosine": cosine,
+            "rank": rank,
+            "losses": moco_losses(run_dir) if cls is _MocoOnly else None,
+        }
     return results, checks
 
 
@@ -172,14 +207,20 @@ def main() -> None:
     labels = list(per_seed[0])
 
     probes = ", ".join(f"{n} ({positive} with nodule)" for n, positive in (c["probe"] for c in checks))
-    print(f"MUSCLE fidelity on X-ray phantoms: {args.seeds} seeds; seed s pretrains on {args.n_xray} X-rays (phantom "
-          f"seed 2s, training seed s) and probes held-out X-rays (phantom seed 2s+1): {probes}; "
-          f"variant muscle-resnet18-tiny")
-    print(f"MoCo {args.moco_steps} steps (long arm {LONG * args.moco_steps}) x batch 8, queue {QUEUE}; continual "
-          f"{args.rounds} rounds x {len(TASKS)} tasks x {args.steps_per_task} steps x batch 8; earliest task = "
-          f"nodule-classification")
+    print(
+        f"MUSCLE fidelity on X-ray phantoms: {args.seeds} seeds; seed s pretrains on {args.n_xray} X-rays (phantom "
+        f"seed 2s, training seed s) and probes held-out X-rays (phantom seed 2s+1): {probes}; "
+        f"variant muscle-resnet18-tiny"
+    )
+    print(
+        f"MoCo {args.moco_steps} steps (long arm {LONG * args.moco_steps}) x batch 8, queue {QUEUE}; continual "
+        f"{args.rounds} rounds x {len(TASKS)} tasks x {args.steps_per_task} steps x batch 8; earliest task = "
+        f"nodule-classification"
+    )
     width = max(8, 6 * args.seeds + 1)
-    print(f"{'encoder':36s} {'probe AUC mean ± std':>21s}  {'per seed':{width}s} {'feature cos':>11s} {'eff. rank':>9s}")
+    print(
+        f"{'encoder':36s} {'probe AUC mean ± std':>21s}  {'per seed':{width}s} {'feature cos':>11s} {'eff. rank':>9s}"
+    )
     for label in labels:
         rows = [seed[label] for seed in per_seed]
         auc = np.array([r["auc"] for r in rows])
@@ -190,8 +231,10 @@ def main() -> None:
         losses = [seed[label]["losses"] for seed in per_seed if seed[label]["losses"]]
         if losses:
             first, last = np.mean([run[0] for run in losses]), np.mean([np.mean(run[-10:]) for run in losses])
-            print(f"{label} InfoNCE (mean over seeds): first step {first:.3f}, last 10 steps {last:.3f}; "
-                  f"chance ln({QUEUE}+1) = {np.log(QUEUE + 1):.3f}")
+            print(
+                f"{label} InfoNCE (mean over seeds): first step {first:.3f}, last 10 steps {last:.3f}; "
+                f"chance ln({QUEUE}+1) = {np.log(QUEUE + 1):.3f}"
+            )
     same, different = np.mean([c["views"] for c in checks], axis=0)
     print(f"pixel L2 between the two MoCo views of an image {same:.1f}, between two different images {different:.1f}")
     print(f"total {time.perf_counter() - start:.0f} s")

@@ -44,11 +44,18 @@ MIB = 1024**2
 
 def head_repo(out: Path, head_class, labels: list[str], variant_id: str) -> Path:
     variant = get_variant(variant_id)
-    config = variant.build_config(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                  label2id={label: i for i, label in enumerate(labels)})
+    config = variant.build_config(
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)}
+    )
     torch.manual_seed(0)
-    return export_repo(head_class(config), out, variant=variant.id, provenance=Provenance("random-init", "benchmark"),
-                       processor=variant.build_processor(), modality=variant.modality)
+    return export_repo(
+        head_class(config),
+        out,
+        variant=variant.id,
+        provenance=Provenance("random-init", "benchmark"),
+        processor=variant.build_processor(),
+        modality=variant.modality,
+    )
 
 
 def served_models(root: Path) -> dict[str, str]:
@@ -61,8 +68,9 @@ def served_models(root: Path) -> dict[str, str]:
 
 def warm_up(url: str, models: dict[str, str]) -> None:
     for key, data in (("2d", encode(np.zeros((64, 64), dtype=np.uint8), "PNG")), ("3d", seeds("nifti")[0])):
-        response = httpx.post(f"{url}/embed", files={"file": ("upload.bin", data)}, data={"model": models[key]},
-                              timeout=300)
+        response = httpx.post(
+            f"{url}/embed", files={"file": ("upload.bin", data)}, data={"model": models[key]}, timeout=300
+        )
         response.raise_for_status()
 
 
@@ -86,27 +94,42 @@ def main() -> None:
             warm_up(server.url, models)
             server.rss_start = server.rss()
             with tqdm(total=args.per_format * len(FORMATS), disable=args.no_progress, unit="req") as bar:
-                outcomes = campaign(server, models, args.per_format, seed=args.seed, clients=args.clients,
-                                    timeout=args.timeout, progress=bar.update)
+                outcomes = campaign(
+                    server,
+                    models,
+                    args.per_format,
+                    seed=args.seed,
+                    clients=args.clients,
+                    timeout=args.timeout,
+                    progress=bar.update,
+                )
             rss_end = server.rss()
             ready = ready_status(server)
             exceptions = server_exceptions(server.log)
 
-    print(f"\nfuzz_serving: {args.per_format} inputs per format, seed {args.seed}, {args.clients} clients, default limits")
-    print(f"{'format':<7} {'n':>6} {'2xx':>6} {'4xx':>6} {'5xx':>5} {'none':>5} {'p50 s':>7} {'p99 s':>7} "
-          f"{'max s':>7} {'>5s':>4}  statuses")
+    print(
+        f"\nfuzz_serving: {args.per_format} inputs per format, seed {args.seed}, {args.clients} clients, default limits"
+    )
+    print(
+        f"{'format':<7} {'n':>6} {'2xx':>6} {'4xx':>6} {'5xx':>5} {'none':>5} {'p50 s':>7} {'p99 s':>7} "
+        f"{'max s':>7} {'>5s':>4}  statuses"
+    )
     for fmt in FORMATS + ("all",):
         rows = [o for o in outcomes if fmt in ("all", o.fmt)]
         statuses = collections.Counter(o.status for o in rows)
         seconds = [o.seconds for o in rows]
-        print(f"{fmt:<7} {len(rows):>6} {sum(v for k, v in statuses.items() if 200 <= k < 300):>6} "
-              f"{sum(v for k, v in statuses.items() if 400 <= k < 500):>6} "
-              f"{sum(v for k, v in statuses.items() if k >= 500):>5} {statuses.get(0, 0):>5} "
-              f"{percentile(seconds, 50):>7.3f} {percentile(seconds, 99):>7.3f} {max(seconds, default=0):>7.2f} "
-              f"{sum(s > 5 for s in seconds):>4}  {dict(sorted(statuses.items()))}")
-    print(f"server RSS: start {server.rss_start / MIB:.0f} MiB, end {rss_end / MIB:.0f} MiB, "
-          f"peak {server.rss_peak / MIB:.0f} MiB; worker restarts {server.restarts}; "
-          f"killed for memory: {server.killed_for_memory}; /readyz after: {ready}")
+        print(
+            f"{fmt:<7} {len(rows):>6} {sum(v for k, v in statuses.items() if 200 <= k < 300):>6} "
+            f"{sum(v for k, v in statuses.items() if 400 <= k < 500):>6} "
+            f"{sum(v for k, v in statuses.items() if k >= 500):>5} {statuses.get(0, 0):>5} "
+            f"{percentile(seconds, 50):>7.3f} {percentile(seconds, 99):>7.3f} {max(seconds, default=0):>7.2f} "
+            f"{sum(s > 5 for s in seconds):>4}  {dict(sorted(statuses.items()))}"
+        )
+    print(
+        f"server RSS: start {server.rss_start / MIB:.0f} MiB, end {rss_end / MIB:.0f} MiB, "
+        f"peak {server.rss_peak / MIB:.0f} MiB; worker restarts {server.restarts}; "
+        f"killed for memory: {server.killed_for_memory}; /readyz after: {ready}"
+    )
     print(f"server log exceptions: {exceptions or 'none'}")
     failures = [o for o in outcomes if o.status >= 500 or o.status == 0]
     for outcome in failures[:20]:

@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fuzz_serving import percentile, served_models, warm_up
 from fuzzing import encode, ready_status, seeds, serve
 
-
 MIB = 1024**2
 
 
@@ -46,8 +45,9 @@ def post(client: httpx.Client, url: str, job: tuple[str, str, bytes], timeout: f
     route, model, data = job
     start = time.perf_counter()
     try:
-        status = client.post(f"{url}/{route}", files={"file": ("upload.bin", data)}, data={"model": model},
-                             timeout=timeout).status_code
+        status = client.post(
+            f"{url}/{route}", files={"file": ("upload.bin", data)}, data={"model": model}, timeout=timeout
+        ).status_code
     except httpx.HTTPError:
         status = 0
     return status, time.perf_counter() - start
@@ -99,8 +99,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = served_models(root)
-        with serve([Path(m) for m in models.values()], root / "server",
-                   MEDHUB_MAX_CONCURRENCY=str(args.max_concurrency)) as server:
+        with serve(
+            [Path(m) for m in models.values()], root / "server", MEDHUB_MAX_CONCURRENCY=str(args.max_concurrency)
+        ) as server:
             warm_up(server.url, models)
             rss_start = server.rss()
             results = soak(server.url, requests_for(models), args.clients, args.seconds, args.timeout)
@@ -114,20 +115,28 @@ def main() -> None:
     statuses = collections.Counter(status for status, _ in results)
     seconds = [s for _, s in results]
     burst_statuses = collections.Counter(status for status, _ in burst_results)
-    print(f"\nsoak_serving: {args.clients} keep-alive clients for {args.seconds:.0f} s, "
-          f"MEDHUB_MAX_CONCURRENCY={args.max_concurrency}")
+    print(
+        f"\nsoak_serving: {args.clients} keep-alive clients for {args.seconds:.0f} s, "
+        f"MEDHUB_MAX_CONCURRENCY={args.max_concurrency}"
+    )
     print(f"{'phase':<7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 s':>7} {'p99 s':>7}  statuses")
-    print(f"{'soak':<7} {len(results):>8} {sum(v for k, v in statuses.items() if k != 200):>6} "
-          f"{len(results) / args.seconds:>7.1f} {percentile(seconds, 50):>7.3f} {percentile(seconds, 99):>7.3f}  "
-          f"{dict(sorted(statuses.items()))}")
+    print(
+        f"{'soak':<7} {len(results):>8} {sum(v for k, v in statuses.items() if k != 200):>6} "
+        f"{len(results) / args.seconds:>7.1f} {percentile(seconds, 50):>7.3f} {percentile(seconds, 99):>7.3f}  "
+        f"{dict(sorted(statuses.items()))}"
+    )
     burst_seconds = [s for _, s in burst_results]
-    print(f"{'burst':<7} {len(burst_results):>8} {sum(v for k, v in burst_statuses.items() if k not in (200, 429)):>6} "
-          f"{'':>7} {percentile(burst_seconds, 50):>7.3f} {percentile(burst_seconds, 99):>7.3f}  "
-          f"{dict(sorted(burst_statuses.items()))}")
-    print(f"server RSS: start {rss_start / MIB:.0f} MiB, after soak {rss_soak / MIB:.0f} MiB "
-          f"({(rss_soak - rss_start) / rss_start:+.1%}), after burst {rss_end / MIB:.0f} MiB "
-          f"({(rss_end - rss_start) / rss_start:+.1%}); peak {server.rss_peak / MIB:.0f} MiB; "
-          f"worker restarts {server.restarts}; /readyz after: {ready}")
+    print(
+        f"{'burst':<7} {len(burst_results):>8} {sum(v for k, v in burst_statuses.items() if k not in (200, 429)):>6} "
+        f"{'':>7} {percentile(burst_seconds, 50):>7.3f} {percentile(burst_seconds, 99):>7.3f}  "
+        f"{dict(sorted(burst_statuses.items()))}"
+    )
+    print(
+        f"server RSS: start {rss_start / MIB:.0f} MiB, after soak {rss_soak / MIB:.0f} MiB "
+        f"({(rss_soak - rss_start) / rss_start:+.1%}), after burst {rss_end / MIB:.0f} MiB "
+        f"({(rss_end - rss_start) / rss_start:+.1%}); peak {server.rss_peak / MIB:.0f} MiB; "
+        f"worker restarts {server.restarts}; /readyz after: {ready}"
+    )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,15 @@ def related_encoder(work: Path, n: int) -> Path:
     result = finetune(start, task, manifest, work / "related-run", preset="tiny", config_file=config, progress=False)
     head = load_head_model(result.repo_dir, task, 0)
     variant = get_variant(VARIANT)
-    return export_repo(encoder_of(head), folder, variant=VARIANT, processor=variant.build_processor(),
-                       modality=variant.modality, overwrite=True,
-                       provenance=Provenance(kind="trained", description="nodule classification on phantom seed 1"))
+    return export_repo(
+        encoder_of(head),
+        folder,
+        variant=VARIANT,
+        processor=variant.build_processor(),
+        modality=variant.modality,
+        overwrite=True,
+        provenance=Provenance(kind="trained", description="nodule classification on phantom seed 1"),
+    )
 
 
 def pixel_signal(manifest: Path) -> float:
@@ -90,9 +96,14 @@ def main() -> None:
         backbones["muscle-demo"] = str(resolve_repo(DEMO))
     except MedhubError:
         print(f"{DEMO} is not in the HF cache (run medhub demo): the demo arm is left out")
-    study = {"backbones": backbones, "baseline": "random", "protocols": args.protocols, "runs": args.runs,
-             "label_fractions": args.fractions,
-             "tasks": {"nodule": {"manifest": str(manifest), "kind": "classification", "label": "nodule"}}}
+    study = {
+        "backbones": backbones,
+        "baseline": "random",
+        "protocols": args.protocols,
+        "runs": args.runs,
+        "label_fractions": args.fractions,
+        "tasks": {"nodule": {"manifest": str(manifest), "kind": "classification", "label": "nodule"}},
+    }
     (out / "study.yaml").write_text(yaml.safe_dump(study))
     rows = run_study(load_study(out / "study.yaml"), out / "results", resume=True)
     write_all(summarise(rows, "random"), rows, "random", out / "results")

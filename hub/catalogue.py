@@ -15,5 +15,5 @@ def get_variant(variant_id: str) -> Variant:
         return VARIANTS[variant_id]
     except KeyError:
         close = difflib.get_close_matches(variant_id, VARIANTS, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; run `medhub models` for the list"
+        hint = f"; did you mean {', '.join(close)}?" if close else "; run `medhub models` for the list"
         raise UnknownVariantError(f"unknown variant {variant_id!r}{hint}") from None

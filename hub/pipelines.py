@@ -30,8 +30,10 @@ class MedicalImageSegmentationPipeline(ImageSegmentationPipeline):
         if not isinstance(self.image_processor, MedicalImageProcessor):
             return super().preprocess(image, subtask=subtask, timeout=timeout)
         if self.image_processor.spatial_dims != 2:
-            raise InputError("the image-segmentation pipeline takes 2D models; run a 3D model with its processor "
-                             "(processor.predict) instead")
+            raise InputError(
+                "the image-segmentation pipeline takes 2D models; run a 3D model with its processor "
+                "(processor.predict) instead"
+            )
         inputs = self.image_processor(image, return_tensors="pt", return_geometry=True)
         records = inputs.pop("records")
         inputs.pop("images")
@@ -42,6 +44,8 @@ class MedicalImageSegmentationPipeline(ImageSegmentationPipeline):
 
 def register_pipelines() -> None:
     """Point the two tasks at the subclasses above (the rest of each task's entry stays transformers')."""
-    for task, pipeline_class in (("image-feature-extraction", MedicalImageFeatureExtractionPipeline),
-                                 ("image-segmentation", MedicalImageSegmentationPipeline)):
+    for task, pipeline_class in (
+        ("image-feature-extraction", MedicalImageFeatureExtractionPipeline),
+        ("image-segmentation", MedicalImageSegmentationPipeline),
+    ):
         PIPELINE_REGISTRY.supported_tasks[task]["impl"] = pipeline_class

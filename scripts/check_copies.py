@@ -88,7 +88,9 @@ def find_copies(path: Path) -> list[Copy]:
         if index + 1 not in starts:
             raise CopyError(f"{where}: a '# Copied from' marker must stand right above a def or class")
         copies.append(
-            Copy(path, index, index + 1, starts[index + 1], match["target"], _parse_replacements(match["replace"], where))
+            Copy(
+                path, index, index + 1, starts[index + 1], match["target"], _parse_replacements(match["replace"], where)
+            )
         )
     return copies
 

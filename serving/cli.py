@@ -31,13 +31,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     onnx.add_argument("model", help="repo folder or ORG/NAME")
     onnx.add_argument("--task", choices=sorted(TASKS), default="features")
     onnx.add_argument("--out", type=Path, required=True, help="output folder (model.onnx is written there)")
-    onnx.add_argument("--fp16", action="store_true",
-                      help="float16 weights and compute (inputs and outputs stay float32); parity limit "
-                           f"{FP16_PARITY_RTOL:g} x max(1, output scale) instead of {PARITY_ATOL:g}")
-    onnx.add_argument("--int8", action="store_true",
-                      help="int8 graph (ONNX Runtime static QDQ quantization), refused below the gate's thresholds")
-    onnx.add_argument("--calibration", type=Path, help="a manifest or folder of images to calibrate int8 on "
-                      "(default: the repo's golden input and phantoms of its modality)")
+    onnx.add_argument(
+        "--fp16",
+        action="store_true",
+        help="float16 weights and compute (inputs and outputs stay float32); parity limit "
+        f"{FP16_PARITY_RTOL:g} x max(1, output scale) instead of {PARITY_ATOL:g}",
+    )
+    onnx.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 graph (ONNX Runtime static QDQ quantization), refused below the gate's thresholds",
+    )
+    onnx.add_argument(
+        "--calibration",
+        type=Path,
+        help="a manifest or folder of images to calibrate int8 on "
+        "(default: the repo's golden input and phantoms of its modality)",
+    )
     onnx.add_argument("--calibration-size", type=int, default=DEFAULT_CALIBRATION_SIZE, help="calibration inputs")
     onnx.add_argument("--min-cosine", type=float, default=Gate.min_cosine, help="int8 gate: pooled-feature cosine")
     onnx.add_argument("--min-agreement", type=float, default=Gate.min_agreement, help="int8 gate: top-1 agreement")
@@ -52,15 +62,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: MEDHUB_DEVICE, else auto")
     serve.add_argument("--fp16", action="store_true", help="serve float16 ONNX graphs (for GPUs; slower on CPU)")
     serve.add_argument("--int8", action="store_true", help="serve int8 ONNX graphs (calibrated and gated at export)")
-    serve.add_argument("--workers", type=int, help="worker processes (0: one per 8 cores, at least 1); default: "
-                       "MEDHUB_WORKERS, else 0")
-    serve.add_argument("--max-body-mb", type=int, help="default: MEDHUB_MAX_BODY_MB, else "
-                       f"{ServeSettings.max_body_bytes // (1024 * 1024)}")
-    serve.add_argument("--max-concurrency", type=int,
-                       help=f"default: MEDHUB_MAX_CONCURRENCY, else {ServeSettings.max_concurrency}")
-    serve.add_argument("--timeout", type=int, help=f"seconds per request; default: MEDHUB_TIMEOUT, else {ServeSettings.timeout}")
-    serve.add_argument("--example", action="append", type=Path, default=[],
-                       help="an image or volume to use in the printed curl examples (2D and 3D picked by content)")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes (0: one per 8 cores, at least 1); default: MEDHUB_WORKERS, else 0"
+    )
+    serve.add_argument(
+        "--max-body-mb",
+        type=int,
+        help=f"default: MEDHUB_MAX_BODY_MB, else {ServeSettings.max_body_bytes // (1024 * 1024)}",
+    )
+    serve.add_argument(
+        "--max-concurrency", type=int, help=f"default: MEDHUB_MAX_CONCURRENCY, else {ServeSettings.max_concurrency}"
+    )
+    serve.add_argument(
+        "--timeout", type=int, help=f"seconds per request; default: MEDHUB_TIMEOUT, else {ServeSettings.timeout}"
+    )
+    serve.add_argument(
+        "--example",
+        action="append",
+        type=Path,
+        default=[],
+        help="an image or volume to use in the printed curl examples (2D and 3D picked by content)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     embed.register(subparsers)
@@ -73,20 +95,33 @@ def cmd_onnx(args: argparse.Namespace) -> int:
         if args.fp16:
             raise MedhubError("choose one of --fp16 and --int8")
         gate = Gate(args.min_cosine, args.min_agreement, args.min_dice)
-        quantized = export_int8(repo_dir, args.task, args.out / "model.onnx", repo_id=args.model,
-                                revision=repo_dir.name, processor=MedicalImageProcessor.from_pretrained(repo_dir),
-                                calibration=args.calibration, calibration_size=args.calibration_size, gate=gate,
-                                progress=not args.no_progress)
-        print(f"wrote {quantized.path} ({args.task}, int8, {quantized.method} calibration on "
-              f"{quantized.calibration_size} inputs from {quantized.calibration}); gate: {quantized.metric} "
-              f"{quantized.value:.4f} to float32 (mean cosine {quantized.cosine:.5f})")
+        quantized = export_int8(
+            repo_dir,
+            args.task,
+            args.out / "model.onnx",
+            repo_id=args.model,
+            revision=repo_dir.name,
+            processor=MedicalImageProcessor.from_pretrained(repo_dir),
+            calibration=args.calibration,
+            calibration_size=args.calibration_size,
+            gate=gate,
+            progress=not args.no_progress,
+        )
+        print(
+            f"wrote {quantized.path} ({args.task}, int8, {quantized.method} calibration on "
+            f"{quantized.calibration_size} inputs from {quantized.calibration}); gate: {quantized.metric} "
+            f"{quantized.value:.4f} to float32 (mean cosine {quantized.cosine:.5f})"
+        )
         return 0
-    result = export_onnx(repo_dir, args.task, args.out / "model.onnx", repo_id=args.model, revision=repo_dir.name,
-                         fp16=args.fp16)
+    result = export_onnx(
+        repo_dir, args.task, args.out / "model.onnx", repo_id=args.model, revision=repo_dir.name, fp16=args.fp16
+    )
     provider = active_provider(create_session(result.path))
-    print(f"wrote {result.path} ({args.task}, {result.precision}; outputs {', '.join(result.output_names)}); "
-          f"parity with torch: max abs diff {result.max_abs_diff:.2g} (limit {result.parity_limit:.2g}); "
-          f"runs on {provider}")
+    print(
+        f"wrote {result.path} ({args.task}, {result.precision}; outputs {', '.join(result.output_names)}); "
+        f"parity with torch: max abs diff {result.max_abs_diff:.2g} (limit {result.parity_limit:.2g}); "
+        f"runs on {provider}"
+    )
     return 0
 
 
@@ -138,8 +173,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MedhubError("the bentoml command is not installed in this environment")
     env = serve_environment(args, os.environ)
     root = Path(__file__).resolve().parents[1]
-    command = [bentoml, "serve", "serving.service:MedhubService", "--host", args.host, "--port", str(args.port),
-               "--working-dir", str(root)]
+    command = [
+        bentoml,
+        "serve",
+        "serving.service:MedhubService",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--working-dir",
+        str(root),
+    ]
     url = f"http://{args.host}:{args.port}"
     print(f"medhub serve: {url} ({', '.join(args.model)}); once /readyz answers 200, try:", flush=True)
     for line in curl_examples(args.model, url, args.example):

@@ -43,8 +43,10 @@ class Reference:
         """`STUDY_UID/SERIES_UID[/SOP_INSTANCE_UID]`, each a DICOM UID (digits and dots, at most 64)."""
         parts = value.strip().split("/")
         if len(parts) not in (2, 3) or not all(len(part) <= 64 and UID.match(part) for part in parts):
-            raise InputError("field 'dicomweb' must be STUDY_UID/SERIES_UID or STUDY_UID/SERIES_UID/SOP_INSTANCE_UID "
-                             "with DICOM UIDs (digits and dots, at most 64 characters)")
+            raise InputError(
+                "field 'dicomweb' must be STUDY_UID/SERIES_UID or STUDY_UID/SERIES_UID/SOP_INSTANCE_UID "
+                "with DICOM UIDs (digits and dots, at most 64 characters)"
+            )
         return cls(*parts)
 
 
@@ -75,8 +77,12 @@ def _check(metadata: list[dict], limits: ReadLimits) -> None:
     frames = rows = cols = samples = 0
     total = 0
     for item in metadata:
-        f, r, c, s = (_value(item, "00280008"), _value(item, "00280010", 0), _value(item, "00280011", 0),
-                      _value(item, "00280002"))
+        f, r, c, s = (
+            _value(item, "00280008"),
+            _value(item, "00280010", 0),
+            _value(item, "00280011", 0),
+            _value(item, "00280002"),
+        )
         bits = _value(item, "00280100", 16)
         frames, rows, cols, samples = frames + f, max(rows, r), max(cols, c), max(samples, s)
         total += f * r * c * s * max(bits // 8, 1)
@@ -90,8 +96,9 @@ def _check(metadata: list[dict], limits: ReadLimits) -> None:
 def _locate(reference: Reference, urls: tuple[str, ...], token: str | None) -> tuple[DICOMwebClient, list[dict]]:
     """The client of the first server holding the reference, and the reference's instance metadata."""
     if not urls:
-        raise InputError("field 'dicomweb' needs a configured DICOMweb server; this service has none "
-                         "(set MEDHUB_DICOMWEB_URL)")
+        raise InputError(
+            "field 'dicomweb' needs a configured DICOMweb server; this service has none (set MEDHUB_DICOMWEB_URL)"
+        )
     reached = False
     for url in urls:
         client = _client(url, token)
@@ -105,8 +112,10 @@ def _locate(reference: Reference, urls: tuple[str, ...], token: str | None) -> t
             reached = True
             if exc.response is not None and exc.response.status_code == 404:
                 continue
-            raise DicomwebUnavailableError("the DICOMweb server refused the metadata request "
-                                           f"(HTTP {exc.response.status_code if exc.response is not None else '?'})") from exc
+            raise DicomwebUnavailableError(
+                "the DICOMweb server refused the metadata request "
+                f"(HTTP {exc.response.status_code if exc.response is not None else '?'})"
+            ) from exc
         except requests.RequestException:
             continue
         if metadata:
@@ -144,5 +153,8 @@ def store_result(data: bytes, urls: tuple[str, ...], token: str | None) -> dict[
         _client(urls[0], token).store_instances([dataset])
     except requests.RequestException as exc:
         raise DicomwebUnavailableError("the DICOMweb server did not store the result") from exc
-    return {"study_instance_uid": str(dataset.StudyInstanceUID), "series_instance_uid": str(dataset.SeriesInstanceUID),
-            "sop_instance_uid": str(dataset.SOPInstanceUID)}
+    return {
+        "study_instance_uid": str(dataset.StudyInstanceUID),
+        "series_instance_uid": str(dataset.SeriesInstanceUID),
+        "sop_instance_uid": str(dataset.SOPInstanceUID),
+    }

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from hub.embed import Backend, EmbeddedBatch, EmbedError, EmbedSource, Runner, TorchBackend, embed_batches, embed_dataset
+from hub.embed import (
+    Backend,
+    EmbeddedBatch,
+    EmbedError,
+    EmbedSource,
+    Runner,
+    TorchBackend,
+    embed_batches,
+    embed_dataset,
+)
 from hub.errors import MedhubError
 from hub.export.resolve import repo_revision, resolve_repo
 
@@ -25,8 +34,9 @@ class OnnxBackend:
     """The repo's `features` graph on ONNX Runtime, exported and cached exactly as `medhub serve` does; with
     `int8`, the gated int8 graph of `medhub serve --int8` (a graph below the gate raises its one-sentence error)."""
 
-    def __init__(self, device: str = "auto", threads: int | None = None, onnx_cache: Path | None = None,
-                 int8: bool = False) -> None:
+    def __init__(
+        self, device: str = "auto", threads: int | None = None, onnx_cache: Path | None = None, int8: bool = False
+    ) -> None:
         self.device, self.threads, self.int8 = device, threads, int8
         self.name = "onnx-int8" if int8 else "onnx"
         self.onnx_cache = onnx_cache or ServeSettings.from_env().onnx_cache
@@ -63,12 +73,15 @@ class _EmbedActor:
         sources = [EmbedSource(str(i), Path(p)) for i, p in zip(batch["id"], batch["path"])]
         done: dict[str, dict[str, bytes]] = {}
         errors: dict[str, EmbedError] = {}
-        for out in embed_batches(self.repo_dir, sources, batch_size=self.batch_size, layers=self.layers,
-                                 runner=self.runner):
+        for out in embed_batches(
+            self.repo_dir, sources, batch_size=self.batch_size, layers=self.layers, runner=self.runner
+        ):
             errors.update((e.id, e) for e in out.errors)
             for k, source_id in enumerate(out.ids):
-                done[source_id] = {"embedding": out.embeddings[k].tobytes(),
-                                   **{f"layer_{n}": v[k].tobytes() for n, v in out.layers.items()}}
+                done[source_id] = {
+                    "embedding": out.embeddings[k].tobytes(),
+                    **{f"layer_{n}": v[k].tobytes() for n, v in out.layers.items()},
+                }
         columns = ["embedding"] + [f"layer_{n}" for n in self.layers]
         ids = [s.id for s in sources]
         return {
@@ -84,8 +97,12 @@ def ray_batches(repo: str, backend: str, device: str, batch_size: int, layers: l
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=None if os.environ.get("RAY_ADDRESS") else actors,
-                 include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"),
+            num_cpus=None if os.environ.get("RAY_ADDRESS") else actors,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     gpus = 1 if device != "cpu" and (ray.cluster_resources().get("GPU", 0) > 0) else 0
 
     def run(sources: list[EmbedSource]) -> Iterator[EmbeddedBatch]:
@@ -94,8 +111,13 @@ def ray_batches(repo: str, backend: str, device: str, batch_size: int, layers: l
         context.enable_progress_bars = False
         items = ray.data.from_items([{"id": s.id, "path": str(s.path)} for s in sources])
         embedded = items.map_batches(
-            _EmbedActor, fn_constructor_args=(repo, backend, device, 1, batch_size, layers),
-            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=gpus, batch_format="numpy",
+            _EmbedActor,
+            fn_constructor_args=(repo, backend, device, 1, batch_size, layers),
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=1,
+            num_gpus=gpus,
+            batch_format="numpy",
         )
         for batch in embedded.iter_batches(batch_size=batch_size, batch_format="numpy"):
             yield _from_columns(batch, layers)
@@ -106,12 +128,16 @@ def ray_batches(repo: str, backend: str, device: str, batch_size: int, layers: l
 def _from_columns(batch: dict[str, np.ndarray], layers: list[int]) -> EmbeddedBatch:
     ok = [i for i, cls in enumerate(batch["error_class"]) if not cls]
     vectors = lambda column: np.stack([np.frombuffer(batch[column][i], np.float32) for i in ok])  # noqa: E731
-    errors = [EmbedError(str(batch["id"][i]), str(batch["error_class"][i]), str(batch["message"][i]))
-              for i in range(len(batch["id"])) if batch["error_class"][i]]
+    errors = [
+        EmbedError(str(batch["id"][i]), str(batch["error_class"][i]), str(batch["message"][i]))
+        for i in range(len(batch["id"]))
+        if batch["error_class"][i]
+    ]
     if not ok:
         return EmbeddedBatch([], np.zeros((0, 0), np.float32), {}, errors)
-    return EmbeddedBatch([str(batch["id"][i]) for i in ok], vectors("embedding"),
-                         {n: vectors(f"layer_{n}") for n in layers}, errors)
+    return EmbeddedBatch(
+        [str(batch["id"][i]) for i in ok], vectors("embedding"), {n: vectors(f"layer_{n}") for n in layers}, errors
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -123,9 +149,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--batch-size", type=int, default=16)
     embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     embed.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
-    embed.add_argument("--workers", type=int, default=None,
-                       help="decoding processes (local engine; 0: a decoding thread in this process; default: "
-                            "cores // 4) or actors (ray engine; default: cores)")
+    embed.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decoding processes (local engine; 0: a decoding thread in this process; default: "
+        "cores // 4) or actors (ray engine; default: cores)",
+    )
     embed.add_argument("--engine", choices=["local", "ray"], default="local")
     embed.add_argument("--shard-size", type=int, default=1024, help="rows per Parquet shard")
     embed.add_argument("--resume", action="store_true", help="continue the earlier run in --out")
@@ -152,8 +182,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
         layers = [int(v) for v in args.layers.split(",") if v.strip()]
     except ValueError:
         raise MedhubError(f"--layers {args.layers!r} must be comma-separated integers, e.g. 0,4") from None
-    common = dict(resume=args.resume, strict=args.strict, batch_size=args.batch_size, layers=layers,
-                  shard_size=args.shard_size, progress=not args.no_progress)
+    common = dict(
+        resume=args.resume,
+        strict=args.strict,
+        batch_size=args.batch_size,
+        layers=layers,
+        shard_size=args.shard_size,
+        progress=not args.no_progress,
+    )
     workers = default_workers(args.engine) if args.workers is None else args.workers
     if args.engine == "ray":
         batches = ray_batches(args.model, args.backend, args.device, args.batch_size, layers, max(1, workers))
@@ -163,7 +199,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         backend = _backend(args.backend, args.device, _threads(args.device))
         result = embed_dataset(args.model, args.data, args.out, backend=backend, workers=workers, **common)
         where = backend.describe()
-    print(f"wrote {result.count} embeddings (dim {result.dim}) to {result.out} on {where}; "
-          f"{result.errors} file(s) in errors.parquet" + (f"; {result.skipped_shards} shard(s) kept from the earlier run"
-                                                          if result.skipped_shards else ""))
+    print(
+        f"wrote {result.count} embeddings (dim {result.dim}) to {result.out} on {where}; "
+        f"{result.errors} file(s) in errors.parquet"
+        + (f"; {result.skipped_shards} shard(s) kept from the earlier run" if result.skipped_shards else "")
+    )
     return 0

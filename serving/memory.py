@@ -34,7 +34,8 @@ def keep_large_arrays_in_their_own_mappings() -> bool:
     if LIBC is None:
         return False
     return bool(LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+        LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
 
 
 def release_free_memory() -> None:

@@ -89,7 +89,10 @@ class RequestGuard:
     def _with_provider(self, send: Send) -> Send:
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"x-medhub-provider", self.provider().encode())]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-medhub-provider", self.provider().encode())],
+                }
             await send(message)
 
         return wrapped

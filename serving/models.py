@@ -32,6 +32,7 @@ TILE_BATCH = 2
 """Tiles per session run for a 3D volume's sliding window (as `MedicalImageProcessor.predict`): one run over
 all of them held every tile's activations at once (1,848 tiles of the 1 mm MNI template took gigabytes)."""
 
+
 class UnknownModelError(RepoError):
     """A request naming a model the service did not load."""
 
@@ -83,26 +84,33 @@ class ServedModel:
     def _run(self, task: str, pixel_values: np.ndarray) -> list[np.ndarray]:
         """All outputs of `task` for a batch; 2D single images go through the task's micro-batcher."""
         if task not in self.sessions:
-            raise TaskNotAvailableError(f"model {self.id} has no {task} head; it serves {', '.join(sorted(self.sessions))}")
+            raise TaskNotAvailableError(
+                f"model {self.id} has no {task} head; it serves {', '.join(sorted(self.sessions))}"
+            )
         if task in self.batchers and len(pixel_values) == 1:
             return [output[None] for output in self.batchers[task].submit(pixel_values[0])]
         run = pixels_runner(self.sessions[task])
         if len(pixel_values) <= TILE_BATCH:
             return run(pixel_values)
-        chunks = [run(pixel_values[i:i + TILE_BATCH]) for i in range(0, len(pixel_values), TILE_BATCH)]
+        chunks = [run(pixel_values[i : i + TILE_BATCH]) for i in range(0, len(pixel_values), TILE_BATCH)]
         return [np.concatenate(parts) for parts in zip(*chunks)]
 
     def _image(self, data: ImageSource, limits: ReadLimits) -> MedicalImage:
         image = read_image(data, limits)
         wanted = self.processor.spatial_dims
         if image.spatial_dims != wanted:
-            raise DimensionalityError(f"the upload is a {image.spatial_dims}D image but model {self.id} takes {wanted}D input")
+            raise DimensionalityError(
+                f"the upload is a {image.spatial_dims}D image but model {self.id} takes {wanted}D input"
+            )
         return image
 
     def embed(self, data: ImageSource, limits: ReadLimits, layers: list[int] | None = None) -> dict[str, Any]:
         """The pooled embedding and any wanted hidden states, as float32 arrays (the service writes them as JSON);
         a 3D volume's sliding-window tiles are pooled by their mean, as in `medhub embed`."""
-        outputs = [pool_tiles(output) for output in self._run("features", model_inputs(self.processor, self._image(data, limits)))]
+        outputs = [
+            pool_tiles(output)
+            for output in self._run("features", model_inputs(self.processor, self._image(data, limits)))
+        ]
         result: dict[str, Any] = {"embedding": outputs[0], "dim": int(outputs[0].shape[0])}
         if layers:
             hidden = outputs[1:]
@@ -137,7 +145,9 @@ class ServedModel:
 
         return run
 
-    def segment(self, data: ImageSource, limits: ReadLimits, deadline: float | None = None) -> tuple[np.ndarray, MedicalImage]:
+    def segment(
+        self, data: ImageSource, limits: ReadLimits, deadline: float | None = None
+    ) -> tuple[np.ndarray, MedicalImage]:
         """Labels on the input's grid: argmax over classes (foreground > 0 for a single-channel head)."""
         image = self._image(data, limits)
         logits, image = self.processor.predict(image, self._dense(deadline))
@@ -160,8 +170,14 @@ class ServedModel:
             probabilities = shifted / shifted.sum(axis=0, keepdims=True)
         mask = label_mask(logits)
         fractional = self.config.get("dicom_seg_type") == "fractional"
-        seg = build_segmentation(mask, image, self.labels or ["background", "foreground"], self.algorithm,
-                                 probabilities if fractional else None, self.config.get("label_codes"))
+        seg = build_segmentation(
+            mask,
+            image,
+            self.labels or ["background", "foreground"],
+            self.algorithm,
+            probabilities if fractional else None,
+            self.config.get("label_codes"),
+        )
         return dicom_bytes(seg)
 
     def classification_sr(self, data: ImageSource, limits: ReadLimits) -> bytes:
@@ -182,8 +198,11 @@ class ServedModel:
             "shape": list(mask.shape),
             "spacing": spacing,
             "labels": [
-                {"label": labels[index] if index < len(labels) else str(index), "voxels": int(count),
-                 size_key: float(count) * scale}
+                {
+                    "label": labels[index] if index < len(labels) else str(index),
+                    "voxels": int(count),
+                    size_key: float(count) * scale,
+                }
                 for index, count in enumerate(counts)
             ],
         }
@@ -200,8 +219,15 @@ def pixels_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], list[
 
 
 def load_served_model(
-    model_id: str, onnx_cache: Path, device: str = "auto", threads: int | None = None, fp16: bool = False,
-    runners: int | None = None, max_batch: int | None = None, int8: bool = False, workers: int = 1,
+    model_id: str,
+    onnx_cache: Path,
+    device: str = "auto",
+    threads: int | None = None,
+    fp16: bool = False,
+    runners: int | None = None,
+    max_batch: int | None = None,
+    int8: bool = False,
+    workers: int = 1,
 ) -> ServedModel:
     """Resolve the repo, load its processor, and open (exporting on first use) a session per task.
 
@@ -243,8 +269,15 @@ def load_served_model(
 
 
 def task_graph(
-    repo_dir: Path, model_id: str, revision: str, task: str, onnx_cache: Path, *, fp16: bool = False,
-    int8: bool = False, processor: MedicalImageProcessor | None = None,
+    repo_dir: Path,
+    model_id: str,
+    revision: str,
+    task: str,
+    onnx_cache: Path,
+    *,
+    fp16: bool = False,
+    int8: bool = False,
+    processor: MedicalImageProcessor | None = None,
 ) -> Path:
     """The cached graph of `task` in the wanted precision, exported (and checked) on first use; int8 from the fp32."""
     folder = onnx_cache / revision
@@ -256,8 +289,15 @@ def task_graph(
             if path.is_file():
                 continue
             if path.name.endswith(".int8.onnx"):
-                export_int8(repo_dir, task, path, repo_id=model_id, revision=revision,
-                            processor=processor or MedicalImageProcessor.from_pretrained(repo_dir), fp32_path=fp32)
+                export_int8(
+                    repo_dir,
+                    task,
+                    path,
+                    repo_id=model_id,
+                    revision=revision,
+                    processor=processor or MedicalImageProcessor.from_pretrained(repo_dir),
+                    fp32_path=fp32,
+                )
             else:
                 export_onnx(repo_dir, task, path, repo_id=model_id, revision=revision, fp16=fp16)
             logger.info("exported the %s graph of %s to the ONNX cache as %s", task, model_id, path.name)

@@ -97,26 +97,36 @@ def export_onnx(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         program = torch.onnx.export(
-            graph, (example,), dynamo=True, input_names=["pixel_values"], output_names=output_names,
-            dynamic_shapes={"pixel_values": {0: "batch"}}, external_data=False, verbose=False,
+            graph,
+            (example,),
+            dynamo=True,
+            input_names=["pixel_values"],
+            output_names=output_names,
+            dynamic_shapes={"pixel_values": {0: "batch"}},
+            external_data=False,
+            verbose=False,
         )
     except Exception as error:  # torch.export raises many types; the user needs one line either way
-        raise ExportError(f"ONNX export of {repo_id} ({task}) failed: {error.__class__.__name__}: {str(error).splitlines()[0]}") from None
+        raise ExportError(
+            f"ONNX export of {repo_id} ({task}) failed: {error.__class__.__name__}: {str(error).splitlines()[0]}"
+        ) from None
     if fp16:
         onnx.save(to_float16(program.model_proto), str(out_path))
     else:
         program.save(str(out_path))
     precision = "fp16" if fp16 else "fp32"
-    write_metadata(out_path, repo_id=repo_id, revision=revision, task=task, config=config, repo_dir=repo_dir,
-                    precision=precision)
+    write_metadata(
+        out_path, repo_id=repo_id, revision=revision, task=task, config=config, repo_dir=repo_dir, precision=precision
+    )
     # parity is a property of the file, checked on the CPU provider (CUDA's TF32 matmuls would blur the 1e-4 limit)
     actual = create_session(out_path, threads=1, device="cpu").run(None, {"pixel_values": example.numpy()})
     difference = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected))
     limit = parity_limit(expected, fp16)
     if not difference <= limit:
         out_path.unlink()
-        raise ExportError(f"ONNX {task} graph ({precision}) of {repo_id} differs from torch by {difference:.3g} "
-                          f"(limit {limit:.3g})")
+        raise ExportError(
+            f"ONNX {task} graph ({precision}) of {repo_id} differs from torch by {difference:.3g} (limit {limit:.3g})"
+        )
     return OnnxExport(out_path, task, output_names, difference, limit, precision)
 
 
@@ -138,7 +148,9 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     folded = ir.from_proto(model)
     onnxscript.optimizer.fold_constants(
-        folded, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT,
+        folded,
+        input_size_limit=FOLD_SIZE_LIMIT,
+        output_size_limit=FOLD_SIZE_LIMIT,
         should_fold=lambda node: True if node.op_type == "ConstantOfShape" else None,  # masks start from one
     )
     proto = ir.to_proto(folded)
@@ -160,7 +172,14 @@ def _output_names(task: str, count: int) -> list[str]:
 
 
 def write_metadata(
-    path: Path, *, repo_id: str, revision: str, task: str, config: dict, repo_dir: Path, precision: str,
+    path: Path,
+    *,
+    repo_id: str,
+    revision: str,
+    task: str,
+    config: dict,
+    repo_dir: Path,
+    precision: str,
     extra: dict[str, str] | None = None,
 ) -> None:
     """Replace the graph's metadata: repo, revision, task, precision, labels, input spec (and `extra` entries)."""

@@ -20,7 +20,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnxruntime.quantization import (
-    CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from safetensors.numpy import load_file
@@ -36,8 +40,11 @@ from .onnx_export import ExportError, export_onnx, write_metadata
 from .runtime import create_session
 
 logger = logging.getLogger("medhub.serving")
-METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-           "percentile": CalibrationMethod.Percentile}
+METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
 # Conv / MatMul / Gemm carry the compute; quantizing the element-wise ops, normalisations and softmax as well
 # adds QDQ pairs that cost accuracy and save little time (see benchmarks/bench_serving.py).
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
@@ -103,8 +110,10 @@ def phantom_arrays(modality: str, spatial_dims: int, count: int) -> list[np.ndar
 
 def reference_inputs(repo_dir: Path, processor: MedicalImageProcessor, count: int) -> np.ndarray:
     """The repo's golden input (when it has the processor's shape) and phantoms of its modality, prepared."""
-    prepared = [processor.prepare(array).pixel_values
-                for array in phantom_arrays(processor.modality, processor.spatial_dims, count)]
+    prepared = [
+        processor.prepare(array).pixel_values
+        for array in phantom_arrays(processor.modality, processor.spatial_dims, count)
+    ]
     golden = repo_dir / "golden.safetensors"
     if golden.is_file():
         pixels = load_file(str(golden)).get(GOLDEN_INPUT)
@@ -137,14 +146,16 @@ def calibration_inputs(
         except MedhubError:  # a file of another kind or dimensionality in the folder
             continue
     if not prepared:
-        raise InputError(f"calibration source {source} holds no {processor.spatial_dims}D {processor.modality} "
-                         "image the model's processor can read")
+        raise InputError(
+            f"calibration source {source} holds no {processor.spatial_dims}D {processor.modality} "
+            "image the model's processor can read"
+        )
     return np.stack(prepared).astype(np.float32), str(source)
 
 
 def _outputs(path: Path, inputs: np.ndarray) -> list[np.ndarray]:
     session = create_session(path, threads=None, device="cpu")
-    runs = [session.run(None, {GOLDEN_INPUT: inputs[start:start + 4]}) for start in range(0, len(inputs), 4)]
+    runs = [session.run(None, {GOLDEN_INPUT: inputs[start : start + 4]}) for start in range(0, len(inputs), 4)]
     return [np.concatenate(parts) for parts in zip(*runs)]
 
 
@@ -178,17 +189,30 @@ def _threshold(metric: str, gate: Gate) -> float:
 
 
 def export_int8(
-    repo_dir: Path, task: str, out_path: Path, *, repo_id: str, revision: str, processor: MedicalImageProcessor,
-    fp32_path: Path | None = None, calibration: Path | None = None, calibration_size: int = DEFAULT_CALIBRATION_SIZE,
-    gate: Gate = Gate(), methods: tuple[str, ...] = tuple(METHODS), progress: bool = False,
+    repo_dir: Path,
+    task: str,
+    out_path: Path,
+    *,
+    repo_id: str,
+    revision: str,
+    processor: MedicalImageProcessor,
+    fp32_path: Path | None = None,
+    calibration: Path | None = None,
+    calibration_size: int = DEFAULT_CALIBRATION_SIZE,
+    gate: Gate = Gate(),
+    methods: tuple[str, ...] = tuple(METHODS),
+    progress: bool = False,
 ) -> Int8Export:
     """Quantize `task` of the repo to `out_path` with each of `methods`, keep the closest to float32, and refuse
     it (`QuantizationGateError`, nothing written) when it falls below `gate`.
 
     `fp32_path` is an existing float32 export of the same task (the service's cache); without it one is made."""
     inputs, source = calibration_inputs(repo_dir, processor, calibration, calibration_size)
-    checked = inputs if calibration is None else np.concatenate(
-        [inputs, reference_inputs(repo_dir, processor, DEFAULT_CALIBRATION_SIZE)])
+    checked = (
+        inputs
+        if calibration is None
+        else np.concatenate([inputs, reference_inputs(repo_dir, processor, DEFAULT_CALIBRATION_SIZE)])
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if fp32_path is None:
@@ -206,10 +230,17 @@ def export_int8(
                 candidate = work / f"{plan}-{method}.onnx"
                 with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
                     quantize_static(
-                        str(prepared), str(candidate), _Reader(inputs), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=METHODS[method], op_types_to_quantize=QUANTIZED_OPS,
-                        nodes_to_exclude=excluded, extra_options={"CalibTensorRangeSymmetric": False},
+                        str(prepared),
+                        str(candidate),
+                        _Reader(inputs),
+                        quant_format=QuantFormat.QDQ,
+                        per_channel=True,
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=METHODS[method],
+                        op_types_to_quantize=QUANTIZED_OPS,
+                        nodes_to_exclude=excluded,
+                        extra_options={"CalibTensorRangeSymmetric": False},
                     )
                 actual = _outputs(candidate, checked)[0]
                 metric, value = gate_figure(task, expected, actual)
@@ -225,15 +256,38 @@ def export_int8(
                 f"the int8 {task} graph of {repo_id} reaches {metric} {value:.4f} to float32 on {len(checked)} inputs "
                 f"(best of {', '.join(methods)} calibration, with and without fp32 edges and attention: {method}; "
                 f"at least {_threshold(metric, gate):g} is required), so it was not written; calibrate on images "
-                f"like the ones served ({source}) or serve float32")
+                f"like the ones served ({source}) or serve float32"
+            )
         out_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(work / f"{plan}-{method}.onnx", out_path)
-    write_metadata(out_path, repo_id=repo_id, revision=revision, task=task, config=read_config(repo_dir),
-                   repo_dir=repo_dir, precision="int8", extra={"calibration": source, "calibration_size": str(len(inputs)),
-                                            "calibration_method": method, "fp32_nodes": plan,
-                                            f"gate_{metric}": f"{value:.6f}"})
-    return Int8Export(out_path, task, method, plan, source, len(inputs), metric, value, cosine,
-                      {f"{key[0]}/{key[1]}": figures[1] for key, figures in results.items()})
+    write_metadata(
+        out_path,
+        repo_id=repo_id,
+        revision=revision,
+        task=task,
+        config=read_config(repo_dir),
+        repo_dir=repo_dir,
+        precision="int8",
+        extra={
+            "calibration": source,
+            "calibration_size": str(len(inputs)),
+            "calibration_method": method,
+            "fp32_nodes": plan,
+            f"gate_{metric}": f"{value:.6f}",
+        },
+    )
+    return Int8Export(
+        out_path,
+        task,
+        method,
+        plan,
+        source,
+        len(inputs),
+        metric,
+        value,
+        cosine,
+        {f"{key[0]}/{key[1]}": figures[1] for key, figures in results.items()},
+    )
 
 
 def sensitive_nodes(graph: onnx.GraphProto) -> list[str]:

@@ -8,8 +8,8 @@ import logging
 import os
 import time
 import traceback
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -22,14 +22,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from hub.io import ImageSource
 from hub.errors import CorruptFileError, InputError, LimitExceededError, MedhubError, UnsupportedFormatError
+from hub.io import ImageSource
 
 from .batching import ServiceOverloaded
-from .memory import keep_large_arrays_in_their_own_mappings, release_free_memory
 from .dicomweb import DicomwebNotFoundError, DicomwebUnavailableError, fetch, store_result
+from .memory import keep_large_arrays_in_their_own_mappings, release_free_memory
 from .middleware import RequestGuard
-from .models import DeadlinePassedError, DimensionalityError, ServedModel, TaskNotAvailableError, UnknownModelError, load_served_model
+from .models import (
+    DeadlinePassedError,
+    DimensionalityError,
+    ServedModel,
+    TaskNotAvailableError,
+    UnknownModelError,
+    load_served_model,
+)
 from .settings import ServeSettings
 
 logger = logging.getLogger("medhub.serving")
@@ -42,8 +49,11 @@ LOADED: dict[str, ServedModel] = {}  # this worker's models, shared with the /mo
 MASK_MEDIA = {"png": "image/png", "nifti": "application/gzip"}
 DICOM_MEDIA = "application/dicom"
 NO_UPLOAD = Path()  # the `file` default when a `dicomweb` reference replaces it (BentoML rejects `Path | None` uploads)
-FORMS = {"/embed": {"file", "dicomweb", "model", "layers"}, "/classify": {"file", "dicomweb", "model", "format"},
-         "/segment": {"file", "dicomweb", "model", "format", "store"}}
+FORMS = {
+    "/embed": {"file", "dicomweb", "model", "layers"},
+    "/classify": {"file", "dicomweb", "model", "format"},
+    "/segment": {"file", "dicomweb", "model", "format", "store"},
+}
 
 
 class JSONResponse(Response):
@@ -87,8 +97,9 @@ def providers() -> str:
 
 async def list_models(request: Request) -> JSONResponse:
     # the worker's pid tells clients (and the workers test) which of the service's processes answered
-    return JSONResponse({"models": [model.describe() for model in LOADED.values()]},
-                        headers={"x-medhub-worker": str(os.getpid())})
+    return JSONResponse(
+        {"models": [model.describe() for model in LOADED.values()]}, headers={"x-medhub-worker": str(os.getpid())}
+    )
 
 
 models_app = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
@@ -107,9 +118,17 @@ class MedhubService:
         if not SETTINGS.models:
             raise RuntimeError("no models to serve: set MEDHUB_MODELS or pass --model to `medhub serve`")
         for model_id in SETTINGS.models:
-            LOADED[model_id] = load_served_model(model_id, SETTINGS.onnx_cache, SETTINGS.device,
-                                                 SETTINGS.threads or None, SETTINGS.fp16, SETTINGS.runners or None,
-                                                 SETTINGS.max_batch or None, SETTINGS.int8, SETTINGS.worker_count())
+            LOADED[model_id] = load_served_model(
+                model_id,
+                SETTINGS.onnx_cache,
+                SETTINGS.device,
+                SETTINGS.threads or None,
+                SETTINGS.fp16,
+                SETTINGS.runners or None,
+                SETTINGS.max_batch or None,
+                SETTINGS.int8,
+                SETTINGS.worker_count(),
+            )
             logger.info("serving %s on %s", model_id, LOADED[model_id].provider)
 
     def __is_ready__(self) -> bool:
@@ -144,8 +163,9 @@ class MedhubService:
         return _handle(file, dicomweb, model, run)
 
     @bentoml.api(route="/segment")
-    def segment(self, file: Path = NO_UPLOAD, dicomweb: str = "", model: str = "", format: str = "",
-                store: bool = False) -> dict:
+    def segment(
+        self, file: Path = NO_UPLOAD, dicomweb: str = "", model: str = "", format: str = "", store: bool = False
+    ) -> dict:
         """A label mask in the input's geometry: `png` (2D), `nifti` (3D, .nii.gz), a `json` summary or a
         `dicom-seg` DICOM Segmentation (DICOM inputs). `store=true` (with `dicomweb`) stores the SEG on the
         first configured DICOMweb server instead and answers its UIDs as JSON."""
@@ -155,12 +175,16 @@ class MedhubService:
         def run(served: ServedModel, data: ImageSource) -> Response:
             if store:
                 if not dicomweb:
-                    raise InputError("field 'store' needs a 'dicomweb' reference; an uploaded file has no server to store to")
+                    raise InputError(
+                        "field 'store' needs a 'dicomweb' reference; an uploaded file has no server to store to"
+                    )
                 seg = served.segmentation_dicom(data, SETTINGS.read_limits(), deadline)
                 uids = store_result(seg, SETTINGS.dicomweb_urls, SETTINGS.dicomweb_token)
                 return JSONResponse({"model": served.id, "stored": uids})
             if format == "dicom-seg":
-                return Response(served.segmentation_dicom(data, SETTINGS.read_limits(), deadline), media_type=DICOM_MEDIA)
+                return Response(
+                    served.segmentation_dicom(data, SETTINGS.read_limits(), deadline), media_type=DICOM_MEDIA
+                )
             mask, image = served.segment(data, SETTINGS.read_limits(), deadline)
             wanted = format or ("png" if image.spatial_dims == 2 else "nifti")
             if wanted == "json":
@@ -176,15 +200,18 @@ class MedhubService:
 
 def _handle(file: Path, dicomweb: str, model: str, run: Callable[[ServedModel, ImageSource], Response]) -> Response:
     try:
-        if not dicomweb and (not isinstance(file, Path) or file == NO_UPLOAD):  # the guard admits only multipart uploads; never open a client string
+        if not dicomweb and (
+            not isinstance(file, Path) or file == NO_UPLOAD
+        ):  # the guard admits only multipart uploads; never open a client string
             raise InputError("field 'file' must be a multipart upload of a PNG, JPEG, DICOM or NIfTI file")
         if not model:
             raise InputError(f"missing field 'model'; this service has {', '.join(LOADED)}")
         if model not in LOADED:
             raise UnknownModelError(f"model {model!r} is not loaded; this service has {', '.join(LOADED)}")
         if dicomweb:  # UIDs on a configured server, checked against the limits before any pixel data
-            return run(LOADED[model], fetch(dicomweb, SETTINGS.dicomweb_urls, SETTINGS.dicomweb_token,
-                                            SETTINGS.read_limits()))
+            return run(
+                LOADED[model], fetch(dicomweb, SETTINGS.dicomweb_urls, SETTINGS.dicomweb_token, SETTINGS.read_limits())
+            )
         try:
             data = file.read_bytes()
         finally:  # BentoML removes its request temp dirs only at shutdown; the bytes are all the handler needs
@@ -198,8 +225,13 @@ def _handle(file: Path, dicomweb: str, model: str, run: Callable[[ServedModel, I
         return error_response(InputError(f"bad request field: {error}"))
     except Exception as error:  # a defect to fix: one line naming its type and place, never its message or values
         where = traceback.extract_tb(error.__traceback__)[-1]
-        logger.error("unexpected %s at %s:%d in %s; answered 500", type(error).__name__, Path(where.filename).name,
-                     where.lineno, where.name)
+        logger.error(
+            "unexpected %s at %s:%d in %s; answered 500",
+            type(error).__name__,
+            Path(where.filename).name,
+            where.lineno,
+            where.name,
+        )
         return JSONResponse({"error": "internal error; the service logged its type and place"}, status_code=500)
     finally:
         release_free_memory()

@@ -72,7 +72,9 @@ class ServeSettings:
             runners=_int("MEDHUB_RUNNERS", 0),
             max_batch=_int("MEDHUB_MAX_BATCH", 0),
             onnx_cache=Path(cache) if cache else Path.home() / ".cache" / "medhub" / "onnx",
-            dicomweb_urls=tuple(url.strip() for url in os.environ.get("MEDHUB_DICOMWEB_URL", "").split(",") if url.strip()),
+            dicomweb_urls=tuple(
+                url.strip() for url in os.environ.get("MEDHUB_DICOMWEB_URL", "").split(",") if url.strip()
+            ),
             dicomweb_token=os.environ.get("MEDHUB_DICOMWEB_TOKEN") or None,
         )
 

@@ -29,7 +29,9 @@ def tiny_config() -> MuscleConfig:
 
 @pytest.fixture
 def tiny_bottleneck_config() -> MuscleConfig:
-    return MuscleConfig(depths=[1, 1, 1, 1], hidden_sizes=[4, 8, 16, 32], stem_width=8, block_type="bottleneck", image_size=64)
+    return MuscleConfig(
+        depths=[1, 1, 1, 1], hidden_sizes=[4, 8, 16, 32], stem_width=8, block_type="bottleneck", image_size=64
+    )
 
 
 @pytest.fixture

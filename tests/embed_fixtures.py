@@ -16,8 +16,14 @@ def tiny_encoder_repo(out: Path, variant_id: str, seed: int = 0) -> Path:
     variant = get_variant(variant_id)
     torch.manual_seed(seed)
     model = get_family(variant.family).encoder_class(variant.build_config())
-    return export_repo(model, out, variant=variant.id, provenance=Provenance("random-init", "test"),
-                       processor=variant.build_processor(), modality=variant.modality)
+    return export_repo(
+        model,
+        out,
+        variant=variant.id,
+        provenance=Provenance("random-init", "test"),
+        processor=variant.build_processor(),
+        modality=variant.modality,
+    )
 
 
 def image_folder(root: Path, count: int = 6) -> Path:

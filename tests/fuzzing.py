@@ -78,9 +78,11 @@ def seeds(fmt: str) -> tuple[bytes, ...]:
         return tuple(path.read_bytes() for path in paths)
     if fmt == "nifti":
         small = _small_mni()
-        return (nib.Nifti1Image(small, np.diag([6.0, 6.0, 6.0, 1.0])).to_bytes(),
-                _gz(nib.Nifti1Image(small.astype(np.int16) * 40 - 1000, np.diag([6.0, 6.0, 6.0, 1.0])).to_bytes()),
-                _gz(_small_mni_with_its_header()))
+        return (
+            nib.Nifti1Image(small, np.diag([6.0, 6.0, 6.0, 1.0])).to_bytes(),
+            _gz(nib.Nifti1Image(small.astype(np.int16) * 40 - 1000, np.diag([6.0, 6.0, 6.0, 1.0])).to_bytes()),
+            _gz(_small_mni_with_its_header()),
+        )
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -120,7 +122,7 @@ def insert(data: bytes, rng: random.Random) -> bytes:
 
 def delete(data: bytes, rng: random.Random) -> bytes:
     start = rng.randrange(len(data))
-    return data[:start] + data[start + rng.randint(1, max(1, len(data) // 8)):]
+    return data[:start] + data[start + rng.randint(1, max(1, len(data) // 8)) :]
 
 
 def truncate(data: bytes, rng: random.Random) -> bytes:
@@ -146,7 +148,7 @@ def png_header_edit(data: bytes, rng: random.Random) -> bytes:
         out[16:24] = struct.pack(">II", width, height)
     elif field_ in ("width", "height"):
         offset = 16 if field_ == "width" else 20
-        out[offset:offset + 4] = struct.pack(">I", rng.choice(INT_EDITS) & 0xFFFFFFFF)
+        out[offset : offset + 4] = struct.pack(">I", rng.choice(INT_EDITS) & 0xFFFFFFFF)
     elif field_ == "depth":
         out[24] = rng.choice([0, 3, 7, 32, 255])
     else:
@@ -183,7 +185,7 @@ def jpeg_header_edit(data: bytes, rng: random.Random) -> bytes:
         out[start + 9] = rng.choice([0, 2, 4, 255])
     else:
         offset = start + (5 if field_ == "height" else 7)
-        out[offset:offset + 2] = struct.pack(">H", rng.choice([0, 1, 65535, 65500]))
+        out[offset : offset + 2] = struct.pack(">H", rng.choice([0, 1, 65535, 65500]))
     return bytes(out)
 
 
@@ -197,10 +199,28 @@ def jpeg_bombs(_: bytes, rng: random.Random) -> bytes:
     return jpeg_bomb()
 
 
-DICOM_US = ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "SamplesPerPixel", "PixelRepresentation",
-            "PlanarConfiguration")
-DICOM_TEXT = ("RescaleSlope", "RescaleIntercept", "PixelSpacing", "SliceThickness", "WindowCenter", "WindowWidth",
-              "NumberOfFrames", "ImagePositionPatient", "ImageOrientationPatient", "PhotometricInterpretation")
+DICOM_US = (
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "SamplesPerPixel",
+    "PixelRepresentation",
+    "PlanarConfiguration",
+)
+DICOM_TEXT = (
+    "RescaleSlope",
+    "RescaleIntercept",
+    "PixelSpacing",
+    "SliceThickness",
+    "WindowCenter",
+    "WindowWidth",
+    "NumberOfFrames",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PhotometricInterpretation",
+)
 
 
 def dicom_header_edit(data: bytes, rng: random.Random) -> bytes:
@@ -269,12 +289,12 @@ def dicom_structure_edit(data: bytes, rng: random.Random) -> bytes:
     if kind == "vr":
         rows = data.find(b"\x28\x00\x10\x00US")
         target = rows if rows >= 0 else position
-        return data[:target + 4] + rng.choice([b"ZZ", b"\x00\x00", b"UN", b"SQ"]) + data[target + 6:]
+        return data[: target + 4] + rng.choice([b"ZZ", b"\x00\x00", b"UN", b"SQ"]) + data[target + 6 :]
     if kind == "length":
         rows = data.find(b"\x28\x00\x10\x00US")
         if rows < 0:
             return truncate(data, rng)
-        return data[:rows + 6] + struct.pack("<H", rng.choice([0, 1, 3, 0xFFFF])) + data[rows + 8:]
+        return data[: rows + 6] + struct.pack("<H", rng.choice([0, 1, 3, 0xFFFF])) + data[rows + 8 :]
     depth = rng.choice([50, 1200, 5000])
     open_ = b"\x08\x00\x40\x11SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
     close = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
@@ -282,8 +302,15 @@ def dicom_structure_edit(data: bytes, rng: random.Random) -> bytes:
 
 
 NIFTI_INT16 = {"dim": 40, "datatype": 70, "bitpix": 72, "qform_code": 252, "sform_code": 254}
-NIFTI_FLOAT32 = {"pixdim": 76, "vox_offset": 108, "scl_slope": 112, "scl_inter": 116, "quatern_b": 256,
-                 "qoffset_x": 268, "srow_x": 280}
+NIFTI_FLOAT32 = {
+    "pixdim": 76,
+    "vox_offset": 108,
+    "scl_slope": 112,
+    "scl_inter": 116,
+    "quatern_b": 256,
+    "qoffset_x": 268,
+    "srow_x": 280,
+}
 
 
 def nifti_header_edit(data: bytes, rng: random.Random) -> bytes:
@@ -300,11 +327,11 @@ def nifti_header_edit(data: bytes, rng: random.Random) -> bytes:
         name = rng.choice(list(NIFTI_INT16))
         offset = NIFTI_INT16[name] + (2 * rng.randrange(8) if name == "dim" else 0)
         value = rng.choice([0, -1, 1, 7, 8, 32767, -32768, 2, 16, 128, 1792, 2304, 9999])
-        raw[offset:offset + 2] = struct.pack("<h", value)
+        raw[offset : offset + 2] = struct.pack("<h", value)
     else:
         name = rng.choice(list(NIFTI_FLOAT32))
         offset = NIFTI_FLOAT32[name] + (4 * rng.randrange(4) if name in ("pixdim", "srow_x") else 0)
-        raw[offset:offset + 4] = struct.pack("<f", rng.choice(FLOAT_EDITS))
+        raw[offset : offset + 4] = struct.pack("<f", rng.choice(FLOAT_EDITS))
     return _gz(bytes(raw)) if compressed else bytes(raw)
 
 
@@ -320,8 +347,9 @@ def nifti_bomb(shape: tuple[int, int, int]) -> bytes:
     compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
     chunk = b"\x00" * (1 << 22)
     size = int(np.prod(shape)) * 2
-    body = [compressor.compress(raw)] + [compressor.compress(chunk[: min(len(chunk), size - i)])
-                                         for i in range(0, min(size, 1 << 28), len(chunk))]
+    body = [compressor.compress(raw)] + [
+        compressor.compress(chunk[: min(len(chunk), size - i)]) for i in range(0, min(size, 1 << 28), len(chunk))
+    ]
     return b"".join(body) + compressor.flush()
 
 
@@ -440,15 +468,26 @@ class Outcome:
 
 def send(client: httpx.Client, url: str, route: str, model: str, data: bytes, timeout: float) -> tuple[int, str]:
     try:
-        response = client.post(f"{url}/{route}", files={"file": ("upload.bin", data, "application/octet-stream")},
-                               data={"model": model}, timeout=timeout)
+        response = client.post(
+            f"{url}/{route}",
+            files={"file": ("upload.bin", data, "application/octet-stream")},
+            data={"model": model},
+            timeout=timeout,
+        )
     except httpx.HTTPError as error:
         return 0, type(error).__name__
     return response.status_code, response.text[:300]
 
 
-def campaign(server: Server, models: dict[str, str], per_format: int, seed: int = 0, clients: int = 2,
-             timeout: float = 30.0, progress: Callable[[], None] | None = None) -> list[Outcome]:
+def campaign(
+    server: Server,
+    models: dict[str, str],
+    per_format: int,
+    seed: int = 0,
+    clients: int = 2,
+    timeout: float = 30.0,
+    progress: Callable[[], None] | None = None,
+) -> list[Outcome]:
     """``per_format`` inputs of each format, sent by ``clients`` keep-alive clients; 2D formats go to
     ``models["2d"]`` (alternating /embed and /classify), NIfTI to ``models["3d"]`` (/embed)."""
     jobs = [(fmt, index) for index in range(per_format) for fmt in FORMATS]
@@ -478,7 +517,7 @@ def server_exceptions(log: Path) -> dict[str, int]:
     lines = log.read_text(errors="replace").splitlines()
     for i, line in enumerate(lines):
         if line.startswith("Traceback (most recent call last)"):
-            for follow in lines[i + 1:]:
+            for follow in lines[i + 1 :]:
                 if follow and not follow.startswith((" ", "\t", "Traceback", "During handling", "The above")):
                     name = follow.split(":", 1)[0].strip()
                     counts[name] = counts.get(name, 0) + 1

@@ -60,7 +60,10 @@ def live_server(
     with open(log, "w") as output:
         process = subprocess.Popen(
             [str(bentoml), "serve", "serving.service:MedhubService", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
         server = LiveServer(f"http://127.0.0.1:{port}", process, log)
         try:

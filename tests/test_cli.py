@@ -56,7 +56,9 @@ def test_repo_folder_without_config(cli, tmp_path):
     (folder / "model.safetensors").write_bytes(b"")
     assert_one_line_error(cli("verify", folder), "has no config.json")
     assert_one_line_error(cli("publish", folder, "--repo-id", "org/x", "--cache"), "has no config.json")
-    assert_one_line_error(cli("export", folder, "--variant", "muscle-resnet18-tiny", "--out", tmp_path / "o"), "has no config.json")
+    assert_one_line_error(
+        cli("export", folder, "--variant", "muscle-resnet18-tiny", "--out", tmp_path / "o"), "has no config.json"
+    )
 
 
 def test_verify_of_unknown_id_offline(cli, hf_cache):

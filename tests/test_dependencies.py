@@ -59,8 +59,9 @@ def _distributions(module: str) -> set[str]:
 
 def test_every_import_is_a_declared_dependency():
     declared = _declared() | _feature_extras()
-    undeclared = {module: sorted(files) for module, files in _imported_packages().items()
-                  if not _distributions(module) & declared}
+    undeclared = {
+        module: sorted(files) for module, files in _imported_packages().items() if not _distributions(module) & declared
+    }
     assert not undeclared, f"imported but not in pyproject's dependencies: {undeclared}"
 
 

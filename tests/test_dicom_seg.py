@@ -39,8 +39,13 @@ def dciodvfy_errors(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def ct_series(tmp_path_factory) -> Path:
     phantom = ct_volume(np.random.default_rng(3), (6, 32, 40))
-    return write_dicom_series(phantom["image"], tmp_path_factory.mktemp("ct") / "series", "seg-test",
-                              spacing=(0.7, 0.8, 2.5), origin=(-10.0, 20.0, 5.0))
+    return write_dicom_series(
+        phantom["image"],
+        tmp_path_factory.mktemp("ct") / "series",
+        "seg-test",
+        spacing=(0.7, 0.8, 2.5),
+        origin=(-10.0, 20.0, 5.0),
+    )
 
 
 def saved(ds: pydicom.Dataset, path: Path) -> Path:
@@ -92,8 +97,10 @@ def test_fractional_seg_and_coded_labels(ct_series, tmp_path):
     foreground = rng.random(image.spatial_shape).astype(np.float32)
     probabilities = np.stack([1 - foreground, foreground])
     mask = (foreground > 0.5).astype(np.uint8)
-    lung = {"category": {"value": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"},
-            "type": {"value": "39607008", "scheme": "SCT", "meaning": "Lung"}}
+    lung = {
+        "category": {"value": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"},
+        "type": {"value": "39607008", "scheme": "SCT", "meaning": "Lung"},
+    }
     seg = build_segmentation(mask, image, ["background", "lung"], ALGORITHM, probabilities, {"lung": lung})
     path = saved(seg, tmp_path / "seg.dcm")
     assert dciodvfy_errors(path) == []
@@ -156,8 +163,9 @@ def test_service_sr_equals_json_route(server, tmp_path):
     assert dciodvfy_errors(path) == []
     back = classification_from_sr(pydicom.dcmread(path))
     assert [item["label"] for item in back] == [item["label"] for item in labels]
-    np.testing.assert_allclose([item["probability"] for item in back], [item["probability"] for item in labels],
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        [item["probability"] for item in back], [item["probability"] for item in labels], rtol=1e-9, atol=1e-12
+    )
 
 
 @pytest.mark.slow

@@ -45,9 +45,14 @@ def orthanc(tmp_path_factory):
     root = tmp_path_factory.mktemp("orthanc")
     http_port = free_port()
     config = {
-        "Name": "medhub-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-        "HttpPort": http_port, "DicomPort": free_port(), "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "Plugins": [str(PLUGIN)],
+        "Name": "medhub-test",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "HttpPort": http_port,
+        "DicomPort": free_port(),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(PLUGIN)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     (root / "orthanc.json").write_text(json.dumps(config))
@@ -77,14 +82,22 @@ def orthanc(tmp_path_factory):
 @pytest.fixture(scope="module")
 def series(orthanc, tmp_path_factory) -> dict:
     """A phantom CT series uploaded to Orthanc with STOW-RS."""
-    folder = write_dicom_series(ct_volume(np.random.default_rng(5), (5, 24, 28))["image"],
-                                tmp_path_factory.mktemp("upload") / "ct", "dicomweb-test", spacing=(0.9, 0.8, 3.0))
+    folder = write_dicom_series(
+        ct_volume(np.random.default_rng(5), (5, 24, 28))["image"],
+        tmp_path_factory.mktemp("upload") / "ct",
+        "dicomweb-test",
+        spacing=(0.9, 0.8, 3.0),
+    )
     datasets = [pydicom.dcmread(path) for path in sorted(folder.iterdir())]
     from dicomweb_client.api import DICOMwebClient
 
     DICOMwebClient(orthanc["dicomweb"]).store_instances(datasets)
-    return {"folder": folder, "study": datasets[0].StudyInstanceUID, "series": datasets[0].SeriesInstanceUID,
-            "instances": [ds.SOPInstanceUID for ds in datasets]}
+    return {
+        "folder": folder,
+        "study": datasets[0].StudyInstanceUID,
+        "series": datasets[0].SeriesInstanceUID,
+        "instances": [ds.SOPInstanceUID for ds in datasets],
+    }
 
 
 @pytest.mark.slow
@@ -113,7 +126,10 @@ def test_unknown_uid_unreachable_server_and_bad_reference(orthanc, series):
     with pytest.raises(DicomwebUnavailableError, match="could be reached"):
         fetch(f"{series['study']}/{series['series']}", (dead,), None, ReadLimits())
     # a dead first server is skipped for a live second one
-    assert fetch(f"{series['study']}/{series['series']}", (dead, orthanc["dicomweb"]), None, ReadLimits()).spatial_dims == 3
+    assert (
+        fetch(f"{series['study']}/{series['series']}", (dead, orthanc["dicomweb"]), None, ReadLimits()).spatial_dims
+        == 3
+    )
     for bad in ("http://evil/x", "1.2/3.4/5.6/7", "1.02/3", "../1.2/3", "1.2/" + "1" * 65):
         with pytest.raises(InputError, match="must be STUDY_UID/SERIES_UID"):
             Reference.parse(bad)
@@ -144,6 +160,7 @@ def test_stored_seg_is_found_in_the_study_and_retrieved(orthanc, series):
 
 # ----- the service, reading from and storing to Orthanc ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def service(orthanc, tmp_path_factory):
     """medhub serving a tiny 3D segmenter, reading DICOMweb references from Orthanc, at most 4000 voxels."""
@@ -152,10 +169,16 @@ def service(orthanc, tmp_path_factory):
     from hub.models.macl import MaclForSemanticSegmentation
 
     root = tmp_path_factory.mktemp("service")
-    repo = test_serving.tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["background", "liver"],
-                                       "macl-unet3d-tiny")
-    env = {"MEDHUB_ONNX_CACHE": str(root / "onnx"), "MEDHUB_THREADS": "1", "MEDHUB_MAX_VOXELS": "4000",
-           "MEDHUB_DICOMWEB_URL": orthanc["dicomweb"], "MEDHUB_API_TOKEN": ""}
+    repo = test_serving.tiny_head_repo(
+        root / "volume", MaclForSemanticSegmentation, ["background", "liver"], "macl-unet3d-tiny"
+    )
+    env = {
+        "MEDHUB_ONNX_CACHE": str(root / "onnx"),
+        "MEDHUB_THREADS": "1",
+        "MEDHUB_MAX_VOXELS": "4000",
+        "MEDHUB_DICOMWEB_URL": orthanc["dicomweb"],
+        "MEDHUB_API_TOKEN": "",
+    }
     with live_server([repo], root / "server.log", env) as live:
         yield {"url": live.url, "repo": repo}
 
@@ -177,8 +200,9 @@ def test_service_stores_the_seg_of_a_dicomweb_series(orthanc, series, service, t
     uids = stored.json()["stored"]
     assert uids["study_instance_uid"] == series["study"]
     client = DICOMwebClient(orthanc["dicomweb"])
-    found = client.search_for_instances(series["study"], search_filters={"Modality": "SEG",
-                                                                         "SOPInstanceUID": uids["sop_instance_uid"]})
+    found = client.search_for_instances(
+        series["study"], search_filters={"Modality": "SEG", "SOPInstanceUID": uids["sop_instance_uid"]}
+    )
     assert len(found) == 1
     seg = client.retrieve_instance(series["study"], uids["series_instance_uid"], uids["sop_instance_uid"])
     nifti = segment(service, dicomweb=reference, format="nifti")
@@ -188,7 +212,8 @@ def test_service_stores_the_seg_of_a_dicomweb_series(orthanc, series, service, t
 
     served_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.nii.gz")))
     upload_mask, _ = load_served_model(str(service["repo"]), tmp_path / "onnx", "cpu", 1).segment(
-        series["folder"], ReadLimits())
+        series["folder"], ReadLimits()
+    )
     assert np.array_equal(segmentation_mask(seg, series["instances"]), upload_mask)
     assert np.array_equal(served_mask, upload_mask)
 
@@ -199,8 +224,9 @@ def test_service_errors_for_dicomweb_references(orthanc, series, service, tmp_pa
     assert unknown.status_code == 404
     assert unknown.json()["error"] == "no configured DICOMweb server holds the referenced study/series/instance"
     assert segment(service, dicomweb="http://127.0.0.1/evil").status_code == 400
-    big = write_dicom_series(ct_volume(np.random.default_rng(6), (8, 24, 28))["image"], tmp_path / "big", "big",
-                             spacing=(1.0, 1.0, 1.0))
+    big = write_dicom_series(
+        ct_volume(np.random.default_rng(6), (8, 24, 28))["image"], tmp_path / "big", "big", spacing=(1.0, 1.0, 1.0)
+    )
     from dicomweb_client.api import DICOMwebClient
 
     datasets = [pydicom.dcmread(path) for path in sorted(big.iterdir())]
@@ -235,4 +261,7 @@ def test_guard_takes_a_dicomweb_reference_instead_of_a_file():
     both = problem(files={"file": ("x.dcm", b"DICM"), "dicomweb": (None, b"1.2/3.4")})
     assert both == (400, "send either an uploaded 'file' or a 'dicomweb' reference, not both")
     neither = problem(files={"model": (None, b"org/m")})
-    assert neither == (400, "missing form field 'file' holding the uploaded image or volume (or a 'dicomweb' reference)")
+    assert neither == (
+        400,
+        "missing form field 'file' holding the uploaded image or volume (or a 'dicomweb' reference)",
+    )

@@ -11,12 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from embed_fixtures import image_folder, tiny_encoder_repo, volume_folder
 from transformers import AutoImageProcessor, AutoModel
 
 from hub.embed import EmbedSource, embed_batches, embed_dataset, list_sources
 from hub.io import ReadLimits
-
-from embed_fixtures import image_folder, tiny_encoder_repo, volume_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,8 +50,10 @@ def test_list_sources_walks_folders_and_manifests(tmp_path):
     folder = image_folder(tmp_path / "imgs", 4)
     assert [s.id for s in list_sources(folder)] == ["a/img1.png", "a/img3.png", "b/c/img0.png", "b/c/img2.png"]
     manifest = tmp_path / "imgs" / "m.jsonl"
-    manifest.write_text('{"path": "a/img1.png", "modality": "xray", "split": "val", "labels": {"nodule": 1}}\n'
-                        '{"path": "b/c/img0.png", "modality": "xray", "split": "train"}\n')
+    manifest.write_text(
+        '{"path": "a/img1.png", "modality": "xray", "split": "val", "labels": {"nodule": 1}}\n'
+        '{"path": "b/c/img0.png", "modality": "xray", "split": "train"}\n'
+    )
     assert list_sources(manifest) == [
         EmbedSource("a/img1.png", folder / "a/img1.png", "val", {"nodule": 1.0}),
         EmbedSource("b/c/img0.png", folder / "b/c/img0.png", "train", {}),
@@ -69,9 +70,15 @@ def test_values_equal_the_transformers_loop(dims, repo2d, repo3d, tmp_path):
     worst = max(float(np.abs(got[s.id] - reference(repo, s.path)).max()) for s in list_sources(folder))
     assert worst <= 1e-4, worst
     info = json.loads((tmp_path / "out" / "embedding_info.json").read_text())
-    assert info["complete"] and info["count"] == result.count and info["dim"] == result.dim == next(iter(got.values())).shape[0]
+    assert (
+        info["complete"]
+        and info["count"] == result.count
+        and info["dim"] == result.dim == next(iter(got.values())).shape[0]
+    )
     table = pq.read_table(tmp_path / "out" / "data")
-    assert table.schema.field("layer_0").type.list_size > 0 and table.schema.field("embedding").type.value_type == "float"
+    assert (
+        table.schema.field("layer_0").type.list_size > 0 and table.schema.field("embedding").type.value_type == "float"
+    )
 
 
 @pytest.mark.slow
@@ -90,20 +97,27 @@ def test_bad_files_land_in_errors_and_the_rest_embeds(repo2d, tmp_path):
     (folder / "notes.txt").write_text("not an image")
     big = np.zeros((600, 600), np.uint8)
     from PIL import Image
+
     Image.fromarray(big).save(folder / "big.png")
     result = embed_dataset(repo2d, folder, tmp_path / "out", limits=ReadLimits(max_pixels=500 * 500))
     errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
     classes = {e["id"]: e["error_class"] for e in errors}
-    assert classes == {"corrupt.png": "CorruptFileError", "empty.dcm": "CorruptFileError",
-                       "notes.txt": "UnsupportedFormatError", "big.png": "LimitExceededError"}
+    assert classes == {
+        "corrupt.png": "CorruptFileError",
+        "empty.dcm": "CorruptFileError",
+        "notes.txt": "UnsupportedFormatError",
+        "big.png": "LimitExceededError",
+    }
     assert all(e["message"] for e in errors)
     assert result.count == 3 and sorted(rows(tmp_path / "out")) == ["a/img1.png", "b/c/img0.png", "b/c/img2.png"]
 
 
 def test_readers_see_one_dataset_with_splits_and_labels(repo2d, tmp_path):
     folder = image_folder(tmp_path / "in", 4)
-    lines = [{"path": s.id, "modality": "xray", "split": "train" if i < 3 else "test", "labels": {"nodule": i % 2}}
-             for i, s in enumerate(list_sources(folder))]
+    lines = [
+        {"path": s.id, "modality": "xray", "split": "train" if i < 3 else "test", "labels": {"nodule": i % 2}}
+        for i, s in enumerate(list_sources(folder))
+    ]
     manifest = folder / "m.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     embed_dataset(repo2d, manifest, tmp_path / "out", shard_size=2)
@@ -112,6 +126,7 @@ def test_readers_see_one_dataset_with_splits_and_labels(repo2d, tmp_path):
     assert {k: v.num_rows for k, v in loaded.items()} == {"train": 3, "test": 1}
     assert loaded["test"][0]["label_nodule"] == 1.0
     import duckdb
+
     count = duckdb.sql(f"select count(*) from read_parquet('{tmp_path / 'out' / 'data'}/*.parquet')").fetchall()[0][0]
     assert count == 4
 
@@ -136,8 +151,9 @@ def test_a_killed_run_resumes_to_the_same_rows(repo2d, tmp_path):
     embed_dataset(repo2d, folder, tmp_path / "whole", shard_size=2)
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(repo2d), str(folder), str(out)], env=env,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(repo2d), str(folder), str(out)], env=env, start_new_session=True
+    )
     shards = out / ".shards"
 
     def finished() -> int:  # shard state files, not the `.tmp-*` file of one being written

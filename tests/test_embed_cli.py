@@ -19,15 +19,30 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("embed-cli")
     corrupt = image_folder(root / "corrupt", 3)
     (corrupt / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    return {"root": root, "repo": tiny_encoder_repo(root / "repo", "muscle-resnet18-tiny"),
-            "images": image_folder(root / "images", 4), "corrupt": corrupt}
+    return {
+        "root": root,
+        "repo": tiny_encoder_repo(root / "repo", "muscle-resnet18-tiny"),
+        "images": image_folder(root / "images", 4),
+        "corrupt": corrupt,
+    }
 
 
 def medhub_embed(setup, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-           "MEDHUB_ONNX_CACHE": str(setup["root"] / "onnx")}
-    return subprocess.run([sys.executable, "-m", "hub.cli.main", "embed", *map(str, args)], cwd=ROOT, env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "MEDHUB_ONNX_CACHE": str(setup["root"] / "onnx"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "hub.cli.main", "embed", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_writes_the_dataset_and_its_info_with_a_progress_bar(setup):
@@ -56,18 +71,22 @@ def test_strict_stops_at_the_first_unreadable_file(setup):
     assert done.stderr.startswith("medhub embed: error: a/broken.png: ") and done.stderr.count("\n") == 1
     assert "img/s" not in done.stderr
 
-    lenient = medhub_embed(setup, setup["repo"], "--data", setup["corrupt"], "--out", setup["root"] / "lenient",
-                           "--no-progress")
+    lenient = medhub_embed(
+        setup, setup["repo"], "--data", setup["corrupt"], "--out", setup["root"] / "lenient", "--no-progress"
+    )
     assert lenient.returncode == 0, lenient.stderr
     assert "img/s" not in lenient.stderr
     errors = pq.read_table(setup["root"] / "lenient" / "errors.parquet").to_pylist()
     assert [e["id"] for e in errors] == ["a/broken.png"]
 
 
-@pytest.mark.parametrize("model, data, expected", [
-    ("missing-repo", "images", "is neither a repo folder nor an ORG/NAME repo id"),
-    ("repo", "missing-data", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "model, data, expected",
+    [
+        ("missing-repo", "images", "is neither a repo folder nor an ORG/NAME repo id"),
+        ("repo", "missing-data", "does not exist"),
+    ],
+)
 def test_a_bad_model_or_data_is_one_line(setup, model, data, expected):
     root = setup["root"]
     model_arg = setup["repo"] if model == "repo" else root / model

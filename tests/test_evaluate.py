@@ -32,9 +32,15 @@ def study_file(tmp_path_factory):
     write_manifest([dataclasses.replace(r, split=s) for r, s in zip(rows, splits)], folder / "phantoms" / "task.jsonl")
     assert main(["init", "muscle-resnet18-tiny", "--seed", "7", "--out", str(folder / "seeded")]) == 0
     write_config(folder / "quick.yaml", QUICK)
-    study = {"backbones": {"random": "random:muscle-resnet18-tiny", "seeded": str(folder / "seeded")},
-             "baseline": "random", "tasks": {"nodule": {"manifest": "phantoms/task.jsonl", "label": "nodule"}},
-             "protocols": ["finetune", "frozen-head"], "runs": 3, "seed": 0, "config": "quick.yaml"}
+    study = {
+        "backbones": {"random": "random:muscle-resnet18-tiny", "seeded": str(folder / "seeded")},
+        "baseline": "random",
+        "tasks": {"nodule": {"manifest": "phantoms/task.jsonl", "label": "nodule"}},
+        "protocols": ["finetune", "frozen-head"],
+        "runs": 3,
+        "seed": 0,
+        "config": "quick.yaml",
+    }
     return write_config(folder / "study.yaml", study)
 
 
@@ -54,8 +60,14 @@ def test_holm_matches_the_step_down_rule():
 
 
 def _row(backbone, value, run, protocol="linear"):
-    return {"task": "nodule", "protocol": protocol, "fraction": 1.0, "backbone": backbone, "run": run,
-            "metrics": {"roc_auc": value}}
+    return {
+        "task": "nodule",
+        "protocol": protocol,
+        "fraction": 1.0,
+        "backbone": backbone,
+        "run": run,
+        "metrics": {"roc_auc": value},
+    }
 
 
 def test_p_value_is_undefined_without_spread_or_runs_and_shown_as_n_a(tmp_path):
@@ -83,8 +95,12 @@ def test_p_value_is_undefined_without_spread_or_runs_and_shown_as_n_a(tmp_path):
 def test_study_runs_resumes_and_reports(study_file, tmp_path, cli):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen([MEDHUB, "evaluate", str(study_file), "--out", str(out), "--no-progress"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [MEDHUB, "evaluate", str(study_file), "--out", str(out), "--no-progress"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while len(read_results(out)) < 2 and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
@@ -103,11 +119,16 @@ def test_study_runs_resumes_and_reports(study_file, tmp_path, cli):
 
     by_hand = {}
     for protocol in ("finetune", "frozen-head"):
-        arm = {b: [r["metrics"]["roc_auc"] for r in rows if r["backbone"] == b and r["protocol"] == protocol]
-               for b in ("random", "seeded")}
-        by_hand[protocol] = (float(np.mean(arm["seeded"])), stats.ttest_ind(arm["seeded"], arm["random"]).pvalue,
-                             stats.ttest_ind(arm["seeded"], arm["random"], equal_var=False).pvalue,
-                             float(np.std(arm["seeded"], ddof=1)))
+        arm = {
+            b: [r["metrics"]["roc_auc"] for r in rows if r["backbone"] == b and r["protocol"] == protocol]
+            for b in ("random", "seeded")
+        }
+        by_hand[protocol] = (
+            float(np.mean(arm["seeded"])),
+            stats.ttest_ind(arm["seeded"], arm["random"]).pvalue,
+            stats.ttest_ind(arm["seeded"], arm["random"], equal_var=False).pvalue,
+            float(np.std(arm["seeded"], ddof=1)),
+        )
     summaries = summarise(rows, "random")
     for s in summaries:
         if s.backbone == "seeded":
@@ -161,8 +182,7 @@ def test_linear_protocol_auc_equals_logistic_regression_on_the_embed_output(stud
 
 
 @pytest.mark.slow
-def test_update_cards_publishes_new_revisions_with_the_summary_in_the_model_index(study_file, tmp_path, hf_cache,
-                                                                                  cli):
+def test_update_cards_publishes_new_revisions_with_the_summary_in_the_model_index(study_file, tmp_path, hf_cache, cli):
     import csv
 
     import yaml
@@ -173,8 +193,12 @@ def test_update_cards_publishes_new_revisions_with_the_summary_in_the_model_inde
 
     first = install_in_cache(study_file.parent / "seeded", "org/seeded")
     raw = yaml.safe_load(study_file.read_text())
-    raw.update(backbones={"random": "random:muscle-resnet18-tiny", "cached": "org/seeded"}, protocols=["linear"],
-               runs=2, label_fractions=[0.5])
+    raw.update(
+        backbones={"random": "random:muscle-resnet18-tiny", "cached": "org/seeded"},
+        protocols=["linear"],
+        runs=2,
+        label_fractions=[0.5],
+    )
     study = write_config(study_file.parent / "cards_study.yaml", raw)
     out = tmp_path / "out"
     result = cli("evaluate", study, "--out", out, "--update-cards", "--no-progress")
@@ -197,7 +221,11 @@ def test_update_cards_publishes_new_revisions_with_the_summary_in_the_model_inde
         assert len(ours) == 1
         entry, row = ours[0], summary[backbone]
         assert (entry.task_type, entry.task_name, entry.dataset_name, entry.metric_type) == (
-            "image-classification", "nodule", "task.jsonl", "roc_auc")
+            "image-classification",
+            "nodule",
+            "task.jsonl",
+            "roc_auc",
+        )
         assert entry.metric_value == pytest.approx(float(row["mean"]))
         assert "linear @ 0.5 labels (mean of 2 runs" in entry.metric_name
         assert card.text.count("## Transfer evaluation (medhub evaluate)") == 1

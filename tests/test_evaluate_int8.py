@@ -67,14 +67,24 @@ def _imported_modules(path):
 
 @pytest.mark.parametrize("package, forbidden", [("training", "serving"), ("hub", "serving"), ("hub", "training")])
 def test_layering(package, forbidden):
-    offenders = [f"{path.relative_to(REPO_ROOT)}: {module}" for path in sorted((REPO_ROOT / package).rglob("*.py"))
-                 for module in _imported_modules(path) if module.split(".")[0] == forbidden]
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}: {module}"
+        for path in sorted((REPO_ROOT / package).rglob("*.py"))
+        for module in _imported_modules(path)
+        if module.split(".")[0] == forbidden
+    ]
     assert not offenders, f"{package} must not import {forbidden} (not even lazily): {offenders}"
 
 
 def _row(protocol, run, value, backbone="b"):
-    return {"task": "nodule", "protocol": protocol, "fraction": 0.5, "backbone": backbone, "run": run,
-            "metrics": {"roc_auc": value}}
+    return {
+        "task": "nodule",
+        "protocol": protocol,
+        "fraction": 0.5,
+        "backbone": backbone,
+        "run": run,
+        "metrics": {"roc_auc": value},
+    }
 
 
 def test_int8_difference_is_paired_by_run():
@@ -88,8 +98,9 @@ def test_int8_difference_is_paired_by_run():
     assert d.p_paired == pytest.approx(stats.ttest_rel(int8, fp32).pvalue)
     assert d.p_student == pytest.approx(stats.ttest_ind(int8, fp32).pvalue)
     assert d.p_paired < d.p_student  # pairing removes the between-run spread
-    same = int8_differences([_row("linear", r, v) for r, v in enumerate(fp32)]
-                            + [_row("linear-int8", r, v) for r, v in enumerate(fp32)])
+    same = int8_differences(
+        [_row("linear", r, v) for r, v in enumerate(fp32)] + [_row("linear-int8", r, v) for r, v in enumerate(fp32)]
+    )
     assert same[0].mean == 0 and math.isnan(same[0].p_paired)  # no spread in the differences: undefined
 
 
@@ -104,9 +115,15 @@ def study_file(tmp_path_factory):
     rows = load_manifest(xray_manifest(folder / "phantoms", n_xray=24))
     splits = ["train"] * 12 + ["val"] * 4 + ["test"] * 8
     write_manifest([dataclasses.replace(r, split=s) for r, s in zip(rows, splits)], folder / "phantoms" / "task.jsonl")
-    study = {"backbones": {"seeded": str(folder / "seeded")}, "baseline": "seeded",
-             "tasks": {"nodule": {"manifest": "phantoms/task.jsonl", "label": "nodule"}},
-             "protocols": ["linear", "linear-int8"], "label_fractions": [0.5], "runs": 3, "seed": 0}
+    study = {
+        "backbones": {"seeded": str(folder / "seeded")},
+        "baseline": "seeded",
+        "tasks": {"nodule": {"manifest": "phantoms/task.jsonl", "label": "nodule"}},
+        "protocols": ["linear", "linear-int8"],
+        "label_fractions": [0.5],
+        "runs": 3,
+        "seed": 0,
+    }
     return write_config(folder / "study.yaml", study)
 
 
@@ -121,13 +138,18 @@ def test_linear_int8_study_reports_the_paired_difference(study_file, tmp_path, c
     assert all(r["n_test"] == 8 and 0 <= r["metrics"]["roc_auc"] <= 1 for r in rows)
     assert (out / "features" / "seeded_nodule_onnx-int8.npz").is_file()
 
-    arm = {p: [next(r["metrics"]["roc_auc"] for r in rows if r["protocol"] == p and r["run"] == k) for k in range(3)]
-           for p in ("linear", "linear-int8")}
+    arm = {
+        p: [next(r["metrics"]["roc_auc"] for r in rows if r["protocol"] == p and r["run"] == k) for k in range(3)]
+        for p in ("linear", "linear-int8")
+    }
     difference = np.subtract(arm["linear-int8"], arm["linear"])
     spread = np.ptp(difference) > 0
     paired = stats.ttest_rel(arm["linear-int8"], arm["linear"]).pvalue if spread else math.nan
-    student = (stats.ttest_ind(arm["linear-int8"], arm["linear"]).pvalue
-               if np.ptp(arm["linear"]) or np.ptp(arm["linear-int8"]) else math.nan)
+    student = (
+        stats.ttest_ind(arm["linear-int8"], arm["linear"]).pvalue
+        if np.ptp(arm["linear"]) or np.ptp(arm["linear-int8"])
+        else math.nan
+    )
     with open(out / "summary.csv", encoding="utf-8") as stream:
         line = next(r for r in csv.DictReader(stream) if r["protocol"] == "linear-int8 - linear")
     assert (line["backbone"], line["fraction"], line["runs"]) == ("seeded", "0.5", "3")
@@ -147,10 +169,14 @@ def test_linear_int8_study_reports_the_paired_difference(study_file, tmp_path, c
     int8_features = np.load(out / "features" / "seeded_nodule_onnx-int8.npz")["embeddings"]
     from training.evaluate.units import dataset_features
 
-    onnx_features = dataset_features(study_file.parent / "seeded",
-                                     study_file.parent / "phantoms" / "task.jsonl", tmp_path / "f.npz", "onnx")
+    onnx_features = dataset_features(
+        study_file.parent / "seeded", study_file.parent / "phantoms" / "task.jsonl", tmp_path / "f.npz", "onnx"
+    )
     onnx_features = onnx_features["embeddings"]
     assert np.abs(onnx_features - torch_features).max() < 1e-4 * np.abs(torch_features).max()
-    cosine = (int8_features * torch_features).sum(1) / np.linalg.norm(int8_features, axis=1) / np.linalg.norm(
-        torch_features, axis=1)
+    cosine = (
+        (int8_features * torch_features).sum(1)
+        / np.linalg.norm(int8_features, axis=1)
+        / np.linalg.norm(torch_features, axis=1)
+    )
     assert cosine.min() > 0.99 and np.abs(int8_features - torch_features).max() > 0  # int8, not fp32 again

@@ -14,11 +14,27 @@ from hub.export import Provenance, export_repo, install_in_cache, verify_repo, w
 from hub.models.muscle import MuscleForImageClassification, MuscleModel
 
 REPO_FILES = {
-    "README.md", "checksums.sha256", "config.json", "configuration_muscle.py", "golden.safetensors",
-    "image_processing_medhub.py", "model.safetensors", "modeling_muscle.py", "preprocessor_config.json",
+    "README.md",
+    "checksums.sha256",
+    "config.json",
+    "configuration_muscle.py",
+    "golden.safetensors",
+    "image_processing_medhub.py",
+    "model.safetensors",
+    "modeling_muscle.py",
+    "preprocessor_config.json",
 }
-CARD_SECTIONS = ["## Intended use", "## Out-of-scope use", "not a medical device", "## Training data", "## Preprocessing",
-                 "## How to load", "trust_remote_code=True", "## Limitations", "## Citation"]
+CARD_SECTIONS = [
+    "## Intended use",
+    "## Out-of-scope use",
+    "not a medical device",
+    "## Training data",
+    "## Preprocessing",
+    "## How to load",
+    "trust_remote_code=True",
+    "## Limitations",
+    "## Citation",
+]
 
 
 @pytest.fixture
@@ -63,11 +79,27 @@ def test_card_parses_with_model_card_and_has_the_contract(tiny_repo):
 
 def test_card_carries_model_index_and_base_model_when_given(tmp_path, tiny_config):
     variant = get_variant("muscle-resnet18-tiny")
-    provenance = Provenance(kind="converted", description="converted", license="cc-by-nc-4.0", base_model="facebook/moco-v2")
-    results = [{"task_type": "image-classification", "dataset_name": "Phantom CXR", "dataset_type": "phantom-cxr",
-                "metric_type": "roc_auc", "metric_value": 0.875}]
-    export_repo(MuscleModel(tiny_config), tmp_path / "r", variant=variant.id, provenance=provenance,
-                processor=variant.build_processor(), modality="xray", eval_results=results)
+    provenance = Provenance(
+        kind="converted", description="converted", license="cc-by-nc-4.0", base_model="facebook/moco-v2"
+    )
+    results = [
+        {
+            "task_type": "image-classification",
+            "dataset_name": "Phantom CXR",
+            "dataset_type": "phantom-cxr",
+            "metric_type": "roc_auc",
+            "metric_value": 0.875,
+        }
+    ]
+    export_repo(
+        MuscleModel(tiny_config),
+        tmp_path / "r",
+        variant=variant.id,
+        provenance=provenance,
+        processor=variant.build_processor(),
+        modality="xray",
+        eval_results=results,
+    )
     card = ModelCard.load(tmp_path / "r" / "README.md")
     assert card.data.base_model == "facebook/moco-v2" and card.data.license == "cc-by-nc-4.0"
     assert card.data.eval_results[0].metric_value == 0.875
@@ -78,8 +110,14 @@ def test_head_model_exports_with_encoder_golden(tmp_path, tiny_config):
     tiny_config.num_labels = 3
     variant = get_variant("muscle-resnet18-tiny")
     model = MuscleForImageClassification(tiny_config)
-    export_repo(model, tmp_path / "r", variant=variant.id, provenance=Provenance("trained", "test"),
-                processor=variant.build_processor(), modality="xray")
+    export_repo(
+        model,
+        tmp_path / "r",
+        variant=variant.id,
+        provenance=Provenance("trained", "test"),
+        processor=variant.build_processor(),
+        modality="xray",
+    )
     golden = load_file(tmp_path / "r" / "golden.safetensors")
     with torch.no_grad():
         expected = model.muscle.eval()(golden["pixel_values"]).pooler_output
@@ -158,7 +196,9 @@ def test_publish_to_hub_creates_repo_and_uploads_folder(tiny_repo, monkeypatch, 
     result = cli("publish", tiny_repo, "--repo-id", "org/x", "--hub", "--revision", "v1", "--private", "--token", "t")
     assert result.code == 0, result.err
     assert calls == [
-        ("init", "t"), ("create_repo", "org/x", True, True), ("create_branch", "org/x", "v1"),
+        ("init", "t"),
+        ("create_repo", "org/x", True, True),
+        ("create_branch", "org/x", "v1"),
         ("upload_folder", "org/x", str(tiny_repo), "v1"),
     ]
 

@@ -12,11 +12,16 @@ from hub.catalogue import VARIANTS
 from hub.models import get_family
 
 # Heads that take 8-50 s a test on 2 CPU cores (Faster R-CNN resizes to 512 px; FCOS; MACL's two-branch views).
-SLOW_HEADS = {("muscle", "AutoModelForObjectDetection"), ("umedpt", "AutoModelForObjectDetection"),
-              ("macl", "AutoModelForPreTraining")}
+SLOW_HEADS = {
+    ("muscle", "AutoModelForObjectDetection"),
+    ("umedpt", "AutoModelForObjectDetection"),
+    ("macl", "AutoModelForPreTraining"),
+}
 CASES = [
     pytest.param(
-        variant.id, auto_name, id=f"{variant.id}-{auto_name}",
+        variant.id,
+        auto_name,
+        id=f"{variant.id}-{auto_name}",
         marks=[pytest.mark.slow] if (variant.family, auto_name) in SLOW_HEADS else [],
     )
     for variant in VARIANTS.values()
@@ -54,7 +59,11 @@ def _inputs(model, batch_size: int = 2) -> dict[str, torch.Tensor]:
         spatial = [max(multiple, side // multiple * multiple) for side in shape[2:]]
         pixels = torch.randn(*shape[:2], *spatial, generator=torch.Generator().manual_seed(0))
         inputs["pixel_values"] = pixels
-        inputs.update(dominant_pixel_values=pixels, spatial_pixel_values=pixels.flip(-1), dominant_spatial_pixel_values=pixels.flip(-1))
+        inputs.update(
+            dominant_pixel_values=pixels,
+            spatial_pixel_values=pixels.flip(-1),
+            dominant_spatial_pixel_values=pixels.flip(-1),
+        )
     if name == "MedCossForPreTraining":
         patches = math.prod(side // config.patch_size for side in inputs["pixel_values"].shape[2:])
         inputs["noise"] = torch.rand(batch_size, patches, generator=torch.Generator().manual_seed(1))
@@ -191,7 +200,9 @@ def test_every_tensor_is_a_parameter_or_buffer(variant_id, auto_name):
             values = value if isinstance(value, (list, tuple)) else [value]
             for tensor in values:
                 if isinstance(tensor, torch.Tensor) and attribute not in ("_parameters", "_buffers"):
-                    assert id(tensor) in registered, f"{name}.{attribute} is a tensor that is neither parameter nor buffer"
+                    assert id(tensor) in registered, (
+                        f"{name}.{attribute} is a tensor that is neither parameter nor buffer"
+                    )
 
 
 @pytest.mark.parametrize("variant_id, auto_name", CASES)

@@ -9,12 +9,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from io_fixtures import PYDICOM_TEST_FILES, dicom_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from hub.errors import CorruptFileError, UnsupportedFormatError
 from hub.io import read_image
-from io_fixtures import PYDICOM_TEST_FILES, dicom_file
 
 
 def _edited(tmp_path, name: str, tag: str, value) -> str:
@@ -156,7 +156,9 @@ def test_truncated_dicom_is_corrupt_wherever_it_is_cut(name):
     pixels = data.rfind(b"\xe0\x7f\x10\x00")
     cuts = [132, 140, 200, pixels // 2, pixels - 3, pixels, pixels + 10, (pixels + len(data)) // 2, len(data) - 1]
     for cut in cuts:
-        with pytest.raises(CorruptFileError, match="^uploaded data (is a truncated|is a damaged|is not a readable|could not)"):
+        with pytest.raises(
+            CorruptFileError, match="^uploaded data (is a truncated|is a damaged|is not a readable|could not)"
+        ):
             read_image(data[:cut])
 
 

@@ -11,11 +11,11 @@ import zlib
 import numpy as np
 import pydicom
 import pytest
+from io_fixtures import MNI_T1, dicom_file
 from PIL import Image
 
 from hub.errors import CorruptFileError, LimitExceededError, UnsupportedFormatError
 from hub.io import ReadLimits, read_image
-from io_fixtures import MNI_T1, dicom_file
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -25,7 +25,9 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def png_claiming(width: int, height: int) -> bytes:
     """A well-formed PNG header for a huge 8-bit grey image, followed by a tiny IDAT."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+    )
 
 
 def nifti_claiming(dims: tuple[int, ...], datatype: int = 16, bitpix: int = 32) -> bytes:
@@ -83,8 +85,10 @@ CASES = {
     "PNG claiming 40000x40000": (lambda tmp: png_claiming(40000, 40000), LimitExceededError),
     "JPEG claiming 40000x40000": (lambda tmp: _jpeg_claiming(40000, 40000), LimitExceededError),
     "NIfTI claiming 2**34 voxels": (lambda tmp: nifti_claiming((2048, 2048, 4096)), LimitExceededError),
-    "gzipped NIfTI claiming 2**34 voxels": (lambda tmp: gzip.compress(nifti_claiming((4096, 4096, 1024)), mtime=0),
-                                            LimitExceededError),
+    "gzipped NIfTI claiming 2**34 voxels": (
+        lambda tmp: gzip.compress(nifti_claiming((4096, 4096, 1024)), mtime=0),
+        LimitExceededError,
+    ),
     "NIfTI-2 style bad header": (lambda tmp: struct.pack("<i", 540) + b"n+2\0" + bytes(600), CorruptFileError),
     "truncated NIfTI": (lambda tmp: nifti_claiming((64, 64, 64))[:1000], CorruptFileError),
     "truncated NIfTI.gz": (lambda tmp: MNI_T1.read_bytes()[:200_000], CorruptFileError),

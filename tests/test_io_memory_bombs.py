@@ -102,7 +102,11 @@ rle = (PYDICOM_TEST_FILES / "MR_small_RLE.dcm").read_bytes()
 jpeg = dicom_file("JPEG-LL.dcm").read_bytes()
 rgb = dicom_file("SC_rgb.dcm").read_bytes()
 pixels = rgb.rfind(b"\\xe0\\x7f\\x10\\x00")
-damaged = [rle[: len(rle) * 3 // 5], jpeg[: len(jpeg) * 3 // 5], rgb[: pixels + 5000] + bytes(range(256)) * 16 + rgb[pixels + 5000:]]
+damaged = [
+    rle[: len(rle) * 3 // 5],
+    jpeg[: len(jpeg) * 3 // 5],
+    rgb[: pixels + 5000] + bytes(range(256)) * 16 + rgb[pixels + 5000 :],
+]
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for data in damaged:
     try:
@@ -120,8 +124,9 @@ def test_damaged_encapsulated_dicom_is_refused_before_gdcm_allocates(tmp_path):
     then reads as elements of any length), made GDCM allocate 2-4 GiB before its error; they are refused before
     GDCM sees them. Measured in a child process (GDCM's memory is invisible to tracemalloc)."""
     tests = str(Path(__file__).parent)
-    out = subprocess.run([sys.executable, "-c", _DAMAGED_DICOM_PEAK, tests], capture_output=True, text=True, timeout=120,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", _DAMAGED_DICOM_PEAK, tests], capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) < 100 * 2**20
 
@@ -155,8 +160,9 @@ def test_a_volume_whose_float32_copy_is_over_the_byte_budget_is_refused():
 def test_tiles_over_the_byte_budget_are_refused_before_the_resampling_runs(monkeypatch):
     """The tile budget is checked on the resampled grid's size before sitk.Resample builds it: a 512 x 512 x 400
     volume took seconds to resample only to be refused afterwards."""
-    processor = MedicalImageProcessor(modality="ct", spatial_dims=3, in_channels=1, size=8, intensity="none",
-                                      target_spacing=[0.5, 0.5, 0.5])
+    processor = MedicalImageProcessor(
+        modality="ct", spatial_dims=3, in_channels=1, size=8, intensity="none", target_spacing=[0.5, 0.5, 0.5]
+    )
     image = sitk.GetImageFromArray(_cube(32))
     calls = []
     monkeypatch.setattr(spatial.sitk, "Resample", lambda *args: calls.append(args))

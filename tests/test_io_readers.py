@@ -6,13 +6,13 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from io_fixtures import DICOM_DIR, MNI_T1, PYDICOM_TEST_FILES, dicom_file
 from PIL import Image
 from pydicom.pixels import apply_modality_lut
 
 from hub.data.phantoms import write_dicom_series
 from hub.errors import CorruptFileError, InputError, UnsupportedFormatError
 from hub.io import MedicalImage, dicom, encode_mask, read_image, sniff, write_mask
-from io_fixtures import DICOM_DIR, MNI_T1, PYDICOM_TEST_FILES, dicom_file
 
 # Files of pydicom-data that are refused, and why: DICOM SEG objects are not images, and one file is truncated.
 REFUSED = {
@@ -103,8 +103,14 @@ def test_pydicom_decodes_uncompressed_greyscale_exactly_as_gdcm(monkeypatch):
         assert fast.geometry() == reference.geometry(), path.name
         compared.append(path.name)
     assert len(compared) >= 15
-    assert {"RG1_UNCI.dcm", "MR2_UNCI.dcm", "693_UNCI.dcm", "CT_small.dcm", "MR_small_bigendian.dcm",
-            "MR_small_implicit.dcm"} <= set(compared)
+    assert {
+        "RG1_UNCI.dcm",
+        "MR2_UNCI.dcm",
+        "693_UNCI.dcm",
+        "CT_small.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    } <= set(compared)
     monkeypatch.setattr(dicom, "_execute", lambda *args: pytest.fail("GDCM decoded an uncompressed greyscale file"))
     assert read_image(dicom_file("RG1_UNCI.dcm")).array.shape == (1955, 1841)
 

@@ -29,11 +29,18 @@ class SourceUNet(nn.Module):
             setattr(self.share_encoder, f"contr_{stage + 1}_2", _block(widths[stage], widths[stage]))
             cin = widths[stage]
         self.share_encoder.center = nn.Sequential(
-            nn.Conv2d(widths[3], widths[4], 3, padding=1), nn.ReLU(), nn.Conv2d(widths[4], widths[4], 3, padding=1), nn.ReLU()
+            nn.Conv2d(widths[3], widths[4], 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(widths[4], widths[4], 3, padding=1),
+            nn.ReLU(),
         )
         self.online_decoder = nn.Module()
         for level in (4, 3, 2, 1):
-            setattr(self.online_decoder, f"upscale{level + 1}", nn.ConvTranspose2d(widths[level], widths[level - 1], 2, stride=2))
+            setattr(
+                self.online_decoder,
+                f"upscale{level + 1}",
+                nn.ConvTranspose2d(widths[level], widths[level - 1], 2, stride=2),
+            )
             setattr(self.online_decoder, f"expand_{level}_1", _block(widths[level], widths[level - 1]))
             setattr(self.online_decoder, f"expand_{level}_2", _block(widths[level - 1], widths[level - 1]))
         self.target_instance_projector = nn.Sequential(
@@ -86,14 +93,21 @@ def test_converted_repo_loads_every_key_and_reproduces_the_source_network(tmp_pa
         maps = model.macl.encoder(x)
         for got, want in zip(maps + model.decoder(maps), expected_maps + source.decode(expected_maps)):
             torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
-        torch.testing.assert_close(model.target_pixel_projector(maps[-1]), source.target_pixel_projector(expected_maps[-1]))
-        torch.testing.assert_close(model.target_instance_projector(maps[-1]), source.target_instance_projector(expected_maps[-1]))
+        torch.testing.assert_close(
+            model.target_pixel_projector(maps[-1]), source.target_pixel_projector(expected_maps[-1])
+        )
+        torch.testing.assert_close(
+            model.target_instance_projector(maps[-1]), source.target_instance_projector(expected_maps[-1])
+        )
         stage2 = source.decode(expected_maps)[1]
         torch.testing.assert_close(model.online_instance_projector(stage2), source.online_instance_projector(stage2))
     encoder = AutoModel.from_pretrained(tmp_path / "repo")
     torch.testing.assert_close(encoder(x).pooler_output, expected_maps[-1].mean(dim=(2, 3)), rtol=0, atol=2e-5)
     source_info = json.loads(weights_metadata(tmp_path / "repo" / "model.safetensors")["source"])
-    assert len(source_info["details"]["sha256"]) == 64 and "all rights reserved" in source_info["details"]["upstream_license"]
+    assert (
+        len(source_info["details"]["sha256"]) == 64
+        and "all rights reserved" in source_info["details"]["upstream_license"]
+    )
     card = (tmp_path / "repo" / "README.md").read_text()
     assert source_info["details"]["sha256"] in card and "ask the" in card
     assert verify_repo(tmp_path / "repo").files_checked == 8  # every file but checksums.sha256

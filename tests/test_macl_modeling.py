@@ -37,7 +37,13 @@ def test_paper_scale_unet_has_the_authors_parameter_count():
 def test_encoder_returns_pooled_bottleneck_and_skip_maps():
     model = MaclModel(tiny()).eval()
     outputs = model(torch.randn(2, 1, 64, 64), output_hidden_states=True)
-    assert [tuple(m.shape[1:]) for m in outputs.hidden_states] == [(4, 64, 64), (8, 32, 32), (16, 16, 16), (32, 8, 8), (64, 4, 4)]
+    assert [tuple(m.shape[1:]) for m in outputs.hidden_states] == [
+        (4, 64, 64),
+        (8, 32, 32),
+        (16, 16, 16),
+        (32, 8, 8),
+        (64, 4, 4),
+    ]
     assert outputs.last_hidden_state.shape == (2, 64, 4, 4)
     torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state.mean(dim=(2, 3)))
     assert (outputs.last_hidden_state >= 0).all()  # the centre ends in a ReLU
@@ -88,8 +94,11 @@ def test_pretraining_outputs_and_losses():
     assert outputs.auxiliary_dense.shape == outputs.dominant_dense.shape == (4, 16, 4, 4)
     assert outputs.auxiliary_global.shape == outputs.dominant_global.shape == (4, 16)
     config = model.config
-    total = (config.global_loss_weight * outputs.loss_global + config.dense_loss_weight * outputs.loss_dense
-             + config.equivariance_loss_weight * outputs.loss_equivariance)
+    total = (
+        config.global_loss_weight * outputs.loss_global
+        + config.dense_loss_weight * outputs.loss_dense
+        + config.equivariance_loss_weight * outputs.loss_equivariance
+    )
     torch.testing.assert_close(outputs.loss, total)
     assert all(torch.isfinite(value) for value in (outputs.loss_global, outputs.loss_dense, outputs.loss_equivariance))
     outputs.loss.backward()

@@ -71,4 +71,6 @@ def test_broken_json_line_and_empty_manifest(folder):
     path.write_text("\n")
     with pytest.raises(ManifestError, match="holds no rows"):
         load_manifest(path)
-    assert load_manifest(_jsonl(folder, [{**GOOD, "path": "elsewhere.png"}]), check_files=False)[0].path == "elsewhere.png"
+    assert (
+        load_manifest(_jsonl(folder, [{**GOOD, "path": "elsewhere.png"}]), check_files=False)[0].path == "elsewhere.png"
+    )

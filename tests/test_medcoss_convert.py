@@ -15,49 +15,81 @@ from hub.export.checksums import sha256_file
 from hub.models.medcoss import MedCossForPreTraining, MedCossModel
 
 
-def upstream_shapes(h=768, layers=12, ffn=3072, vocab=49411, dec=512, dec_layers=8, dec_ffn=2048, dec_2d=197,
-                    dec_3d=145, patch=16) -> dict[str, tuple[int, ...]]:
+def upstream_shapes(
+    h=768, layers=12, ffn=3072, vocab=49411, dec=512, dec_layers=8, dec_ffn=2048, dec_2d=197, dec_3d=145, patch=16
+) -> dict[str, tuple[int, ...]]:
     """The released checkpoint's `model` keys and shapes, written from reference A7."""
     shapes = {"cls_token": (1, 1, h)}
     for i in range(layers):
         prefix = f"fused_encoder.layers.{i}."
         shapes |= {
-            prefix + "self_attn.in_proj_weight": (3 * h, h), prefix + "self_attn.in_proj_bias": (3 * h,),
-            prefix + "self_attn.out_proj.weight": (h, h), prefix + "self_attn.out_proj.bias": (h,),
-            prefix + "linear1.weight": (ffn, h), prefix + "linear1.bias": (ffn,),
-            prefix + "linear2.weight": (h, ffn), prefix + "linear2.bias": (h,),
-            prefix + "norm1.weight": (h,), prefix + "norm1.bias": (h,), prefix + "norm2.weight": (h,),
-            prefix + "norm2.bias": (h,), prefix + "gamma_1": (h,), prefix + "gamma_2": (h,),
+            prefix + "self_attn.in_proj_weight": (3 * h, h),
+            prefix + "self_attn.in_proj_bias": (3 * h,),
+            prefix + "self_attn.out_proj.weight": (h, h),
+            prefix + "self_attn.out_proj.bias": (h,),
+            prefix + "linear1.weight": (ffn, h),
+            prefix + "linear1.bias": (ffn,),
+            prefix + "linear2.weight": (h, ffn),
+            prefix + "linear2.bias": (h,),
+            prefix + "norm1.weight": (h,),
+            prefix + "norm1.bias": (h,),
+            prefix + "norm2.weight": (h,),
+            prefix + "norm2.bias": (h,),
+            prefix + "gamma_1": (h,),
+            prefix + "gamma_2": (h,),
         }
     shapes |= {
-        "token_embed.embeddings.weight": (vocab, h), "token_embed.embeddings_norm.weight": (h,),
-        "token_embed.embeddings_norm.bias": (h,), "token_embed.embeddings_pos.position_embeddings.weight": (512, h),
+        "token_embed.embeddings.weight": (vocab, h),
+        "token_embed.embeddings_norm.weight": (h,),
+        "token_embed.embeddings_norm.bias": (h,),
+        "token_embed.embeddings_pos.position_embeddings.weight": (512, h),
         "token_embed.embeddings_token_type.weight": (2, h),
-        "video_embed.embeddings.weight": (h, 3, patch, patch), "video_embed.embeddings.bias": (h,),
-        "video_embed.embeddings_3D.weight": (h, 1, patch, patch, patch), "video_embed.embeddings_3D.bias": (h,),
-        "video_embed.embeddings_norm.weight": (h,), "video_embed.embeddings_norm.bias": (h,),
+        "video_embed.embeddings.weight": (h, 3, patch, patch),
+        "video_embed.embeddings.bias": (h,),
+        "video_embed.embeddings_3D.weight": (h, 1, patch, patch, patch),
+        "video_embed.embeddings_3D.bias": (h,),
+        "video_embed.embeddings_norm.weight": (h,),
+        "video_embed.embeddings_norm.bias": (h,),
         "video_embed.embeddings_st_pos_2D.spatial_pos_embed.weight": (1024, h),
         "video_embed.embeddings_st_pos_2D.temporal_pos_embed.weight": (8, h),
         "video_embed.embeddings_st_pos_3D.spatial_pos_embed.weight": (4096, h),
         "video_embed.embeddings_st_pos_3D.temporal_pos_embed.weight": (8, h),
-        "video_embed.embeddings_pos.position_embeddings.weight": (1600, h), "video_embed.embeddings_type.weight": (1, h),
-        "decoder_embed.weight": (dec, h), "decoder_embed.bias": (dec,), "mask_token": (1, 1, dec),
-        "decoder_pos_embed_2D": (1, dec_2d, dec), "decoder_pos_embed_3D": (1, dec_3d, dec),
-        "decoder_norm.weight": (dec,), "decoder_norm.bias": (dec,),
-        "decoder_pred_2D.weight": (patch**2 * 3, dec), "decoder_pred_2D.bias": (patch**2 * 3,),
-        "decoder_pred_3D.weight": (patch**3, dec), "decoder_pred_3D.bias": (patch**3,),
-        "decoder_pos_embed_1D.weight": (2, h), "mlm_head.transform.dense.weight": (h, h),
-        "mlm_head.transform.dense.bias": (h,), "mlm_head.transform.LayerNorm.weight": (h,),
-        "mlm_head.transform.LayerNorm.bias": (h,), "mlm_head.decoder.weight": (vocab, h), "mlm_head.bias": (vocab,),
+        "video_embed.embeddings_pos.position_embeddings.weight": (1600, h),
+        "video_embed.embeddings_type.weight": (1, h),
+        "decoder_embed.weight": (dec, h),
+        "decoder_embed.bias": (dec,),
+        "mask_token": (1, 1, dec),
+        "decoder_pos_embed_2D": (1, dec_2d, dec),
+        "decoder_pos_embed_3D": (1, dec_3d, dec),
+        "decoder_norm.weight": (dec,),
+        "decoder_norm.bias": (dec,),
+        "decoder_pred_2D.weight": (patch**2 * 3, dec),
+        "decoder_pred_2D.bias": (patch**2 * 3,),
+        "decoder_pred_3D.weight": (patch**3, dec),
+        "decoder_pred_3D.bias": (patch**3,),
+        "decoder_pos_embed_1D.weight": (2, h),
+        "mlm_head.transform.dense.weight": (h, h),
+        "mlm_head.transform.dense.bias": (h,),
+        "mlm_head.transform.LayerNorm.weight": (h,),
+        "mlm_head.transform.LayerNorm.bias": (h,),
+        "mlm_head.decoder.weight": (vocab, h),
+        "mlm_head.bias": (vocab,),
     }
     for i in range(dec_layers):
         prefix = f"decoder_blocks.{i}."
         shapes |= {
-            prefix + "norm1.weight": (dec,), prefix + "norm1.bias": (dec,), prefix + "norm2.weight": (dec,),
-            prefix + "norm2.bias": (dec,), prefix + "attn.qkv.weight": (3 * dec, dec), prefix + "attn.qkv.bias": (3 * dec,),
-            prefix + "attn.proj.weight": (dec, dec), prefix + "attn.proj.bias": (dec,),
-            prefix + "mlp.fc1.weight": (dec_ffn, dec), prefix + "mlp.fc1.bias": (dec_ffn,),
-            prefix + "mlp.fc2.weight": (dec, dec_ffn), prefix + "mlp.fc2.bias": (dec,),
+            prefix + "norm1.weight": (dec,),
+            prefix + "norm1.bias": (dec,),
+            prefix + "norm2.weight": (dec,),
+            prefix + "norm2.bias": (dec,),
+            prefix + "attn.qkv.weight": (3 * dec, dec),
+            prefix + "attn.qkv.bias": (3 * dec,),
+            prefix + "attn.proj.weight": (dec, dec),
+            prefix + "attn.proj.bias": (dec,),
+            prefix + "mlp.fc1.weight": (dec_ffn, dec),
+            prefix + "mlp.fc1.bias": (dec_ffn,),
+            prefix + "mlp.fc2.weight": (dec, dec_ffn),
+            prefix + "mlp.fc2.bias": (dec,),
         }
     return shapes
 
@@ -94,8 +126,9 @@ def random_checkpoint(path, shapes, wrap=True, extra=None):
 @pytest.mark.parametrize("keep", [True, False])
 def test_convert_reload_gives_the_source_tensors(tmp_path, keep):
     source = random_checkpoint(tmp_path / "checkpoint-299.pth", upstream_shapes(**TINY))
-    out = convert_medcoss(tmp_path / "checkpoint-299.pth", tmp_path / "repo", variant="medcoss-tiny",
-                          keep_pretraining_heads=keep)
+    out = convert_medcoss(
+        tmp_path / "checkpoint-299.pth", tmp_path / "repo", variant="medcoss-tiny", keep_pretraining_heads=keep
+    )
     model = (MedCossForPreTraining if keep else MedCossModel).from_pretrained(out)
     assert model.config.text_mask_mode == "faithful" and model.config.architectures[0] == type(model).__name__
     state = model.state_dict()
@@ -151,8 +184,13 @@ def test_cli_copies_the_tokenizer_and_keeps_heads(tmp_path, cli):
     # The CLI converts the paper-scale variant; a tiny checkpoint must therefore be refused with a shape error.
     refused = cli("convert", "medcoss", tmp_path / "c.pth", "--out", tmp_path / "x", "--tokenizer-dir", tokenizer_dir)
     assert refused.code != 0 and "expected (1, 1, 768)" in refused.err
-    out = convert_medcoss(tmp_path / "c.pth", tmp_path / "repo", variant="medcoss-tiny", tokenizer_dir=tokenizer_dir,
-                          keep_pretraining_heads=True)
+    out = convert_medcoss(
+        tmp_path / "c.pth",
+        tmp_path / "repo",
+        variant="medcoss-tiny",
+        tokenizer_dir=tokenizer_dir,
+        keep_pretraining_heads=True,
+    )
     assert (out / "vocab.txt").is_file() and "vocab.txt" in (out / "checksums.sha256").read_text()
     ids = BertTokenizer.from_pretrained(out)("No acute effusions")["input_ids"]
     assert ids == [2, 5, 6, 7, 8, 3]

@@ -29,15 +29,32 @@ def test_tiny_repo_loads_by_id_offline_with_and_without_medhub(tmp_path, load_by
     assert config["auto_map"]["AutoModelForPreTraining"] == "modeling_medcoss.MedCossForPreTraining"
     assert config["image_pooling"] == "patch_mean" and config["text_pooling"] == "mean"
     processor = json.loads((repo / "preprocessor_config.json").read_text())
-    assert processor["size"] == [32, 32] and processor["resize"] == [32, 32] and processor["intensity"]["policy"] == "scale01"
+    assert (
+        processor["size"] == [32, 32]
+        and processor["resize"] == [32, 32]
+        and processor["intensity"]["policy"] == "scale01"
+    )
     card = ModelCard.load(repo / "README.md")
     assert card.data.license == "apache-2.0" and {"medcoss", "xray"} <= set(card.data.tags)
-    for section in ("## Intended use", "not a medical device", "## Training data", "## Preprocessing", "## How to load",
-                    "trust_remote_code=True", "## Limitations", "## Citation", 'AutoModel.from_pretrained("org/medcoss-tiny")'):
+    for section in (
+        "## Intended use",
+        "not a medical device",
+        "## Training data",
+        "## Preprocessing",
+        "## How to load",
+        "trust_remote_code=True",
+        "## Limitations",
+        "## Citation",
+        'AutoModel.from_pretrained("org/medcoss-tiny")',
+    ):
         assert section in card.text, section
 
 
 @pytest.mark.slow
 def test_paper_scale_repo_loads_by_id_offline_with_and_without_medhub(load_by_id):
     with_medhub, without_medhub = load_by_id(["medcoss-vitb"], per_model=VOLUME)
-    assert with_medhub.split()[2:] == without_medhub.split()[2:] == ["(1,", "3,", "224,", "224)", "volume", "(1,", "5,", "768)"]
+    assert (
+        with_medhub.split()[2:]
+        == without_medhub.split()[2:]
+        == ["(1,", "3,", "224,", "224)", "volume", "(1,", "5,", "768)"]
+    )

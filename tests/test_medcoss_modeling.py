@@ -39,7 +39,9 @@ def test_paper_scale_sizes():
     assert model.decoder_position_embeddings_3d.shape == (1, 145, 512)
 
 
-def upstream_layer_output(layer: MedCossLayer, hidden: torch.Tensor, mask: torch.Tensor | None, heads: int) -> torch.Tensor:
+def upstream_layer_output(
+    layer: MedCossLayer, hidden: torch.Tensor, mask: torch.Tensor | None, heads: int
+) -> torch.Tensor:
     """The upstream block: nn.MultiheadAttention with the packed in-projection, pre-norm, layer scale."""
     width = hidden.shape[-1]
     attention = nn.MultiheadAttention(width, heads, batch_first=True)
@@ -68,7 +70,9 @@ def upstream_text_mask(attention_mask: torch.Tensor, heads: int, batch_major: bo
 
 @pytest.mark.parametrize("mode", ["faithful", "corrected", None])
 def test_layer_equals_multihead_attention_with_upstream_order(mode):
-    config = MedCossConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128, text_mask_mode=mode or "faithful")
+    config = MedCossConfig(
+        hidden_size=64, num_attention_heads=4, intermediate_size=128, text_mask_mode=mode or "faithful"
+    )
     torch.manual_seed(0)
     layer = MedCossLayer(config).eval()
     for module in layer.modules():
@@ -148,7 +152,9 @@ def test_text_path_pools_all_positions_and_uses_the_mask():
     torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state.mean(dim=1))
     torch.testing.assert_close(outputs.last_hidden_state[1:], alone.last_hidden_state, atol=1e-5, rtol=1e-5)
     # causal: position 10 cannot see the tokens after it, so padding from 40 on does not change it
-    torch.testing.assert_close(alone.last_hidden_state[:, :40], unmasked.last_hidden_state[:, :40], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        alone.last_hidden_state[:, :40], unmasked.last_hidden_state[:, :40], atol=1e-5, rtol=1e-5
+    )
     assert not torch.allclose(alone.last_hidden_state[:, 40:], unmasked.last_hidden_state[:, 40:])
 
 
@@ -157,7 +163,10 @@ def test_text_path_pools_all_positions_and_uses_the_mask():
     [
         ({"pixel_values": torch.zeros(1, 1, 32, 32)}, r"2D pixel_values must have 3 channel\(s\)"),
         ({"pixel_values": torch.zeros(1, 3, 16, 32, 32)}, r"3D pixel_values must have 1 channel\(s\)"),
-        ({"pixel_values": torch.zeros(1, 1, 20, 32, 32)}, r"3D input size \(20, 32, 32\) must be positive multiples of the patch size 16"),
+        (
+            {"pixel_values": torch.zeros(1, 1, 20, 32, 32)},
+            r"3D input size \(20, 32, 32\) must be positive multiples of the patch size 16",
+        ),
         ({"pixel_values": torch.zeros(1, 3, 528, 512)}, r"1056 patches, more than the 1024 rows"),
         ({"pixel_values": torch.zeros(3, 32, 32)}, "pixel_values must be"),
         ({"input_ids": torch.zeros(1, 513, dtype=torch.long)}, "513 tokens, more than the 512 text positions"),
@@ -172,8 +181,12 @@ def test_bad_inputs_fail_clearly(inputs, message):
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("text_mask_mode", "fixed", "text_mask_mode='fixed'"), ("hidden_size", 30, "not a multiple"),
-     ("segmentation_layers", [4, 7, 10, 13], "segmentation_layers"), ("mask_ratio", 1.5, "mask_ratio")],
+    [
+        ("text_mask_mode", "fixed", "text_mask_mode='fixed'"),
+        ("hidden_size", 30, "not a multiple"),
+        ("segmentation_layers", [4, 7, 10, 13], "segmentation_layers"),
+        ("mask_ratio", 1.5, "mask_ratio"),
+    ],
 )
 def test_config_rejects_bad_values(field, value, message):
     with pytest.raises(Exception, match=message):

@@ -61,20 +61,30 @@ def test_encoder_outputs_and_hidden_states(tiny_config):
     outputs = model(torch.randn(2, 3, 64, 64), output_hidden_states=True)
     assert outputs.pooler_output.shape == (2, 64)
     assert [tuple(h.shape) for h in outputs.hidden_states] == [
-        (2, 8, 16, 16), (2, 8, 16, 16), (2, 16, 8, 8), (2, 32, 4, 4), (2, 64, 2, 2)
+        (2, 8, 16, 16),
+        (2, 8, 16, 16),
+        (2, 16, 8, 8),
+        (2, 32, 4, 4),
+        (2, 64, 2, 2),
     ]
     torch.testing.assert_close(outputs.pooler_output, outputs.hidden_states[-1].mean(dim=(2, 3)))
     assert model(torch.randn(1, 3, 64, 64)).hidden_states is None
 
 
 def test_encoder_rejects_wrong_channels(tiny_config):
-    with pytest.raises(ValueError, match=r"pixel_values must have shape \(batch, 3, height, width\), got \(1, 1, 64, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"pixel_values must have shape \(batch, 3, height, width\), got \(1, 1, 64, 64\)"
+    ):
         MuscleModel(tiny_config)(torch.randn(1, 1, 64, 64))
 
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("block_type", "wide", "block_type='wide'"), ("output_stride", 4, "output_stride=4"), ("depths", [1, 1], "4 stages")],
+    [
+        ("block_type", "wide", "block_type='wide'"),
+        ("output_stride", 4, "output_stride=4"),
+        ("depths", [1, 1], "4 stages"),
+    ],
 )
 def test_config_rejects_bad_layouts(field, value, message):
     with pytest.raises(Exception, match=message):
@@ -99,7 +109,9 @@ def test_classification_head_shapes_and_loss(tiny_config, problem_type, labels):
 
 
 def test_classification_loss_values():
-    config = MuscleConfig(depths=[1, 1, 1, 1], hidden_sizes=[4, 8, 16, 32], stem_width=8, block_type="basic", num_labels=2)
+    config = MuscleConfig(
+        depths=[1, 1, 1, 1], hidden_sizes=[4, 8, 16, 32], stem_width=8, block_type="basic", num_labels=2
+    )
     model = MuscleForImageClassification(config)
     torch.nn.init.zeros_(model.classifier.weight)
     torch.nn.init.zeros_(model.classifier.bias)
@@ -121,14 +133,24 @@ def test_segmentation_head_shapes_and_loss(tiny_config, num_labels):
 def detection_labels() -> list[dict[str, torch.Tensor]]:
     return [
         {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "class_labels": torch.tensor([1])},
-        {"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0], [2.0, 2.0, 12.0, 12.0]]), "class_labels": torch.tensor([0, 1])},
+        {
+            "boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0], [2.0, 2.0, 12.0, 12.0]]),
+            "class_labels": torch.tensor([0, 1]),
+        },
     ]
 
 
 def test_detection_settings_are_config_fields():
     config = get_variant("muscle-resnet18-tiny").build_config(
-        num_labels=2, rpn_anchor_sizes=[16, 32, 64, 128, 256], rpn_aspect_ratios=[1.0], rpn_post_nms_top_n_test=50,
-        rpn_nms_threshold=0.6, box_roi_size=5, box_head_channels=64, box_detections_per_image=7, box_score_threshold=0.2,
+        num_labels=2,
+        rpn_anchor_sizes=[16, 32, 64, 128, 256],
+        rpn_aspect_ratios=[1.0],
+        rpn_post_nms_top_n_test=50,
+        rpn_nms_threshold=0.6,
+        box_roi_size=5,
+        box_head_channels=64,
+        box_detections_per_image=7,
+        box_score_threshold=0.2,
     )
     model = MuscleForObjectDetection(config)
     assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))

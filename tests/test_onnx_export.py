@@ -21,8 +21,11 @@ from serving.onnx_export import FP16_PARITY_RTOL, PARITY_ATOL, TaskGraph, availa
 from serving.runtime import create_session
 
 pytestmark = pytest.mark.slow
-HEADS = {"features": "AutoModel", "classification": "AutoModelForImageClassification",
-         "segmentation": "AutoModelForSemanticSegmentation"}
+HEADS = {
+    "features": "AutoModel",
+    "classification": "AutoModelForImageClassification",
+    "segmentation": "AutoModelForSemanticSegmentation",
+}
 CASES = [
     (variant.id, task)
     for variant in VARIANTS.values()
@@ -36,8 +39,14 @@ def _repo(tmp_path: Path, variant_id: str, task: str) -> tuple[torch.nn.Module, 
     variant = VARIANTS[variant_id]
     config = variant.build_config(num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
     model = get_family(variant.family).auto_classes[HEADS[task]](config).eval()
-    repo = export_repo(model, tmp_path / "repo", variant=variant.id, provenance=Provenance("trained", "test"),
-                       processor=variant.build_processor(), modality=variant.modality)
+    repo = export_repo(
+        model,
+        tmp_path / "repo",
+        variant=variant.id,
+        provenance=Provenance("trained", "test"),
+        processor=variant.build_processor(),
+        modality=variant.modality,
+    )
     return model, repo
 
 
@@ -62,7 +71,8 @@ def _assert_float16_graph(path: Path, model: torch.nn.Module, task: str) -> None
     graph = onnx.load(str(path))
     assert {prop.key: prop.value for prop in graph.metadata_props}["precision"] == "fp16"
     assert {value.type.tensor_type.elem_type for value in [*graph.graph.input, *graph.graph.output]} == {
-        onnx.TensorProto.FLOAT}
+        onnx.TensorProto.FLOAT
+    }
     elements = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
     for tensor in graph.graph.initializer:
         if tensor.data_type in elements:
@@ -120,8 +130,14 @@ def test_served_model_caches_fp16_graphs_apart_from_fp32(tmp_path):
 def test_bentoml_build_succeeds_offline(tmp_path):
     bentoml = Path(sys.executable).parent / "bentoml"
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
-    result = subprocess.run([str(bentoml), "build"], cwd=Path(__file__).resolve().parents[1], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(bentoml), "build"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Successfully built" in result.stdout + result.stderr
 

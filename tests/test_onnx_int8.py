@@ -28,8 +28,14 @@ def _repo(root, variant_id: str, task: str):
     torch.manual_seed(0)
     config = variant.build_config(num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
     model = get_family(variant.family).auto_classes[HEADS[task]](config).eval()
-    return export_repo(model, root / "repo", variant=variant.id, provenance=Provenance("trained", "test"),
-                       processor=variant.build_processor(), modality=variant.modality)
+    return export_repo(
+        model,
+        root / "repo",
+        variant=variant.id,
+        provenance=Provenance("trained", "test"),
+        processor=variant.build_processor(),
+        modality=variant.modality,
+    )
 
 
 def test_gate_figures_are_exact_on_known_values():
@@ -51,8 +57,16 @@ def test_int8_graph_of_every_tiny_preset_passes_the_gate_and_serves(tmp_path, va
     if task == "segmentation":
         # random heads put most pixels on the decision boundary (logits near 0), where int8 noise flips labels: the
         # default Dice gate (0.98) refuses several of them, so these go into the cache through a looser gate
-        export_int8(repo, task, folder / f"{task}.int8.onnx", repo_id=str(repo), revision=repo_revision(repo),
-                    processor=processor, gate=Gate(min_dice=SEGMENTATION_DICE), methods=("percentile",))
+        export_int8(
+            repo,
+            task,
+            folder / f"{task}.int8.onnx",
+            repo_id=str(repo),
+            revision=repo_revision(repo),
+            processor=processor,
+            gate=Gate(min_dice=SEGMENTATION_DICE),
+            methods=("percentile",),
+        )
     served = load_served_model(str(repo), cache, device="cpu", int8=True)
     assert (folder / f"{task}.int8.onnx").is_file() and (folder / f"{task}.onnx").is_file()
     graph = onnx.load(str(folder / f"{task}.int8.onnx"))
@@ -95,8 +109,9 @@ def test_gate_refuses_one_constant_image_and_accepts_the_real_calibration(tmp_pa
     constant = tmp_path / "constant"
     constant.mkdir()
     Image.fromarray(np.full((64, 64), 128, np.uint8)).save(constant / "grey.png")
-    refused = cli("onnx", str(repo), "--int8", "--calibration", str(constant), "--out", str(tmp_path / "bad"),
-                  "--no-progress")
+    refused = cli(
+        "onnx", str(repo), "--int8", "--calibration", str(constant), "--out", str(tmp_path / "bad"), "--no-progress"
+    )
     assert refused.code == 1 and not (tmp_path / "bad" / "model.onnx").exists()
     assert len(refused.err.strip().splitlines()) == 1 and "cosine" in refused.err and "0.995" in refused.err
     accepted = cli("onnx", str(repo), "--int8", "--out", str(tmp_path / "good"), "--no-progress")
@@ -104,8 +119,9 @@ def test_gate_refuses_one_constant_image_and_accepts_the_real_calibration(tmp_pa
     metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "good" / "model.onnx")).metadata_props}
     assert float(metadata["gate_cosine"]) >= 0.995 and metadata["calibration_size"] == "16"
     # the threshold is a flag: an impossible one refuses the same, real calibration
-    strict = cli("onnx", str(repo), "--int8", "--min-cosine", "1.01", "--out", str(tmp_path / "strict"),
-                 "--no-progress")
+    strict = cli(
+        "onnx", str(repo), "--int8", "--min-cosine", "1.01", "--out", str(tmp_path / "strict"), "--no-progress"
+    )
     assert strict.code == 1 and "1.01" in strict.err
 
 
@@ -113,8 +129,16 @@ def test_gate_refuses_a_classifier_whose_top1_moves(tmp_path):
     repo = _repo(tmp_path, "muscle-resnet18-tiny", "classification")
     processor = MedicalImageProcessor.from_pretrained(repo)
     with pytest.raises(QuantizationGateError, match="agreement"):
-        export_int8(repo, "classification", tmp_path / "c.onnx", repo_id="org/c", revision="0" * 40,
-                    processor=processor, gate=Gate(min_agreement=1.5), methods=("minmax",))
+        export_int8(
+            repo,
+            "classification",
+            tmp_path / "c.onnx",
+            repo_id="org/c",
+            revision="0" * 40,
+            processor=processor,
+            gate=Gate(min_agreement=1.5),
+            methods=("minmax",),
+        )
     assert not (tmp_path / "c.onnx").exists()
 
 
@@ -126,6 +150,7 @@ def test_cache_holds_fp32_fp16_and_int8_side_by_side(tmp_path):
     folder = cache / repo_revision(repo)
     names = sorted(path.name for path in folder.glob("*.onnx"))
     assert names == ["features.fp16.onnx", "features.int8.onnx", "features.onnx"]
-    precisions = {name: {p.key: p.value for p in onnx.load(str(folder / name)).metadata_props}["precision"]
-                  for name in names}
+    precisions = {
+        name: {p.key: p.value for p in onnx.load(str(folder / name)).metadata_props}["precision"] for name in names
+    }
     assert precisions == {"features.fp16.onnx": "fp16", "features.int8.onnx": "int8", "features.onnx": "fp32"}

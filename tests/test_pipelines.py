@@ -16,12 +16,19 @@ from hub.models import get_family
 
 def _repo(tmp_path, variant_id: str, head: str):
     variant = VARIANTS[variant_id]
-    config = variant.build_config(num_labels=2, id2label={0: "background", 1: "lung"},
-                                  label2id={"background": 0, "lung": 1})
+    config = variant.build_config(
+        num_labels=2, id2label={0: "background", 1: "lung"}, label2id={"background": 0, "lung": 1}
+    )
     torch.manual_seed(0)
     model = get_family(variant.family).auto_classes[head](config).eval()
-    return export_repo(model, tmp_path / variant_id, variant=variant.id, provenance=Provenance("trained", "test"),
-                       processor=variant.build_processor(), modality=variant.modality)
+    return export_repo(
+        model,
+        tmp_path / variant_id,
+        variant=variant.id,
+        provenance=Provenance("trained", "test"),
+        processor=variant.build_processor(),
+        modality=variant.modality,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,9 @@ def test_segmentation_pipeline_gives_masks_on_the_input_grid(tmp_path, xray_dico
             logits = segmenter.model(pixel_values=inputs["pixel_values"]).logits
         expected = processor.post_process_semantic_segmentation({"logits": logits}, inputs["records"])[0].numpy()
         assert expected.shape == size[::-1]
-        assert [a["label"] for a in annotations] == [segmenter.model.config.id2label[int(k)] for k in np.unique(expected)]
+        assert [a["label"] for a in annotations] == [
+            segmenter.model.config.id2label[int(k)] for k in np.unique(expected)
+        ]
         for annotation in annotations:
             assert annotation["mask"].size == size
             label = segmenter.model.config.label2id[annotation["label"]]

@@ -20,25 +20,41 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(3600)
 def test_plain_install_runs_finetune_on_phantoms(tmp_path):
     source = tmp_path / "src"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__",
-                                                                 ".pytest_cache"))
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__", ".pytest_cache"),
+    )
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_CACHE=str(tmp_path / "hf"))
-    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(source)], env=env,
-                         capture_output=True, text=True)
+    pip = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", str(source)], env=env, capture_output=True, text=True
+    )
     assert pip.returncode == 0, pip.stderr[-3000:]
 
     def medhub(*args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run([str(venv / "bin" / "medhub"), *args], env=env, cwd=tmp_path, capture_output=True,
-                                text=True, timeout=900)
+        result = subprocess.run(
+            [str(venv / "bin" / "medhub"), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900
+        )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return result
 
     medhub("phantoms", "--out", "data", "--kinds", "xray", "--count", "6", "--no-progress")
     medhub("init", "muscle-resnet18-tiny", "--out", "repo")
-    medhub("finetune", "repo", "--task", "classification", "--data", "data/manifest.jsonl", "--out", "run",
-           "--label", "nodule", "--no-progress")
+    medhub(
+        "finetune",
+        "repo",
+        "--task",
+        "classification",
+        "--data",
+        "data/manifest.jsonl",
+        "--out",
+        "run",
+        "--label",
+        "nodule",
+        "--no-progress",
+    )
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics and (tmp_path / "run" / "repo" / "model.safetensors").is_file()

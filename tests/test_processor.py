@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, BatchFeature
 
 from hub.errors import InputError
-from hub.io import MedicalImage, from_array
+from hub.io import from_array
 from hub.processing import PRESETS, MedicalImageProcessor, preset
 from hub.processing.channels import apply_channels, channels_first
 from hub.processing.intensity import apply_intensity, normalize_spec, to_monochrome2
@@ -57,7 +57,9 @@ def test_percentile_zscore():
 
 
 def test_zscore_and_percentile_scale01():
-    np.testing.assert_allclose(_intensity([1, 2, 3, 4], "zscore"), [-1.341641, -0.447214, 0.447214, 1.341641], rtol=1e-6)
+    np.testing.assert_allclose(
+        _intensity([1, 2, 3, 4], "zscore"), [-1.341641, -0.447214, 0.447214, 1.341641], rtol=1e-6
+    )
     spec = {"policy": "percentile_scale01", "lower": 0, "upper": 75}
     np.testing.assert_allclose(_intensity([0, 10, 20, 30, 1000], spec), [0, 1 / 3, 2 / 3, 1, 1], rtol=1e-6)
     np.testing.assert_array_equal(_intensity([5, 0], "zscore"), [1, -1])
@@ -113,7 +115,14 @@ def test_every_input_kind_gives_the_same_pixel_values(tmp_path):
     processor = MedicalImageProcessor(**preset("umedpt"))
     reference = processor(grey)["pixel_values"]
     assert reference.shape == (1, 3, 224, 224)
-    for source in (path, str(path), path.read_bytes(), Image.fromarray(grey), sitk.GetImageFromArray(grey), from_array(grey)):
+    for source in (
+        path,
+        str(path),
+        path.read_bytes(),
+        Image.fromarray(grey),
+        sitk.GetImageFromArray(grey),
+        from_array(grey),
+    ):
         torch.testing.assert_close(processor(source)["pixel_values"], reference, rtol=0, atol=0)
     batch = processor([grey, path])["pixel_values"]
     assert batch.shape == (2, 3, 224, 224)
@@ -138,8 +147,14 @@ def test_3d_pipeline_shapes_and_resampling_round_trip():
     image = sitk.GetImageFromArray(volume)
     image.SetSpacing((1.0, 1.0, 2.0))
     image.SetOrigin((5.0, -3.0, 7.0))
-    processor = MedicalImageProcessor(modality="ct", spatial_dims=3, in_channels=1, intensity="none",
-                                      target_spacing=[1.0, 1.0, 1.0], size=[16, 20, 20])
+    processor = MedicalImageProcessor(
+        modality="ct",
+        spatial_dims=3,
+        in_channels=1,
+        intensity="none",
+        target_spacing=[1.0, 1.0, 1.0],
+        size=[16, 20, 20],
+    )
     prepared = processor.prepare(image)
     assert prepared.pixel_values.shape == (1, 16, 20, 20)
     np.testing.assert_allclose(prepared.pixel_values[0, 2], volume[1], atol=1e-4)  # z = 2 mm is slice 1
@@ -159,10 +174,22 @@ def test_wrong_dimensionality_is_an_input_error():
 
 
 def _everything() -> dict:
-    return {"modality": "mri", "spatial_dims": 3, "in_channels": 2, "channel_policy": "repeat",
-            "invert_monochrome1": False, "intensity": {"policy": "percentile_zscore", "lower": 1.5, "upper": 98.5},
-            "image_mean": [0.1, 0.2], "image_std": [0.3, 0.4], "resize": [8, 16, 16], "size": [8, 12, 12],
-            "target_spacing": [2.0, 0.5, 0.5], "orientation": "LPS", "tile_overlap": 0.25, "tile_weighting": "constant"}
+    return {
+        "modality": "mri",
+        "spatial_dims": 3,
+        "in_channels": 2,
+        "channel_policy": "repeat",
+        "invert_monochrome1": False,
+        "intensity": {"policy": "percentile_zscore", "lower": 1.5, "upper": 98.5},
+        "image_mean": [0.1, 0.2],
+        "image_std": [0.3, 0.4],
+        "resize": [8, 16, 16],
+        "size": [8, 12, 12],
+        "target_spacing": [2.0, 0.5, 0.5],
+        "orientation": "LPS",
+        "tile_overlap": 0.25,
+        "tile_weighting": "constant",
+    }
 
 
 @pytest.mark.parametrize("settings", [_everything()] + [preset(name) for name in sorted(PRESETS)])

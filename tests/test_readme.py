@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
 from test_training_demo import SMALL
 
@@ -25,8 +24,11 @@ pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
 
 README = REPO_ROOT / "README.md"
-_BLOCK = re.compile(r"(?:<!-- readme-test: skip \((?P<reason>[^)]*)\) -->\n)?```(?P<lang>bash|sh|console|python)\n"
-                    r"(?P<code>.*?)^```$", re.MULTILINE | re.DOTALL)
+_BLOCK = re.compile(
+    r"(?:<!-- readme-test: skip \((?P<reason>[^)]*)\) -->\n)?```(?P<lang>bash|sh|console|python)\n"
+    r"(?P<code>.*?)^```$",
+    re.MULTILINE | re.DOTALL,
+)
 README_PORT = "127.0.0.1:3000"
 
 
@@ -54,23 +56,40 @@ def served_demo(tmp_path_factory):
     """A fresh HOME holding the demo (built once, small sizes) and `medhub serve` on its models, as `make run`."""
     home = tmp_path_factory.mktemp("home")
     bin_dir = Path(sys.executable).parent
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("HF_", "MEDHUB_", "BENTOML_", "HUGGINGFACE_"))}
-    env.update(HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONPATH=str(REPO_ROOT),
-               HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("HF_", "MEDHUB_", "BENTOML_", "HUGGINGFACE_"))
+    }
+    env.update(
+        HOME=str(home),
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        PYTHONPATH=str(REPO_ROOT),
+        HF_HUB_OFFLINE="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TRANSFORMERS_VERBOSITY="error",
+    )
     demo = home / ".cache" / "medhub" / "demo"
     sizes = ", ".join(f"{name}={getattr(SMALL, name)}" for name in SMALL.__dataclass_fields__)
-    build = (f"from training.demo import DemoSizes, run_demo; "
-             f"run_demo({str(demo)!r}, org='demo', progress=False, sizes=DemoSizes({sizes}))")
-    built = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=900,
-                           check=False)
+    build = (
+        f"from training.demo import DemoSizes, run_demo; "
+        f"run_demo({str(demo)!r}, org='demo', progress=False, sizes=DemoSizes({sizes}))"
+    )
+    built = subprocess.run(
+        [sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     port = _free_port()
     models = [arg for repo_id in (demo / "models.txt").read_text().split() for arg in ("--model", repo_id)]
     examples = [arg for path in sorted((demo / "examples").iterdir()) for arg in ("--example", str(path))]
     log = open(home / "server.log", "w+")  # noqa: SIM115  (open for the server's lifetime, closed below)
-    server = subprocess.Popen([str(bin_dir / "medhub"), "serve", "--host", "127.0.0.1", "--port", str(port),
-                               *models, *examples], env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [str(bin_dir / "medhub"), "serve", "--host", "127.0.0.1", "--port", str(port), *models, *examples],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -105,14 +124,17 @@ def test_readme_block_runs_as_written(lang, code, reason, served_demo, tmp_path)
         pytest.skip(f"marked in the README: {reason}")
     code = code.replace(README_PORT, f"127.0.0.1:{served_demo['port']}")
     command = ["bash", "-euo", "pipefail", "-c", code] if lang != "python" else [sys.executable, "-c", code]
-    result = subprocess.run(command, env=served_demo["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            check=False)
+    result = subprocess.run(
+        command, env=served_demo["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"README block failed (exit {result.returncode}):\n{code}\n---\n{output[-4000:]}"
     assert '"error"' not in result.stdout, f"a request in the README block was refused:\n{result.stdout[-2000:]}"
     for route, key in (("/embed", '"embedding"'), ("/classify", '"probability"'), ("/segment", '"volume_ml"')):
         if route in code:
-            assert key in result.stdout, f"no {key} in the answers of the README's curl to {route}:\n{result.stdout[-2000:]}"
+            assert key in result.stdout, (
+                f"no {key} in the answers of the README's curl to {route}:\n{result.stdout[-2000:]}"
+            )
     mask = served_demo["demo"] / "examples" / "mask.png"
     if "-o mask.png" in code:
         assert mask.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), "curl -o mask.png did not save a PNG"

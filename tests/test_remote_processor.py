@@ -11,13 +11,13 @@ import textwrap
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import REPO_ROOT
+from io_fixtures import dicom_file
 from PIL import Image
 from transformers import AutoImageProcessor
 
 from hub.export.repo import PROCESSOR_AUTO_MAP, PROCESSOR_SOURCE
 from hub.processing import PRESETS, MedicalImageProcessor, preset
-from conftest import REPO_ROOT
-from io_fixtures import dicom_file
 
 _MARKER = re.compile(r"^# Copied from hub\.([\w.]+)\.(\w+)(?: with (.+))?$")
 
@@ -81,9 +81,12 @@ def _inputs_2d(folder) -> dict[str, tuple[str, str]]:
     for name, image in files.items():
         image.save(folder / name)
     arrays = {
-        "uint8.npy": grey, "uint16.npy": rng.integers(0, 4096, (29, 70), dtype=np.uint16),
-        "float.npy": rng.normal(size=(50, 50)).astype(np.float32), "rgb.npy": colour,
-        "rgba.npy": rng.integers(0, 256, (20, 24, 4), dtype=np.uint8), "bool.npy": grey > 100,
+        "uint8.npy": grey,
+        "uint16.npy": rng.integers(0, 4096, (29, 70), dtype=np.uint16),
+        "float.npy": rng.normal(size=(50, 50)).astype(np.float32),
+        "rgb.npy": colour,
+        "rgba.npy": rng.integers(0, 256, (20, 24, 4), dtype=np.uint8),
+        "bool.npy": grey > 100,
     }
     for name, array in arrays.items():
         np.save(folder / name, array)
@@ -98,9 +101,11 @@ def _inputs_2d(folder) -> dict[str, tuple[str, str]]:
 
 def _inputs_3d(folder) -> dict[str, tuple[str, str]]:
     rng = np.random.default_rng(1)
-    arrays = {"ct.npy": rng.integers(-1500, 2000, (20, 40, 36), dtype=np.int16),
-              "mri.npy": rng.gamma(2.0, 100.0, (12, 30, 30)).astype(np.float32),
-              "uint8-volume.npy": rng.integers(0, 256, (10, 20, 20), dtype=np.uint8)}
+    arrays = {
+        "ct.npy": rng.integers(-1500, 2000, (20, 40, 36), dtype=np.int16),
+        "mri.npy": rng.gamma(2.0, 100.0, (12, 30, 30)).astype(np.float32),
+        "uint8-volume.npy": rng.integers(0, 256, (10, 20, 20), dtype=np.uint8),
+    }
     for name, array in arrays.items():
         np.save(folder / name, array)
     return {f"numpy:{name}": ("numpy", name) for name in arrays}
@@ -155,20 +160,34 @@ def test_remote_processor_without_medhub_equals_medhub(cli, tmp_path, run_python
     nifti = tmp_path / "volume.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16)), str(nifti))
     medhub_only = {"dicom": str(dicom_file("RG1_UNCI.dcm")), "nifti": str(nifti), "folder": str(data)}
-    spec = {"data": str(data), "repos": repos, "medhub_only": medhub_only, "saved": str(tmp_path / "saved"),
-            "results": str(tmp_path / "results.npz"), "report": str(tmp_path / "report.json")}
+    spec = {
+        "data": str(data),
+        "repos": repos,
+        "medhub_only": medhub_only,
+        "saved": str(tmp_path / "saved"),
+        "results": str(tmp_path / "results.npz"),
+        "report": str(tmp_path / "report.json"),
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     script = tmp_path / "without_medhub.py"
     script.write_text(WITHOUT_MEDHUB)
-    result = run_python(f"import runpy, sys; sys.argv = ['x', {str(tmp_path / 'spec.json')!r}]; "
-                        f"runpy.run_path({str(script)!r}, run_name='__main__')",
-                        env={"HF_MODULES_CACHE": str(tmp_path / "modules")}, timeout=300)
+    result = run_python(
+        f"import runpy, sys; sys.argv = ['x', {str(tmp_path / 'spec.json')!r}]; "
+        f"runpy.run_path({str(script)!r}, run_name='__main__')",
+        env={"HF_MODULES_CACHE": str(tmp_path / "modules")},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = np.load(tmp_path / "results.npz")
     report = json.loads((tmp_path / "report.json").read_text())
 
-    build = {"path": lambda f: data / f, "str": lambda f: str(data / f), "bytes": lambda f: (data / f).read_bytes(),
-             "pil": lambda f: Image.open(data / f), "numpy": lambda f: np.load(data / f)}
+    build = {
+        "path": lambda f: data / f,
+        "str": lambda f: str(data / f),
+        "bytes": lambda f: (data / f).read_bytes(),
+        "pil": lambda f: Image.open(data / f),
+        "numpy": lambda f: np.load(data / f),
+    }
     compared = 0
     for repo, inputs in repos.items():
         module, _, name = report[repo]["class"].rpartition(".")
@@ -195,7 +214,8 @@ def test_remote_processor_without_medhub_equals_medhub(cli, tmp_path, run_python
 def test_remote_processor_refuses_what_needs_medhub_in_one_sentence(tmp_path, run_python):
     """3D resampling other than the 1 mm grid of a numpy volume needs medhub; the error says so in one line."""
     folder = _processor_folder(tmp_path / "p", preset("medcoss-ct", target_spacing=[2.0, 1.0, 1.0]))
-    result = run_python(textwrap.dedent(f"""
+    result = run_python(
+        textwrap.dedent(f"""
         import sys
         sys.modules["hub"] = None
         import numpy as np
@@ -206,21 +226,29 @@ def test_remote_processor_refuses_what_needs_medhub_in_one_sentence(tmp_path, ru
                 processor(source)
             except ValueError as error:
                 print(error)
-    """), env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    """),
+        env={"HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines == [
-        ("this model resamples volumes to [2.0, 1.0, 1.0] mm; DICOM and NIfTI files, DICOM folders, SimpleITK images "
-         "and 3D resampling need medhub's readers: pip install medhub, and import hub before loading the processor"),
+        (
+            "this model resamples volumes to [2.0, 1.0, 1.0] mm; DICOM and NIfTI files, DICOM folders, "
+            "SimpleITK images and 3D resampling need medhub's readers: pip install medhub, and import hub before "
+            "loading the processor"
+        ),
         "this model takes 3D input but got a 2D image of shape (8, 8)",
-        ("cannot read an input of type float; expected a PNG or JPEG path or bytes, a PIL image or a numpy array "
-         "(DICOM and NIfTI files, DICOM folders, SimpleITK images and 3D resampling need medhub's readers: pip install "
-         "medhub, and import hub before loading the processor)"),
+        (
+            "cannot read an input of type float; expected a PNG or JPEG path or bytes, a PIL image or a numpy array "
+            "(DICOM and NIfTI files, DICOM folders, SimpleITK images and 3D resampling need medhub's readers: "
+            "pip install medhub, and import hub before loading the processor)"
+        ),
     ]
 
 
 def test_with_medhub_the_repo_gives_the_full_processor(tmp_path):
-    """With medhub installed, `AutoImageProcessor` gives medhub's processor, trust_remote_code or not (readers included)."""
+    """With medhub installed, `AutoImageProcessor` gives medhub's processor, trust_remote_code or not (readers
+    included)."""
     folder = _processor_folder(tmp_path / "p", preset("muscle"))
     for trust in (False, True):
         processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=trust)

@@ -38,8 +38,14 @@ def tiny_head_repo(out: Path, head_class, labels: list[str], variant_id: str = "
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)}
     )
     torch.manual_seed(0)
-    return export_repo(head_class(config), out, variant=variant.id, provenance=Provenance("trained", "test"),
-                       processor=variant.build_processor(), modality=variant.modality)
+    return export_repo(
+        head_class(config),
+        out,
+        variant=variant.id,
+        provenance=Provenance("trained", "test"),
+        processor=variant.build_processor(),
+        modality=variant.modality,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,9 @@ def repos(tmp_path_factory) -> dict[str, Path]:
         **{variant: tiny_encoder_repo(root / variant, variant) for variant in ENCODERS_2D},
         "classifier": tiny_head_repo(root / "classifier", MuscleForImageClassification, ["normal", "nodule"]),
         "segmenter": tiny_head_repo(root / "segmenter", MuscleForSemanticSegmentation, ["background", "lung"]),
-        "volume": tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["background", "liver"], "macl-unet3d-tiny"),
+        "volume": tiny_head_repo(
+            root / "volume", MaclForSemanticSegmentation, ["background", "liver"], "macl-unet3d-tiny"
+        ),
     }
 
 
@@ -73,7 +81,9 @@ def server(repos, tmp_path_factory, request):
 
 def post(server, route: str, data: bytes, model: str, headers=AUTH, **fields) -> "httpx.Response":
     files = {"file": ("upload.bin", data, "application/octet-stream")}
-    return httpx.post(f"{server['url']}/{route}", files=files, data={"model": model, **fields}, headers=headers, timeout=60)
+    return httpx.post(
+        f"{server['url']}/{route}", files=files, data={"model": model, **fields}, headers=headers, timeout=60
+    )
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -158,7 +168,8 @@ def test_segment_returns_png_mask_of_input_size_and_json_summary(server, radiogr
     spacing = read_image(radiograph).spacing[::-1]
     assert (summary["axes"], summary["shape"], summary["spacing"]) == ("yx", [90, 110], list(spacing))
     assert [label["area_mm2"] for label in summary["labels"]] == pytest.approx(
-        [label["voxels"] * spacing[0] * spacing[1] for label in summary["labels"]])
+        [label["voxels"] * spacing[0] * spacing[1] for label in summary["labels"]]
+    )
     assert sum(label["voxels"] for label in summary["labels"]) == 90 * 110
     assert [label["voxels"] for label in summary["labels"]] == [int((mask == 0).sum()), int((mask == 1).sum())]
 
@@ -203,7 +214,8 @@ def test_segment_nifti_mask_has_the_input_geometry(server, tmp_path):
     assert (summary["axes"], summary["shape"]) == ("zyx", [20, 40, 36])
     assert summary["spacing"] == pytest.approx([2.5, 0.7, 0.8])
     assert [label["volume_ml"] for label in summary["labels"]] == pytest.approx(
-        [label["voxels"] * 2.5 * 0.7 * 0.8 / 1000 for label in summary["labels"]])
+        [label["voxels"] * 2.5 * 0.7 * 0.8 / 1000 for label in summary["labels"]]
+    )
 
 
 def nifti_bytes(tmp_path: Path) -> bytes:
@@ -279,7 +291,11 @@ def test_patient_name_never_reaches_the_log(server, tmp_path):
     dataset.save_as(tmp_path / "named.dcm")
     data = (tmp_path / "named.dcm").read_bytes()
     assert post(server, "embed", data, str(server["repos"]["classifier"])).status_code == 200
-    assert post(server, "embed", data[: len(data) // 3], str(server["repos"]["classifier"])).status_code in (413, 415, 422)
+    assert post(server, "embed", data[: len(data) // 3], str(server["repos"]["classifier"])).status_code in (
+        413,
+        415,
+        422,
+    )
     log = server["log"].read_text()
     assert "Zebulon" not in log and "Quixote" not in log and "99887766" not in log
 

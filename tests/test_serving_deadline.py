@@ -7,10 +7,10 @@ import numpy as np
 import psutil
 import pytest
 import SimpleITK as sitk
-
-from hub.models.macl import MaclForSemanticSegmentation
 from live_server import live_server
 from test_serving import AUTH, TOKEN, tiny_head_repo
+
+from hub.models.macl import MaclForSemanticSegmentation
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 3
@@ -21,8 +21,12 @@ def slow_server(tmp_path_factory):
     """A server for the 3D model only, with `MEDHUB_TIMEOUT` (what `medhub serve --timeout` sets) of 3 s."""
     root = tmp_path_factory.mktemp("deadline")
     repo = tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["background", "liver"], "macl-unet3d-tiny")
-    env = {"MEDHUB_ONNX_CACHE": str(root / "onnx"), "MEDHUB_API_TOKEN": TOKEN, "MEDHUB_TIMEOUT": str(TIMEOUT_S),
-           "MEDHUB_THREADS": "1"}
+    env = {
+        "MEDHUB_ONNX_CACHE": str(root / "onnx"),
+        "MEDHUB_API_TOKEN": TOKEN,
+        "MEDHUB_TIMEOUT": str(TIMEOUT_S),
+        "MEDHUB_THREADS": "1",
+    }
     with live_server([repo], root / "server.log", env) as live:
         yield {"url": live.url, "repo": repo, "process": psutil.Process(live.process.pid)}
 
@@ -45,8 +49,13 @@ def test_a_timed_out_3d_request_frees_its_core_within_2_s(slow_server, tmp_path)
     path = tmp_path / "big.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(volume), str(path))
     started = time.monotonic()
-    response = httpx.post(f"{slow_server['url']}/segment", files={"file": ("v.nii.gz", path.read_bytes())},
-                          data={"model": str(slow_server["repo"]), "format": "json"}, headers=AUTH, timeout=120)
+    response = httpx.post(
+        f"{slow_server['url']}/segment",
+        files={"file": ("v.nii.gz", path.read_bytes())},
+        data={"model": str(slow_server["repo"]), "format": "json"},
+        headers=AUTH,
+        timeout=120,
+    )
     answered = time.monotonic()
     assert response.status_code == 504, response.text
     assert answered - started < TIMEOUT_S + 2

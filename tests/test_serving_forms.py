@@ -26,9 +26,14 @@ def test_a_field_name_inside_the_uploaded_bytes_is_not_a_field():
 
 def test_unknown_field_and_missing_upload_are_named():
     content_type, body = encoded(files={"image": ("x.png", b"png")}, data={"model": "org/m"})
-    assert form_problem(content_type, body, ALLOWED) == (400, "unknown form field 'image'; expected file, layers, model")
+    assert form_problem(content_type, body, ALLOWED) == (
+        400,
+        "unknown form field 'image'; expected file, layers, model",
+    )
     content_type, body = encoded(files={"model": (None, b"org/m")})
-    assert form_problem(content_type, body, ALLOWED)[1] == "missing form field 'file' holding the uploaded image or volume"
+    assert (
+        form_problem(content_type, body, ALLOWED)[1] == "missing form field 'file' holding the uploaded image or volume"
+    )
     content_type, body = encoded(files={"file": (None, b"/etc/passwd")})  # a string part, not an upload
     assert form_problem(content_type, body, ALLOWED)[0] == 400
     content_type, body = encoded(data={"file": "/etc/passwd", "model": "org/m"})  # not multipart at all
@@ -39,7 +44,10 @@ def test_quoted_boundary_and_missing_boundary():
     _, body = encoded(files={"file": ("x.png", b"png")})
     boundary = body[2 : body.index(b"\r\n")]
     assert form_problem(b'multipart/form-data; boundary="' + boundary + b'"', body, ALLOWED) is None
-    assert form_problem(b"multipart/form-data", body, ALLOWED) == (400, "the multipart/form-data Content-Type names no boundary")
+    assert form_problem(b"multipart/form-data", body, ALLOWED) == (
+        400,
+        "the multipart/form-data Content-Type names no boundary",
+    )
     assert form_problem(b"application/json", b"{}", ALLOWED)[0] == 415
 
 
@@ -62,7 +70,7 @@ MODEL = (b'Content-Disposition: form-data; name="model"', b"org/m")
 def test_filename_before_name_is_an_upload():
     content_type, body = raw_form((b'Content-Disposition: form-data; filename="x.png"; name="file"', b"png"), MODEL)
     assert form_problem(content_type, body, ALLOWED) is None
-    content_type, body = raw_form((b'content-disposition: form-data; name=file; filename=x.png', b"png"), MODEL)
+    content_type, body = raw_form((b"content-disposition: form-data; name=file; filename=x.png", b"png"), MODEL)
     assert form_problem(content_type, body, ALLOWED) is None
 
 
@@ -70,7 +78,10 @@ def test_a_text_file_part_before_the_upload_is_refused():
     url = (b'Content-Disposition: form-data; name="file"', b"http://169.254.169.254/latest/meta-data")
     for order in ((url, UPLOAD, MODEL), (UPLOAD, url, MODEL), (UPLOAD, UPLOAD, MODEL)):
         content_type, body = raw_form(*order)
-        assert form_problem(content_type, body, ALLOWED) == (400, "form field 'file' appears more than once; send each field once")
+        assert form_problem(content_type, body, ALLOWED) == (
+            400,
+            "form field 'file' appears more than once; send each field once",
+        )
 
 
 def test_forms_starlette_refuses_get_a_400_here():
@@ -85,12 +96,13 @@ def test_forms_starlette_refuses_get_a_400_here():
     assert form_problem(content_type, body, ALLOWED) == (400, "form field 'model' is over 64 KiB")
 
 
-
 def test_upload_file_names_are_replaced_and_the_body_stays_well_formed():
     from serving.middleware import UPLOAD_NAME, parts, without_file_names
 
     canary = "CANARY" + "x" * 300 + ".dcm"
-    content_type, body = encoded(files={"file": (canary, b"\x00DICM" * 10, "application/dicom")}, data={"model": "org/m"})
+    content_type, body = encoded(
+        files={"file": (canary, b"\x00DICM" * 10, "application/dicom")}, data={"model": "org/m"}
+    )
     boundary = content_type.split(b"boundary=")[1]
     rewritten = without_file_names(body, boundary)
     assert b"CANARY" not in rewritten and b'filename="' + UPLOAD_NAME + b'"' in rewritten

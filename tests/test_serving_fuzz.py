@@ -36,8 +36,12 @@ def fuzz_server(tmp_path_factory):
     with serve(list(models.values()), root / "server") as server:
         warm = {"2d": png_bytes(np.zeros((64, 64), dtype=np.uint8)), "3d": seeds("nifti")[0]}
         for key, model in models.items():  # build each model's ONNX session before RSS is measured
-            response = httpx.post(f"{server.url}/embed", files={"file": ("upload.bin", warm[key])},
-                                  data={"model": str(model)}, timeout=120)
+            response = httpx.post(
+                f"{server.url}/embed",
+                files={"file": ("upload.bin", warm[key])},
+                data={"model": str(model)},
+                timeout=120,
+            )
             assert response.status_code == 200, response.text
         server.rss_start = server.rss()
         yield server, {key: str(model) for key, model in models.items()}
@@ -52,7 +56,8 @@ def test_mutated_uploads_never_get_5xx_hang_or_leak(fuzz_server):
     failures = [o for o in outcomes if o.status >= 500 or o.status == 0]
     slow = [o for o in outcomes if o.seconds > SLOWEST_S]
     report = (
-        f"status counts {counts}; peak RSS {server.rss_peak >> 20} MiB; restarts " f"{server.restarts}; server exceptions {server_exceptions(server.log)}; "
+        f"status counts {counts}; peak RSS {server.rss_peak >> 20} MiB; restarts "
+        f"{server.restarts}; server exceptions {server_exceptions(server.log)}; "
         f"first failures {[(o.fmt, o.index, o.mutation, o.status, o.body[:120]) for o in failures[:8]]}; "
         f"slow {[(o.fmt, o.index, o.mutation, round(o.seconds, 1)) for o in slow[:8]]}"
     )

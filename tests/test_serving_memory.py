@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 SCENARIO = """
@@ -28,8 +27,9 @@ print((process.memory_info().rss - start) >> 20)
 
 
 def _retained_mib(mode: str) -> int:
-    result = subprocess.run([sys.executable, "-c", SCENARIO, mode], capture_output=True, text=True, cwd=REPO_ROOT,
-                            check=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", SCENARIO, mode], capture_output=True, text=True, cwd=REPO_ROOT, check=True, timeout=120
+    )
     return int(result.stdout.strip())
 
 

@@ -6,10 +6,9 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from pydicom import config
-
-from io_fixtures import dicom_file
 import test_serving
+from io_fixtures import dicom_file
+from pydicom import config
 from test_serving import AUTH
 
 pytestmark = pytest.mark.slow
@@ -38,8 +37,13 @@ def canary_dicom(tmp_path_factory) -> bytes:
 
 
 def send(server, data: bytes, name: str = NAME) -> httpx.Response:
-    return httpx.post(f"{server['url']}/embed", files={"file": (name, data, "application/dicom")},
-                      data={"model": str(server["repos"]["classifier"])}, headers=AUTH, timeout=60)
+    return httpx.post(
+        f"{server['url']}/embed",
+        files={"file": (name, data, "application/dicom")},
+        data={"model": str(server["repos"]["classifier"])},
+        headers=AUTH,
+        timeout=60,
+    )
 
 
 def leaks(server) -> list[str]:
@@ -97,15 +101,23 @@ def _abandoned_upload(url: str, data: bytes, sent: int) -> None:
     import urllib.parse
 
     boundary = "abandonedboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\norg/model\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{NAME}\"\r\n"
-            "Content-Type: application/dicom\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\norg/model\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{NAME}"\r\n'
+        "Content-Type: application/dicom\r\n\r\n"
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     address = urllib.parse.urlsplit(url)
     with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
-        sock.sendall((f"POST /embed HTTP/1.1\r\nHost: {address.netloc}\r\nAuthorization: {AUTH['Authorization']}\r\n"
-                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-                      f"Content-Length: {len(head) + len(data) + len(tail)}\r\n\r\n").encode() + head + data[:sent])
+        sock.sendall(
+            (
+                f"POST /embed HTTP/1.1\r\nHost: {address.netloc}\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                f"Content-Length: {len(head) + len(data) + len(tail)}\r\n\r\n"
+            ).encode()
+            + head
+            + data[:sent]
+        )
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.9])

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from live_server import live_server
+from PIL import Image
 from test_serving import tiny_encoder_repo, tiny_head_repo
 
 from hub.models.muscle import MuscleForImageClassification
@@ -22,8 +22,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
     root = tmp_path_factory.mktemp("workers")
-    repos = [tiny_encoder_repo(root / "encoder", "muscle-resnet18-tiny"),
-             tiny_head_repo(root / "classifier", MuscleForImageClassification, ["normal", "nodule"])]
+    repos = [
+        tiny_encoder_repo(root / "encoder", "muscle-resnet18-tiny"),
+        tiny_head_repo(root / "classifier", MuscleForImageClassification, ["normal", "nodule"]),
+    ]
     env = {"MEDHUB_ONNX_CACHE": str(root / "onnx"), "MEDHUB_WORKERS": "2", "MEDHUB_INT8": "1", "MEDHUB_THREADS": "1"}
     with live_server(repos, root / "server.log", env, wait=False) as live:
         answers: dict[str, dict] = {}  # worker pid -> its /models body
@@ -65,13 +67,21 @@ def test_int8_graphs_answer_over_http_from_both_workers(two_workers):
     encoder, classifier = map(str, two_workers["repos"])
     embeddings = []
     for _ in range(6):  # fresh connections, served by either worker: the same int8 graph gives the same answer
-        response = httpx.post(f"{two_workers['url']}/embed", files={"file": ("x.png", buffer.getvalue(), "application/octet-stream")},
-                              data={"model": encoder}, timeout=60)
+        response = httpx.post(
+            f"{two_workers['url']}/embed",
+            files={"file": ("x.png", buffer.getvalue(), "application/octet-stream")},
+            data={"model": encoder},
+            timeout=60,
+        )
         assert response.status_code == 200, response.text
         embeddings.append(np.array(response.json()["embedding"]))
     assert all(np.allclose(embedding, embeddings[0], atol=1e-5) for embedding in embeddings)
-    labels = httpx.post(f"{two_workers['url']}/classify", files={"file": ("x.png", buffer.getvalue(), "application/octet-stream")},
-                        data={"model": classifier}, timeout=60).json()["labels"]
+    labels = httpx.post(
+        f"{two_workers['url']}/classify",
+        files={"file": ("x.png", buffer.getvalue(), "application/octet-stream")},
+        data={"model": classifier},
+        timeout=60,
+    ).json()["labels"]
     assert sum(label["probability"] for label in labels) == pytest.approx(1.0)
 
 
@@ -79,12 +89,19 @@ def test_gpu_check_stops_with_one_line_without_a_gpu(tmp_path):
     """nvidia-smi answering as it does on a machine without an NVIDIA driver (exit 9) stops the check at once."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with "
-                                     "the NVIDIA driver.' >&2\nexit 9\n")
+    (fake / "nvidia-smi").write_text(
+        "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.' >&2\nexit 9\n"
+    )
     (fake / "nvidia-smi").chmod(0o755)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    done = subprocess.run(
+        ["bash", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"},
+    )
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        "gpu_check: no NVIDIA GPU on this machine (nvidia-smi lists none); run it on a machine with one"]
+        "gpu_check: no NVIDIA GPU on this machine (nvidia-smi lists none); run it on a machine with one"
+    ]

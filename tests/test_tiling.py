@@ -28,8 +28,10 @@ def test_small_axes_are_padded_to_one_tile():
 
 
 @pytest.mark.parametrize("weighting", ["gaussian", "constant"])
-@pytest.mark.parametrize("shape, patch, overlap", [((13, 37, 29), (4, 16, 16), 0.5), ((5, 9, 9), (8, 8, 8), 0.75),
-                                                    ((6, 20, 7), (3, 6, 5), 0.3)])
+@pytest.mark.parametrize(
+    "shape, patch, overlap",
+    [((13, 37, 29), (4, 16, 16), 0.5), ((5, 9, 9), (8, 8, 8), 0.75), ((6, 20, 7), (3, 6, 5), 0.3)],
+)
 def test_tile_then_stitch_with_identity_model_is_exact(weighting, shape, patch, overlap):
     volume = np.random.default_rng(0).normal(0, 1000, (2, *shape)).astype(np.float32)
     plan = plan_tiles(shape, patch, overlap)
@@ -66,8 +68,9 @@ def test_sliding_window_with_resampling_returns_to_the_input_grid():
     volume = np.fromfunction(lambda z, y, x: 3 * z + y - x, (10, 24, 24), dtype=np.float32)
     image = sitk.GetImageFromArray(volume)
     image.SetSpacing((0.5, 0.5, 2.0))
-    processor = MedicalImageProcessor(modality="ct", spatial_dims=3, in_channels=1, intensity="none",
-                                      target_spacing=[1.0, 1.0, 1.0], size=[8, 8, 8])
+    processor = MedicalImageProcessor(
+        modality="ct", spatial_dims=3, in_channels=1, intensity="none", target_spacing=[1.0, 1.0, 1.0], size=[8, 8, 8]
+    )
     logits, _ = processor.predict(image, lambda batch: np.concatenate([batch, -batch], axis=1))
     assert logits.shape == (2, 10, 24, 24)
     inner = (slice(0, 9), slice(1, 23), slice(1, 23))  # linear data: exact away from the far edges

@@ -3,12 +3,11 @@
 import json
 
 import pytest
+from training_fixtures import MEDHUB, MICRO_MUSCLE, torchrun, write_config, xray_manifest
 
 from hub.data.phantoms import generate
 from hub.export import verify_repo
 from training import checkpoint
-from training_fixtures import MEDHUB, MICRO_MUSCLE, torchrun, write_config, xray_manifest
-
 
 QUEUE_CHECK = r"""
 import json, os, sys
@@ -53,7 +52,6 @@ distributed.shutdown()
 """
 
 
-
 @pytest.mark.slow
 def test_keys_from_every_rank_enter_the_queue_once_and_identically(tmp_path):
     script = tmp_path / "queue_check.py"
@@ -75,8 +73,23 @@ def test_torchrun_with_two_processes_trains_and_exports_the_tiny_recipe(tmp_path
     manifest = xray_manifest(tmp_path / "phantoms")
     config = write_config(tmp_path / "micro.yaml", MICRO_MUSCLE)
     run = tmp_path / "run"
-    done = torchrun(["--no-python", MEDHUB, "train", "muscle", "--preset", "tiny", "--config", str(config),
-                      "--data", str(manifest), "--out", str(run), "--no-progress"])
+    done = torchrun(
+        [
+            "--no-python",
+            MEDHUB,
+            "train",
+            "muscle",
+            "--preset",
+            "tiny",
+            "--config",
+            str(config),
+            "--data",
+            str(manifest),
+            "--out",
+            str(run),
+            "--no-progress",
+        ]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count(f"exported {run / 'repos' / 'encoder'}") == 1  # rank 0 exports, once
     assert {p.name for p in (run / "repos").iterdir()} == {"encoder", "nodule", "lungs"}
@@ -86,16 +99,33 @@ def test_torchrun_with_two_processes_trains_and_exports_the_tiny_recipe(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, phantoms, repo", [
-    ("macl", {"n_xray": 0, "n_ct": 2}, "macl"),
-    ("medcoss", {"n_xray": 8, "n_ct": 0}, "medcoss"),
-])
+@pytest.mark.parametrize(
+    "recipe, phantoms, repo",
+    [
+        ("macl", {"n_xray": 0, "n_ct": 2}, "macl"),
+        ("medcoss", {"n_xray": 8, "n_ct": 0}, "medcoss"),
+    ],
+)
 def test_torchrun_with_two_processes_trains_and_exports_the_tiny_macl_and_medcoss_recipes(
-        tmp_path, recipe, phantoms, repo):
+    tmp_path, recipe, phantoms, repo
+):
     manifest = generate(tmp_path / "phantoms", seed=0, n_mri=0, n_pathology=0, progress=False, **phantoms)
     run = tmp_path / "run"
-    done = torchrun(["--no-python", MEDHUB, "train", recipe, "--preset", "tiny", "--data", str(manifest),
-                      "--out", str(run), "--no-progress"])
+    done = torchrun(
+        [
+            "--no-python",
+            MEDHUB,
+            "train",
+            recipe,
+            "--preset",
+            "tiny",
+            "--data",
+            str(manifest),
+            "--out",
+            str(run),
+            "--no-progress",
+        ]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count(f"exported {run / 'repos' / repo}") == 1  # rank 0 exports, once
     verify_repo(run / "repos" / repo)

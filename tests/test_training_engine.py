@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from training_fixtures import MICRO_MUSCLE, write_config, xray_manifest
+
 from training import checkpoint
 from training.config import load_recipe_config
 from training.data import IndexStream
@@ -12,7 +14,6 @@ from training.engine import warmup_cosine
 from training.errors import CheckpointError, TrainingConfigError
 from training.launch import train
 from training.recipes.muscle import MuscleSettings
-from training_fixtures import MICRO_MUSCLE, write_config, xray_manifest
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,9 @@ def test_index_stream_reads_each_sample_once_per_epoch_and_splits_the_global_bat
     single = IndexStream([5, 7], batch_size=4, seed=3)
     epoch0 = [i for step in range(3) for i, epoch in single.global_batch(step) if epoch == 0]
     assert sorted(epoch0) == list(range(12))
-    assert [i for i, _ in single.global_batch(0)] == torch.randperm(12, generator=torch.Generator().manual_seed(3))[:4].tolist()
+    assert [i for i, _ in single.global_batch(0)] == torch.randperm(12, generator=torch.Generator().manual_seed(3))[
+        :4
+    ].tolist()
     ranks = [IndexStream([5, 7], batch_size=2, seed=3, rank=r, world=2) for r in (0, 1)]
     for step in range(4):
         assert ranks[0].batch(step) + ranks[1].batch(step) == single.global_batch(step)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from training_fixtures import write_config
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
 from hub.data.manifest import load_manifest, write_manifest
@@ -17,10 +18,16 @@ from hub.models.macl import MaclModel
 from hub.models.muscle import MuscleModel
 from training.errors import TrainingConfigError
 from training.finetune import (
-    TaskSpec, classification_metrics, default_task, dice_scores, epoch_batches, finetune, load_head_model,
-    parse_mask_map, soft_dice_loss,
+    TaskSpec,
+    classification_metrics,
+    default_task,
+    dice_scores,
+    epoch_batches,
+    finetune,
+    load_head_model,
+    parse_mask_map,
+    soft_dice_loss,
 )
-from training_fixtures import write_config
 
 # three epochs at tiny batch sizes: enough to exercise validation, early-stop bookkeeping and export
 QUICK = {"progress": False, "classification": {"epochs": 3}, "segmentation": {"epochs": 3}}
@@ -48,8 +55,11 @@ def repos(tmp_path_factory, phantoms):
     folder = tmp_path_factory.mktemp("finetune-repos")
     for variant in ("muscle-resnet18-tiny", "macl-unet3d-tiny"):
         assert main(["init", variant, "--out", str(folder / variant)]) == 0
-    return {"muscle": folder / "muscle-resnet18-tiny", "macl3d": folder / "macl-unet3d-tiny",
-            "quick": write_config(folder / "quick.yaml", QUICK)}
+    return {
+        "muscle": folder / "muscle-resnet18-tiny",
+        "macl3d": folder / "macl-unet3d-tiny",
+        "quick": write_config(folder / "quick.yaml", QUICK),
+    }
 
 
 def _model_index(repo_dir):
@@ -66,8 +76,20 @@ def _best(run_dir, metric):
 @pytest.mark.slow
 def test_classification_finetune_of_a_muscle_repo_writes_labels_and_validation_auc(repos, phantoms, tmp_path, cli):
     run = tmp_path / "run"
-    result = cli("finetune", repos["muscle"], "--task", "classification", "--data", phantoms, "--out", run,
-                 "--config", repos["quick"], "--repo-id", "demo/nodule")
+    result = cli(
+        "finetune",
+        repos["muscle"],
+        "--task",
+        "classification",
+        "--data",
+        phantoms,
+        "--out",
+        run,
+        "--config",
+        repos["quick"],
+        "--repo-id",
+        "demo/nodule",
+    )
     assert result.code == 0, result.err
     assert f"exported {run / 'repo'}" in result.out
     verify_repo(run / "repo")
@@ -111,8 +133,25 @@ def test_full_finetune_changes_the_encoder(repos, phantoms, tmp_path):
 @pytest.mark.slow
 def test_3d_liver_segmentation_finetune_of_macl_unet3d_tiny_on_ct(repos, phantoms, tmp_path, cli):
     run = tmp_path / "run"
-    result = cli("finetune", repos["macl3d"], "--task", "segmentation", "--classes", "background", "liver",
-                 "--mask-map", "1=0", "2=1", "3=1", "--data", phantoms, "--out", run, "--config", repos["quick"])
+    result = cli(
+        "finetune",
+        repos["macl3d"],
+        "--task",
+        "segmentation",
+        "--classes",
+        "background",
+        "liver",
+        "--mask-map",
+        "1=0",
+        "2=1",
+        "3=1",
+        "--data",
+        phantoms,
+        "--out",
+        run,
+        "--config",
+        repos["quick"],
+    )
     assert result.code == 0, result.err
     verify_repo(run / "repo")
     config = json.loads((run / "repo" / "config.json").read_text())

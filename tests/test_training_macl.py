@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
+from training_fixtures import write_config
 from transformers import AutoModel, AutoModelForSemanticSegmentation
 
 from hub.catalogue import get_variant
@@ -33,7 +34,6 @@ from training.slices import (
     random_window,
     spatial_view,
 )
-from training_fixtures import write_config
 
 CPU = DistInfo(0, 1, torch.device("cpu"), None)
 
@@ -49,8 +49,11 @@ def deep_ct(tmp_path_factory):
     folder = tmp_path_factory.mktemp("deep-ct")
     rows = []
     for i, depth in enumerate((70, 40)):
-        write_nifti(ct_volume(np.random.default_rng(i), shape=(depth, 48, 80))["image"], folder / f"ct{i}.nii.gz",
-                    (0.8, 0.8, 2.5))
+        write_nifti(
+            ct_volume(np.random.default_rng(i), shape=(depth, 48, 80))["image"],
+            folder / f"ct{i}.nii.gz",
+            (0.8, 0.8, 2.5),
+        )
         rows.append(ManifestRow(f"ct{i}.nii.gz", "ct", "train"))
     return write_manifest(rows, folder / "manifest.jsonl")
 
@@ -63,8 +66,10 @@ def model():
 def _output(first, second, bottleneck=None, dominant=None):
     zeros = torch.zeros(first.shape[0], 2, 1, 1)
     return MaclPreTrainingOutput(
-        auxiliary_global=first, dominant_global=second,
-        auxiliary_dense=first[..., None, None].expand(-1, -1, 2, 2), dominant_dense=second[..., None, None].expand(-1, -1, 2, 2),
+        auxiliary_global=first,
+        dominant_global=second,
+        auxiliary_dense=first[..., None, None].expand(-1, -1, 2, 2),
+        dominant_dense=second[..., None, None].expand(-1, -1, 2, 2),
         auxiliary_bottleneck=zeros.expand(-1, -1, 4, 4) if bottleneck is None else bottleneck,
         dominant_bottleneck=zeros if dominant is None else dominant,
     )
@@ -96,13 +101,20 @@ def test_dense_loss_is_the_mean_of_per_location_losses_and_equivariance_is_mean_
     auxiliary, dominant = torch.randn(4, 6, 3, 2), torch.randn(4, 6, 3, 2)
     positions = torch.tensor([0.1, 0.15, 0.6, 0.9])
     output = MaclPreTrainingOutput(
-        auxiliary_global=torch.randn(4, 6), dominant_global=torch.randn(4, 6), auxiliary_dense=auxiliary,
-        dominant_dense=dominant, auxiliary_bottleneck=torch.full((4, 2, 8, 8), 3.0), dominant_bottleneck=torch.ones(4, 2, 2, 2),
+        auxiliary_global=torch.randn(4, 6),
+        dominant_global=torch.randn(4, 6),
+        auxiliary_dense=auxiliary,
+        dominant_dense=dominant,
+        auxiliary_bottleneck=torch.full((4, 2, 8, 8), 3.0),
+        dominant_bottleneck=torch.ones(4, 2, 2, 2),
     )
     model._add_losses(output, positions)
     positives = (positions[:, None] - positions[None]).abs() < 0.1
-    per_location = [supcon_loss(auxiliary[:, :, y, x], dominant[:, :, y, x], positives, 0.1, 0.07)
-                    for y in range(3) for x in range(2)]
+    per_location = [
+        supcon_loss(auxiliary[:, :, y, x], dominant[:, :, y, x], positives, 0.1, 0.07)
+        for y in range(3)
+        for x in range(2)
+    ]
     assert output.loss_dense.item() == pytest.approx(torch.stack(per_location).mean().item(), rel=1e-5)
     assert output.loss_equivariance.item() == pytest.approx(2.0)
     expected = output.loss_global + 0.5 * output.loss_dense + 1.0 * output.loss_equivariance
@@ -140,7 +152,9 @@ def test_sub_volumes_carry_the_position_of_their_centre_slice(deep_ct, manifest)
         assert window.shape == (1, 64, 64, 64) and not window[:, :, :8].any() and not window[:, :, 56:].any()
         starts.add(next(x for x in range(17) if torch.equal(window[:, :, 8:56], pixels[:, :, :, x : x + 64])))
     assert len(starts) > 1
-    assert torch.equal(random_window(pixels, (64, 64), sample_generator(0)), random_window(pixels, (64, 64), sample_generator(0)))
+    assert torch.equal(
+        random_window(pixels, (64, 64), sample_generator(0)), random_window(pixels, (64, 64), sample_generator(0))
+    )
     with pytest.raises(TrainingConfigError, match="need a 3D processor"):
         SubVolumeDataset(read_split(deep_ct, "train", "ct"), get_variant("macl-tiny").build_processor(), depth=64)
     xray = generate(manifest.parent / "x3", n_xray=2, n_ct=0, n_mri=0, n_pathology=0, progress=False)
@@ -161,8 +175,14 @@ def test_3d_views_are_reproducible_blur_in_plane_and_rotate_about_the_slice_axis
         assert view.shape == volume.shape and abs(float(view.mean())) < 1e-5
     mirror_only = ViewSettings(photometric="identity", spatial_prob=0.0, elastic=False)
     flips = {tuple(dims) for dims in ([], [-1], [-2], [-3], [-1, -2], [-1, -3], [-2, -3], [-1, -2, -3])}
-    seen = {next(dims for dims in flips if torch.equal(spatial_view(volume, mirror_only, sample_generator(seed)), volume.flip(dims)))
-            for seed in range(24)}
+    seen = {
+        next(
+            dims
+            for dims in flips
+            if torch.equal(spatial_view(volume, mirror_only, sample_generator(seed)), volume.flip(dims))
+        )
+        for seed in range(24)
+    }
     assert len(seen) > 2 and any(-3 in dims for dims in seen)  # the slice axis is mirrored too
     one_slice = torch.zeros(1, 16, 16, 16)
     one_slice[:, 8] = torch.rand(16, 16) + 0.5
@@ -175,8 +195,10 @@ def test_3d_views_are_reproducible_blur_in_plane_and_rotate_about_the_slice_axis
     for seed in range(4):  # every slice turns alike, so each keeps its value (up to a mirror of the slice axis)
         centre = spatial_view(ramp, turned, sample_generator(seed))[0, :, 6:10, 6:10]
         assert any(torch.allclose(centre, ramp[0, :, 6:10, 6:10].flip(dims), atol=1e-4) for dims in ([], [0]))
-        assert not any(torch.allclose(spatial_view(across, turned, sample_generator(seed)), across.flip(dims), atol=0.1)
-                       for dims in flips)  # while the plane turns
+        assert not any(
+            torch.allclose(spatial_view(across, turned, sample_generator(seed)), across.flip(dims), atol=0.1)
+            for dims in flips
+        )  # while the plane turns
     with pytest.raises(TrainingConfigError, match="views.elastic is 2D only"):
         spatial_view(volume, ViewSettings(spatial_prob=0.0), sample_generator(0))
 
@@ -190,13 +212,25 @@ def test_3d_losses_pair_every_voxel_of_the_dense_maps_and_downsample_trilinearly
     with torch.no_grad():
         output = network(*views, slice_positions=positions)
     assert output.auxiliary_dense.shape == output.dominant_dense.shape == (2, 16, 4, 4, 4)
-    assert output.auxiliary_bottleneck.shape == (2, 64, 4, 4, 4) and output.dominant_bottleneck.shape == (2, 64, 1, 1, 1)
+    assert output.auxiliary_bottleneck.shape == (2, 64, 4, 4, 4) and output.dominant_bottleneck.shape == (
+        2,
+        64,
+        1,
+        1,
+        1,
+    )
     positives = (positions[:, None] - positions[None]).abs() < config.slice_threshold
-    per_voxel = [supcon_loss(output.auxiliary_dense[..., z, y, x], output.dominant_dense[..., z, y, x], positives, 0.1, 0.07)
-                 for z in range(4) for y in range(4) for x in range(4)]
+    per_voxel = [
+        supcon_loss(output.auxiliary_dense[..., z, y, x], output.dominant_dense[..., z, y, x], positives, 0.1, 0.07)
+        for z in range(4)
+        for y in range(4)
+        for x in range(4)
+    ]
     assert output.loss_dense.item() == pytest.approx(torch.stack(per_voxel).mean().item(), rel=1e-5)
     down = F.interpolate(output.auxiliary_bottleneck, scale_factor=0.25, mode="trilinear", align_corners=True)
-    assert output.loss_equivariance.item() == pytest.approx((down - output.dominant_bottleneck).abs().mean().item(), rel=1e-6)
+    assert output.loss_equivariance.item() == pytest.approx(
+        (down - output.dominant_bottleneck).abs().mean().item(), rel=1e-6
+    )
     global_ = supcon_loss(output.auxiliary_global, output.dominant_global, positives, 0.1, 0.07)
     assert output.loss_global.item() == pytest.approx(global_.item(), rel=1e-6)
 
@@ -214,7 +248,11 @@ def test_views_are_reproducible_and_follow_the_settings():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.allclose(first[0], first[1])  # independent photometric draws
     for view in first:
-        assert view.shape == slice_.shape and abs(float(view.mean())) < 1e-5 and float(view.std(unbiased=False)) == pytest.approx(1, abs=1e-4)
+        assert (
+            view.shape == slice_.shape
+            and abs(float(view.mean())) < 1e-5
+            and float(view.std(unbiased=False)) == pytest.approx(1, abs=1e-4)
+        )
 
 
 def test_config_chooses_between_code_and_paper_and_rejects_bad_input(tmp_path, manifest):
@@ -224,7 +262,9 @@ def test_config_chooses_between_code_and_paper_and_rejects_bad_input(tmp_path, m
     assert (paper.loss.global_weight, paper.loss.dense_weight, paper.loss.equivariance_weight) == (1.0, 0.5, 1.0)
     assert tiny.variant == "macl-tiny" and tiny.optim.optimizer == "sgd" and tiny.optim.min_lr_ratio == 0.0
     with pytest.raises(TrainingConfigError, match="views.photometric 'blur'"):
-        load_recipe_config(MaclSettings, "macl", "tiny", write_config(tmp_path / "b.yaml", {"views": {"photometric": "blur"}}))
+        load_recipe_config(
+            MaclSettings, "macl", "tiny", write_config(tmp_path / "b.yaml", {"views": {"photometric": "blur"}})
+        )
     tiny.modality = "xray"
     with pytest.raises(TrainingConfigError, match="not a volume modality"):
         MaclRecipe(tiny, [manifest], CPU)
@@ -252,7 +292,9 @@ def test_the_variant_chooses_3d_sub_volumes_with_a_crop_of_multiples_of_64(tmp_p
     with pytest.raises(TrainingConfigError, match="set views.elastic: false for 3D variants"):
         MaclRecipe(load_recipe_config(MaclSettings, "macl", "tiny", config), [deep_ct], CPU)
     tiny3d.crop = [32, 64, 64]
-    with pytest.raises(TrainingConfigError, match=r"crop \[32, 64, 64\] must be 3 sides \(D, H, W\), each a positive multiple of 64"):
+    with pytest.raises(
+        TrainingConfigError, match=r"crop \[32, 64, 64\] must be 3 sides \(D, H, W\), each a positive multiple of 64"
+    ):
         MaclRecipe(tiny3d, [deep_ct], CPU)
     tiny3d.crop, tiny3d.variant = None, "muscle-resnet18-tiny"
     with pytest.raises(TrainingConfigError, match="is not a MACL variant"):
@@ -282,10 +324,16 @@ def test_cli_trains_exports_a_verifiable_repo_and_resumes_exactly(manifest, tmp_
 
 @pytest.mark.slow
 def test_cli_trains_3d_sub_volumes_and_exports_a_3d_repo(deep_ct, tmp_path, cli):
-    config = write_config(tmp_path / "3d.yaml", {
-        "variant": "macl-unet3d-tiny", "steps": 2, "views": {"elastic": False}, "optim": {"batch_size": 2},
-        "engine": {"log_every": 1},
-    })
+    config = write_config(
+        tmp_path / "3d.yaml",
+        {
+            "variant": "macl-unet3d-tiny",
+            "steps": 2,
+            "views": {"elastic": False},
+            "optim": {"batch_size": 2},
+            "engine": {"log_every": 1},
+        },
+    )
     run = tmp_path / "run3d"
     result = cli("train", "macl", "--config", config, "--data", deep_ct, "--out", run, "--no-progress")
     assert result.code == 0, result.err

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from training_fixtures import write_config, xray_manifest
 from transformers import AutoTokenizer
 
 from hub.catalogue import get_variant
@@ -17,7 +18,6 @@ from training.launch import train
 from training.recipes.medcoss import MedCossRecipe, MedCossSettings
 from training.rehearsal import distillation_loss, image_mixup, kmeans_buffer, teacher_image_tokens, text_mixup
 from training.text import encode, train_wordpiece, whole_word_mask
-from training_fixtures import write_config, xray_manifest
 
 CPU = DistInfo(0, 1, torch.device("cpu"), None)
 
@@ -116,8 +116,9 @@ def test_whole_word_masking_masks_words_together_with_80_10_10():
     assert (words >= 0).sum() > len(set(words.tolist()) - {-1})  # some words span several word pieces
     counts = {"mask": 0, "kept": 0, "total": 0}
     for seed in range(300):
-        corrupted, labels = whole_word_mask(ids, words, tokenizer.mask_token_id, len(tokenizer),
-                                            torch.Generator().manual_seed(seed))
+        corrupted, labels = whole_word_mask(
+            ids, words, tokenizer.mask_token_id, len(tokenizer), torch.Generator().manual_seed(seed)
+        )
         chosen = labels != -100
         for word in set(words[chosen].tolist()):
             assert chosen[words == word].all()  # a word is masked whole
@@ -163,8 +164,12 @@ def test_later_stages_draw_single_modality_batches_from_data_and_buffers(manifes
     stages = recipe.stages()
     stages[1].start()
     assert len(recipe.buffers["text"]) == 1  # 6 reports, 1 centre, int(6 * 0.25) -> at least 1
-    assert all(torch.equal(a, b) for a, b in zip(recipe.network.teacher.state_dict().values(),
-                                                   recipe.network.model.medcoss.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            recipe.network.teacher.state_dict().values(), recipe.network.model.medcoss.state_dict().values()
+        )
+    )
     draws = [stages[1].draw(step) for step in range(40)]
     assert {d[1] for d in draws} == {"xray", "text"}
     assert all(d[2] == [recipe.buffers["text"][0]] * 4 for d in draws if d[1] == "text")

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from training_fixtures import MICRO_MUSCLE, write_config, xray_manifest
 from transformers import AutoModelForImageClassification
 
 from hub.catalogue import get_variant
@@ -20,7 +21,6 @@ from training.distributed import DistInfo
 from training.errors import TrainingConfigError
 from training.moco import Moco, enqueue, info_nce
 from training.recipes.muscle import ContinualStage, MuscleRecipe, MuscleSettings
-from training_fixtures import MICRO_MUSCLE, write_config, xray_manifest
 
 CPU = DistInfo(0, 1, torch.device("cpu"), None)
 
@@ -154,7 +154,9 @@ def test_an_unknown_label_names_the_row(manifest, tmp_path, micro, cli):
         MuscleRecipe(micro, [bad], CPU)
     rows = read_split(manifest, "train", "xray")
     with pytest.raises(TrainingConfigError, match=r"row 2: label 'nodule' = 1.0 is not a class index 0..0 \(x\)"):
-        ManifestDataset(rows, get_variant("muscle-resnet18-tiny").build_processor(), Target("classification", ("x",), "nodule"))
+        ManifestDataset(
+            rows, get_variant("muscle-resnet18-tiny").build_processor(), Target("classification", ("x",), "nodule")
+        )
     result = cli("train", "muscle", "--data", bad, "--out", tmp_path / "run")
     assert result.code == 1 and "row 2" in result.err
 
@@ -180,7 +182,9 @@ def test_augmentations_move_masks_and_boxes_with_the_image():
     pixels[:, 2:4, 1:3] = 1.0
     item = {"pixel_values": pixels, "labels": (pixels[0] > 0).long()}
     flipped = augment(item, AugmentSettings(flip_prob=1.0, rotate_degrees=0.0), sample_generator(0))
-    assert torch.equal(flipped["pixel_values"], pixels.flip(-1)) and torch.equal(flipped["labels"], item["labels"].flip(-1))
+    assert torch.equal(flipped["pixel_values"], pixels.flip(-1)) and torch.equal(
+        flipped["labels"], item["labels"].flip(-1)
+    )
     rotated = augment(item, AugmentSettings(flip_prob=0.0, rotate_degrees=30.0), sample_generator(1))
     assert not torch.equal(rotated["labels"], item["labels"])
     assert ((rotated["pixel_values"][0] > 0.5).long() - rotated["labels"]).abs().sum() <= 2  # moved together

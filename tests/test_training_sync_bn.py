@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from training_fixtures import MEDHUB, torchrun, write_config, xray_manifest
 
 from training.config import load_recipe_config
 from training.distributed import DistInfo
 from training.launch import seed_everything, train
 from training.recipes.muscle import MuscleRecipe, MuscleSettings
 from training.sync_batchnorm import AllReduceBatchNorm, convert_sync_batchnorm, set_synchronised
-from training_fixtures import MEDHUB, torchrun, write_config, xray_manifest
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -35,8 +35,15 @@ def _forward_backward(layer: nn.Module, inputs: torch.Tensor, loss_weights: torc
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("cls, shape", [(nn.BatchNorm1d, (8, 3)), (nn.BatchNorm1d, (4, 3, 6)),
-                                        (nn.BatchNorm2d, (6, 3, 5, 7)), (nn.BatchNorm3d, (3, 3, 4, 5, 6))])
+@pytest.mark.parametrize(
+    "cls, shape",
+    [
+        (nn.BatchNorm1d, (8, 3)),
+        (nn.BatchNorm1d, (4, 3, 6)),
+        (nn.BatchNorm2d, (6, 3, 5, 7)),
+        (nn.BatchNorm3d, (3, 3, 4, 5, 6)),
+    ],
+)
 def test_one_process_equals_batchnorm_outputs_gradients_and_running_statistics(cls, shape, momentum):
     torch.manual_seed(0)
     reference = _affine(cls(3, momentum=momentum))
@@ -44,8 +51,9 @@ def test_one_process_equals_batchnorm_outputs_gradients_and_running_statistics(c
     layer.load_state_dict(reference.state_dict())
     for _ in range(3):
         inputs, loss_weights = torch.randn(shape) * 3 + 1, torch.randn(shape)
-        for mine, expected in zip(_forward_backward(layer, inputs, loss_weights),
-                                  _forward_backward(reference, inputs, loss_weights)):
+        for mine, expected in zip(
+            _forward_backward(layer, inputs, loss_weights), _forward_backward(reference, inputs, loss_weights)
+        ):
             torch.testing.assert_close(mine, expected, **TOLERANCE)
     assert list(layer.state_dict()) == list(reference.state_dict())
     torch.testing.assert_close(layer.running_mean, reference.running_mean, **TOLERANCE)
@@ -64,8 +72,13 @@ def test_one_value_per_channel_in_training_is_refused_as_by_batchnorm():
 
 def test_conversion_keeps_parameters_buffers_keys_and_shared_layers():
     shared = nn.BatchNorm2d(4)
-    network = nn.ModuleDict({"a": nn.Sequential(nn.Conv2d(3, 4, 1), shared), "b": nn.Sequential(shared),
-                             "c": nn.BatchNorm1d(2, affine=False)})
+    network = nn.ModuleDict(
+        {
+            "a": nn.Sequential(nn.Conv2d(3, 4, 1), shared),
+            "b": nn.Sequential(shared),
+            "c": nn.BatchNorm1d(2, affine=False),
+        }
+    )
     network.eval()
     keys, tensors = list(network.state_dict()), list(network.state_dict(keep_vars=True).values())
     convert_sync_batchnorm(network)
@@ -132,7 +145,6 @@ distributed.shutdown()
 """
 
 
-
 @pytest.mark.slow
 def test_two_ranks_with_unequal_batches_normalise_as_one_process_over_the_concatenated_batch(tmp_path):
     script = tmp_path / "ranks_check.py"
@@ -150,9 +162,12 @@ def _supervised_only(batch_size: int) -> dict:
         "engine": {"checkpoint_every": 100, "log_every": 1, "progress": False, "sync_bn": True},
         "moco": {"steps": 0},
         "continual": {
-            "rounds": 1, "steps_per_task": 3, "optim": {"batch_size": batch_size},
-            "tasks": [{"name": "nodule", "kind": "classification", "label": "nodule",
-                       "class_names": ["no nodule", "nodule"]}],
+            "rounds": 1,
+            "steps_per_task": 3,
+            "optim": {"batch_size": batch_size},
+            "tasks": [
+                {"name": "nodule", "kind": "classification", "label": "nodule", "class_names": ["no nodule", "nodule"]}
+            ],
         },
     }
 
@@ -166,8 +181,23 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], para
 def test_supervised_stage_on_two_ranks_ends_with_the_weights_of_one_process_with_the_same_global_batch(tmp_path):
     manifest = xray_manifest(tmp_path / "phantoms")  # 6 training images: 3 steps of 4 cross an epoch
     ranks_config = write_config(tmp_path / "ranks.yaml", _supervised_only(batch_size=2))
-    done = torchrun(["--no-python", MEDHUB, "train", "muscle", "--preset", "tiny", "--config", str(ranks_config),
-                      "--data", str(manifest), "--out", str(tmp_path / "ranks"), "--no-progress"])
+    done = torchrun(
+        [
+            "--no-python",
+            MEDHUB,
+            "train",
+            "muscle",
+            "--preset",
+            "tiny",
+            "--config",
+            str(ranks_config),
+            "--data",
+            str(manifest),
+            "--out",
+            str(tmp_path / "ranks"),
+            "--no-progress",
+        ]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     single_config = write_config(tmp_path / "single.yaml", _supervised_only(batch_size=4))

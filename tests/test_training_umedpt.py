@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from training_fixtures import write_config, xray_manifest
 from transformers import AutoModelForSemanticSegmentation
 
 from hub.export import verify_repo
@@ -16,11 +17,14 @@ from training.errors import TrainingConfigError
 from training.launch import train
 from training.recipes.muscle import TaskSettings
 from training.recipes.umedpt import UmedptRecipe, UmedptSettings, relay_gradients
-from training_fixtures import write_config, xray_manifest
 
 CPU = DistInfo(0, 1, torch.device("cpu"), None)
-MICRO = {"steps": 3, "lr_factor_tasks": 2.0, "engine": {"checkpoint_every": 100, "log_every": 1, "progress": False},
-         "optim": {"batch_size": 2}}
+MICRO = {
+    "steps": 3,
+    "lr_factor_tasks": 2.0,
+    "engine": {"checkpoint_every": 100, "log_every": 1, "progress": False},
+    "optim": {"batch_size": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +134,18 @@ def test_bad_task_settings_fail_before_training(micro, manifest):
     micro.tasks[2].kind, micro.tasks[2].name = "detection", "lung-segmentation"
     with pytest.raises(TrainingConfigError, match="task names must be unique"):
         UmedptRecipe(micro, [manifest], CPU)
-    micro.tasks[2] = build(TaskSettings, {"name": "narrow", **SEGMENTATION, "head": {"decoder_channels": [16, 16, 8, 8]}})
-    with pytest.raises(TrainingConfigError, match="task 'narrow': block 'decoder' differs in shape from task 'lung-segmentation'"):
+    micro.tasks[2] = build(
+        TaskSettings, {"name": "narrow", **SEGMENTATION, "head": {"decoder_channels": [16, 16, 8, 8]}}
+    )
+    with pytest.raises(
+        TrainingConfigError, match="task 'narrow': block 'decoder' differs in shape from task 'lung-segmentation'"
+    ):
         UmedptRecipe(micro, [manifest], CPU)
     micro.tasks[2].head = {}
     micro.shared_blocks = {"segmentation": ["decoder.stem"]}
-    with pytest.raises(TrainingConfigError, match="model has no block 'decoder.stem' to share; fix shared_blocks.segmentation"):
+    with pytest.raises(
+        TrainingConfigError, match="model has no block 'decoder.stem' to share; fix shared_blocks.segmentation"
+    ):
         UmedptRecipe(micro, [manifest], CPU)
     micro.shared_blocks = {"keypoints": []}
     with pytest.raises(TrainingConfigError, match=r"shared_blocks: unknown task kind\(s\) \['keypoints'\]"):
@@ -146,7 +156,12 @@ def test_presets_follow_the_authors_optimiser_defaults():
     paper = load_recipe_config(UmedptSettings, "umedpt", "paper")
     tiny = load_recipe_config(UmedptSettings, "umedpt", "tiny")
     assert paper.variant == "umedpt-swinv2-t" and tiny.variant == "umedpt-tiny"
-    assert (paper.optim.optimizer, paper.optim.lr, paper.optim.weight_decay, paper.lr_factor_tasks) == ("adamw", 1e-4, 1e-2, 1.0)
+    assert (paper.optim.optimizer, paper.optim.lr, paper.optim.weight_decay, paper.lr_factor_tasks) == (
+        "adamw",
+        1e-4,
+        1e-2,
+        1.0,
+    )
     assert [t.kind for t in tiny.tasks] == ["classification", "segmentation", "detection"]
     assert tiny.shared_blocks == {"segmentation": ["decoder"], "detection": ["fpn", "head.cls_tower", "head.reg_tower"]}
 

@@ -48,8 +48,10 @@ def _upstream_classes() -> dict[str, type]:
             self.squeeze = nn.Sequential(nn.Conv2d(width, out, 1), nn.GroupNorm(1, out), nn.GELU())
 
     placement = {
-        SharedBlockConfig: "mmm.mtl_modules.shared_blocks", PyramidEncoder: "mmm.mtl_modules.shared_blocks",
-        Squeezer: "mmm.mtl_modules.shared_blocks", TorchVisionSwinformer: "mmm.neural.modules.swinformer",
+        SharedBlockConfig: "mmm.mtl_modules.shared_blocks",
+        PyramidEncoder: "mmm.mtl_modules.shared_blocks",
+        Squeezer: "mmm.mtl_modules.shared_blocks",
+        TorchVisionSwinformer: "mmm.neural.modules.swinformer",
     }
     for cls, module in placement.items():
         cls.__module__, cls.__qualname__ = module, cls.__name__
@@ -80,7 +82,11 @@ def upstream_zip(tmp_path):
     torch.manual_seed(0)
     classes = _upstream_classes()
     swin = torchvision.models.swin_transformer.SwinTransformer(
-        patch_size=[4, 4], embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=[4, 4],
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 2, 4, 8],
+        window_size=[4, 4],
         block=torchvision.models.swin_transformer.SwinTransformerBlockV2,
         downsample_layer=torchvision.models.swin_transformer.PatchMergingV2,
     )
@@ -101,7 +107,11 @@ def upstream_zip(tmp_path):
 def test_zip_of_pickled_modules_converts_without_the_authors_package(upstream_zip, tmp_path, cli):
     path, encoder, squeezer = upstream_zip
     modules = read_module_zip(path)
-    assert "model.wrapped_model.features.0.0.weight" in modules["encoder"] and set(modules) == {"encoder", "squeezer", "imgnetclf"}
+    assert "model.wrapped_model.features.0.0.weight" in modules["encoder"] and set(modules) == {
+        "encoder",
+        "squeezer",
+        "imgnetclf",
+    }
     result = cli("convert", "umedpt", path, "--out", tmp_path / "repo", "--accept-license")
     assert result.code == 0, result.err
     model = AutoModel.from_pretrained(tmp_path / "repo").eval()

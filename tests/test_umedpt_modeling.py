@@ -30,19 +30,30 @@ def test_paper_scale_encoder_is_torchvision_swin_v2_t_without_head_plus_squeezer
     squeezer_count = 768 * 512 + 512 + 2 * 512  # 1x1 conv with bias, GroupNorm(1, 512)
     assert sum(p.numel() for p in model.parameters()) == swin_count + squeezer_count == 27_977_322
     state = model.state_dict()
-    assert set(state) - set(swin) == {"squeezer.conv.weight", "squeezer.conv.bias", "squeezer.norm.weight", "squeezer.norm.bias"}
+    assert set(state) - set(swin) == {
+        "squeezer.conv.weight",
+        "squeezer.conv.bias",
+        "squeezer.norm.weight",
+        "squeezer.norm.bias",
+    }
     assert all(state[key].shape == value.shape for key, value in swin.items())
 
 
 def test_stage_maps_reproduce_torchvision_swin_v2_features():
     config = UmedptConfig(embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, image_size=64)
     reference = torchvision.models.swin_transformer.SwinTransformer(
-        patch_size=[4, 4], embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=[4, 4],
+        patch_size=[4, 4],
+        embed_dim=24,
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 2, 4, 8],
+        window_size=[4, 4],
         block=torchvision.models.swin_transformer.SwinTransformerBlockV2,
         downsample_layer=torchvision.models.swin_transformer.PatchMergingV2,
     ).eval()
     model = UmedptModel(config).eval()
-    missing, unexpected = model.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}, strict=False)
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}, strict=False
+    )
     assert set(missing) == {k for k in model.state_dict() if k.startswith("squeezer.")} and not unexpected
     pixel_values = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -50,7 +61,13 @@ def test_stage_maps_reproduce_torchvision_swin_v2_features():
         expected = reference.features(pixel_values).permute(0, 3, 1, 2)
         latent, pooled = model.squeezer(expected)
     torch.testing.assert_close(outputs.hidden_states[-1], expected, rtol=0, atol=0)
-    assert [tuple(m.shape[1:]) for m in outputs.hidden_states] == [(24, 16, 16), (24, 16, 16), (48, 8, 8), (96, 4, 4), (192, 2, 2)]
+    assert [tuple(m.shape[1:]) for m in outputs.hidden_states] == [
+        (24, 16, 16),
+        (24, 16, 16),
+        (48, 8, 8),
+        (96, 4, 4),
+        (192, 2, 2),
+    ]
     torch.testing.assert_close(outputs.pooler_output, pooled)
     torch.testing.assert_close(outputs.last_hidden_state, latent)
 
@@ -122,7 +139,9 @@ def test_bad_inputs_are_refused_with_a_clear_error(shape, message):
 
 def test_bad_labels_are_refused():
     with pytest.raises(ValueError, match="labels must have shape"):
-        UmedptForSemanticSegmentation(tiny(num_labels=2))(torch.rand(1, 3, 64, 64), labels=torch.zeros(1, 32, 32, dtype=torch.long))
+        UmedptForSemanticSegmentation(tiny(num_labels=2))(
+            torch.rand(1, 3, 64, 64), labels=torch.zeros(1, 32, 32, dtype=torch.long)
+        )
 
 
 def test_points_match_the_smallest_box_around_them_and_side_distances_round_trip():

@@ -14,11 +14,17 @@ MICRO_MUSCLE = {
     "engine": {"checkpoint_every": 100, "log_every": 1, "progress": False},
     "moco": {"steps": 3, "queue_size": 8, "optim": {"batch_size": 2}},
     "continual": {
-        "rounds": 2, "steps_per_task": 2, "optim": {"batch_size": 2},
+        "rounds": 2,
+        "steps_per_task": 2,
+        "optim": {"batch_size": 2},
         "tasks": [
             {"name": "nodule", "kind": "classification", "label": "nodule", "class_names": ["no nodule", "nodule"]},
-            {"name": "lungs", "kind": "segmentation", "class_names": ["background", "lung", "nodule"],
-             "head": {"aspp_channels": 8}},
+            {
+                "name": "lungs",
+                "kind": "segmentation",
+                "class_names": ["background", "lung", "nodule"],
+                "head": {"aspp_channels": 8},
+            },
         ],
     },
 }

@@ -10,12 +10,19 @@ from .recipes import RECIPES
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="pretrain a family with its recipe (single process or torchrun)")
-    train.add_argument("recipe", choices=sorted(RECIPES), help="; ".join(f"{e.name}: {e.help}" for e in RECIPES.values()))
-    train.add_argument("--preset", default="tiny",
-                       help="configuration preset of the recipe: tiny (CPU) or paper; MACL also tiny3d and paper3d")
+    train.add_argument(
+        "recipe", choices=sorted(RECIPES), help="; ".join(f"{e.name}: {e.help}" for e in RECIPES.values())
+    )
+    train.add_argument(
+        "--preset",
+        default="tiny",
+        help="configuration preset of the recipe: tiny (CPU) or paper; MACL also tiny3d and paper3d",
+    )
     train.add_argument("--config", type=Path, help="YAML file whose keys override the preset")
     train.add_argument("--data", type=Path, nargs="+", required=True, metavar="MANIFEST", help="dataset manifests")
-    train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder (checkpoint, logs, repos)")
+    train.add_argument(
+        "--out", type=Path, required=True, metavar="RUN_DIR", help="run folder (checkpoint, logs, repos)"
+    )
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     train.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and stop after this many steps")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -28,8 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .launch import train
 
-    result = train(args.recipe, args.data, args.out, preset=args.preset, config_file=args.config, resume=args.resume,
-                   stop_after=args.stop_after, progress=False if args.no_progress else None)
+    result = train(
+        args.recipe,
+        args.data,
+        args.out,
+        preset=args.preset,
+        config_file=args.config,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        progress=False if args.no_progress else None,
+    )
     if not result.completed:
         print(f"stopped after step {result.global_step}; continue with --resume (checkpoint in {args.out})")
         return 0
@@ -39,18 +54,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def register_finetune(subparsers: argparse._SubParsersAction) -> None:
-    finetune = subparsers.add_parser("finetune", help="fine-tune a repo for classification or segmentation (or a linear probe)")
+    finetune = subparsers.add_parser(
+        "finetune", help="fine-tune a repo for classification or segmentation (or a linear probe)"
+    )
     finetune.add_argument("model", help="repo folder or ORG/NAME")
     finetune.add_argument("--task", choices=["classification", "segmentation"], required=True)
-    finetune.add_argument("--data", type=Path, required=True, metavar="MANIFEST", help="manifest with train and val rows")
-    finetune.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder: DIR/repo and DIR/metrics.jsonl")
+    finetune.add_argument(
+        "--data", type=Path, required=True, metavar="MANIFEST", help="manifest with train and val rows"
+    )
+    finetune.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="run folder: DIR/repo and DIR/metrics.jsonl"
+    )
     finetune.add_argument("--freeze", action="store_true", help="frozen encoder: train the head only (linear probe)")
     finetune.add_argument("--preset", default="tiny", help="tiny (CPU, seconds) or paper (the benchmarking study)")
     finetune.add_argument("--config", type=Path, help="YAML file whose keys override the preset")
     finetune.add_argument("--label", help="classification: the manifest labels key (default: the only one)")
     finetune.add_argument("--classes", nargs="+", metavar="NAME", help="class names, index = label or mask value")
-    finetune.add_argument("--mask-map", nargs="+", default=[], metavar="VALUE=CLASS",
-                          help="segmentation: map mask values to class indices, e.g. 1=0 2=1 3=1")
+    finetune.add_argument(
+        "--mask-map",
+        nargs="+",
+        default=[],
+        metavar="VALUE=CLASS",
+        help="segmentation: map mask values to class indices, e.g. 1=0 2=1 3=1",
+    )
     finetune.add_argument("--repo-id", help="ORG/NAME shown in the card's loading examples")
     finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
     finetune.set_defaults(handler=cmd_finetune)
@@ -64,8 +90,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     modality = MedicalImageProcessor.from_pretrained(resolve_repo(args.model)).modality
     task = default_task(args.task, args.data, modality, args.label, args.classes, parse_mask_map(args.mask_map))
-    result = finetune(args.model, task, args.data, args.out, preset=args.preset, config_file=args.config,
-                      freeze=args.freeze, repo_id=args.repo_id, progress=False if args.no_progress else None)
+    result = finetune(
+        args.model,
+        task,
+        args.data,
+        args.out,
+        preset=args.preset,
+        config_file=args.config,
+        freeze=args.freeze,
+        repo_id=args.repo_id,
+        progress=False if args.no_progress else None,
+    )
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     print(f"best epoch {result.best_epoch} of {result.epochs_run}: {shown}")
     print(f"exported {result.repo_dir}")
@@ -74,8 +109,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser("demo", help="build the small demo models from synthetic phantoms into the HF cache")
-    demo.add_argument("--out", type=Path, default=Path.home() / ".cache" / "medhub" / "demo",
-                      help="work folder: phantoms, runs, repos and models.txt (default ~/.cache/medhub/demo)")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path.home() / ".cache" / "medhub" / "demo",
+        help="work folder: phantoms, runs, repos and models.txt (default ~/.cache/medhub/demo)",
+    )
     demo.add_argument("--org", default="demo", help="organisation of the published repo ids (default demo)")
     demo.add_argument("--force", action="store_true", help="rebuild even when models.txt lists loadable repos")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -99,8 +138,11 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--engine", choices=["local", "ray"], default="local", help="local processes or Ray tasks")
     evaluate.add_argument("--resume", action="store_true", help="skip the units already in DIR/results.jsonl")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
-    evaluate.add_argument("--update-cards", action="store_true",
-                          help="write each backbone's results into its card and publish it as a new revision")
+    evaluate.add_argument(
+        "--update-cards",
+        action="store_true",
+        help="write each backbone's results into its card and publish it as a new revision",
+    )
     evaluate.set_defaults(handler=cmd_evaluate)
 
 
@@ -117,8 +159,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.study is None or args.out is None:
         raise TrainingConfigError("medhub evaluate needs a STUDY.yaml and --out DIR (or --example)")
     study = load_study(args.study)
-    rows = run_study(study, args.out, jobs=args.jobs, engine=args.engine, resume=args.resume,
-                     progress=not args.no_progress)
+    rows = run_study(
+        study, args.out, jobs=args.jobs, engine=args.engine, resume=args.resume, progress=not args.no_progress
+    )
     summaries = summarise(rows, study.baseline)
     for path in write_all(summaries, rows, study.baseline, args.out):
         print(f"wrote {path}")

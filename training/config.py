@@ -112,7 +112,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if tp in (int, str, bool) and not (type(value) is tp):
+    if tp in (int, str, bool) and type(value) is not tp:
         raise TrainingConfigError(f"{where} must be {tp.__name__}, got {value!r}")
     return value
 

@@ -18,8 +18,9 @@ def task_order(num_tasks: int, round_index: int, seed: int, reshuffle: bool) -> 
     return torch.randperm(num_tasks, generator=generator).tolist()
 
 
-def l2sp_penalty(backbone: list[nn.Parameter], anchors: list[torch.Tensor], head: list[nn.Parameter],
-                 alpha: float, beta: float) -> torch.Tensor:
+def l2sp_penalty(
+    backbone: list[nn.Parameter], anchors: list[torch.Tensor], head: list[nn.Parameter], alpha: float, beta: float
+) -> torch.Tensor:
     """alpha/2 * ||w - w0||^2 over the backbone (w0 = `anchors`) + beta/2 * ||head||^2 (Li et al., ICML 2018)."""
     drift = torch.stack([((p - a) ** 2).sum() for p, a in zip(backbone, anchors)]).sum()
     decay = torch.stack([(p**2).sum() for p in head]).sum() if head else drift.new_zeros(())

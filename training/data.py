@@ -52,7 +52,8 @@ def read_split(manifest: str | Path, split: str = "train", modality: str | None 
     manifest = Path(manifest)
     rows = load_manifest(manifest)
     chosen = tuple(
-        (number, row) for number, row in enumerate(rows, start=1)
+        (number, row)
+        for number, row in enumerate(rows, start=1)
         if row.split == split and (modality is None or row.modality == modality)
     )
     if not chosen:
@@ -229,20 +230,32 @@ class IndexStream:
     proportional to `weights[d] / len(d)`. The global batch is `batch_size * world`; rank r reads its r-th slice.
     """
 
-    def __init__(self, sizes: list[int], batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 weights: list[float] | None = None):
+    def __init__(
+        self,
+        sizes: list[int],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        weights: list[float] | None = None,
+    ):
         if weights is not None and (len(weights) != len(sizes) or min(weights) < 0 or sum(weights) <= 0):
             raise TrainingConfigError(f"dataset weights {weights} must be {len(sizes)} non-negative numbers, not all 0")
         self.sizes, self.batch_size, self.seed, self.rank, self.world = list(sizes), batch_size, seed, rank, world
         self.total = sum(sizes)
         self._probabilities = None
         if weights is not None:
-            self._probabilities = torch.cat([torch.full((n,), w / n, dtype=torch.float64) for n, w in zip(sizes, weights)])
+            self._probabilities = torch.cat(
+                [torch.full((n,), w / n, dtype=torch.float64) for n, w in zip(sizes, weights)]
+            )
         self._epoch_cache: tuple[int, torch.Tensor] | None = None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            self._epoch_cache = (epoch, torch.randperm(self.total, generator=torch.Generator().manual_seed(self.seed + epoch)))
+            self._epoch_cache = (
+                epoch,
+                torch.randperm(self.total, generator=torch.Generator().manual_seed(self.seed + epoch)),
+            )
         return self._epoch_cache[1]
 
     def global_batch(self, step: int) -> list[tuple[int, int]]:
@@ -291,9 +304,14 @@ class StepLoader:
         if step != self._next:
             # A private generator: starting a DataLoader must not draw from the global RNG, whose state is
             # part of the run (dropout) and is restored exactly on resume.
-            loader = DataLoader(self.dataset, batch_size=None, sampler=range(step, len(self.dataset)),
-                                num_workers=self.num_workers, collate_fn=_identity,
-                                generator=torch.Generator().manual_seed(step))
+            loader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                sampler=range(step, len(self.dataset)),
+                num_workers=self.num_workers,
+                collate_fn=_identity,
+                generator=torch.Generator().manual_seed(step),
+            )
             self._iterator = iter(loader)
         self._next = step + 1
         return next(self._iterator)

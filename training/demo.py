@@ -71,12 +71,21 @@ def _muscle_config(sizes: DemoSizes, progress: bool) -> dict:
         "engine": {"progress": progress, "checkpoint_every": 10_000, "log_every": 10},
         "moco": {"steps": sizes.moco_steps},
         "continual": {
-            "rounds": sizes.rounds, "steps_per_task": sizes.steps_per_task,
+            "rounds": sizes.rounds,
+            "steps_per_task": sizes.steps_per_task,
             "tasks": [
-                {"name": "nodule-classification", "kind": "classification", "label": "nodule",
-                 "class_names": ["no nodule", "nodule"]},
-                {"name": "lung-segmentation", "kind": "segmentation", "class_names": ["background", "lung", "nodule"],
-                 "head": {"aspp_channels": 16}},
+                {
+                    "name": "nodule-classification",
+                    "kind": "classification",
+                    "label": "nodule",
+                    "class_names": ["no nodule", "nodule"],
+                },
+                {
+                    "name": "lung-segmentation",
+                    "kind": "segmentation",
+                    "class_names": ["background", "lung", "nodule"],
+                    "head": {"aspp_channels": 16},
+                },
             ],
         },
     }
@@ -87,8 +96,15 @@ def _random_repo(variant_id: str, out: Path) -> Path:
     torch.manual_seed(0)
     model = get_family(variant.family).encoder_class(variant.build_config())
     provenance = Provenance(kind="random-init", description="random initialisation (seed 0)", details={"seed": "0"})
-    return export_repo(model, out, variant=variant.id, provenance=provenance, processor=variant.build_processor(),
-                       modality=variant.modality, overwrite=True)
+    return export_repo(
+        model,
+        out,
+        variant=variant.id,
+        provenance=provenance,
+        processor=variant.build_processor(),
+        modality=variant.modality,
+        overwrite=True,
+    )
 
 
 def build(work: Path, org: str, sizes: DemoSizes, progress: bool) -> dict[str, Path]:
@@ -110,23 +126,44 @@ def build(work: Path, org: str, sizes: DemoSizes, progress: bool) -> dict[str, P
     xray_config.write_text(yaml.safe_dump({"progress": progress, "classification": schedule, "segmentation": schedule}))
     _log("fine-tuning the MUSCLE nodule classifier and lung segmenter on the X-ray phantoms")
     nodule = TaskSpec("classification", ("no nodule", "nodule"), label="nodule")
-    classifier = finetune(muscle / "nodule-classification", nodule, manifest, runs / "nodule-classifier",
-                          config_file=xray_config, repo_id=f"{org}/{CLASSIFIER}", progress=progress)
+    classifier = finetune(
+        muscle / "nodule-classification",
+        nodule,
+        manifest,
+        runs / "nodule-classifier",
+        config_file=xray_config,
+        repo_id=f"{org}/{CLASSIFIER}",
+        progress=progress,
+    )
     lungs = TaskSpec("segmentation", ("background", "lung", "nodule"))
-    segmenter = finetune(muscle / "lung-segmentation", lungs, manifest, runs / "lung-segmenter",
-                         config_file=xray_config, repo_id=f"{org}/{SEGMENTER}", progress=progress)
+    segmenter = finetune(
+        muscle / "lung-segmentation",
+        lungs,
+        manifest,
+        runs / "lung-segmenter",
+        config_file=xray_config,
+        repo_id=f"{org}/{SEGMENTER}",
+        progress=progress,
+    )
     _log(f"nodule classifier: validation {_shown(classifier.metrics)}; lung segmenter: {_shown(segmenter.metrics)}")
 
     _log(f"fine-tuning {CT_VARIANT} to segment the liver in the CT phantoms")
     start = _random_repo(CT_VARIANT, runs / f"{CT_VARIANT}-init")
     ct_config = runs / "ct.yaml"
-    ct_config.write_text(yaml.safe_dump({"progress": progress, "segmentation": {"epochs": sizes.ct_epochs, "patience": 8}}))
+    ct_config.write_text(
+        yaml.safe_dump({"progress": progress, "segmentation": {"epochs": sizes.ct_epochs, "patience": 8}})
+    )
     liver = TaskSpec("segmentation", ("background", "liver"), mask_map={1: 0, 2: 1, 3: 1})
-    ct = finetune(start, liver, manifest, runs / "ct-liver", config_file=ct_config,
-                  repo_id=f"{org}/{LIVER}", progress=progress)
+    ct = finetune(
+        start, liver, manifest, runs / "ct-liver", config_file=ct_config, repo_id=f"{org}/{LIVER}", progress=progress
+    )
     _log(f"3D liver segmenter: validation {_shown(ct.metrics)}")
-    return {ENCODER: muscle / "encoder", CLASSIFIER: classifier.repo_dir, SEGMENTER: segmenter.repo_dir,
-            LIVER: ct.repo_dir}
+    return {
+        ENCODER: muscle / "encoder",
+        CLASSIFIER: classifier.repo_dir,
+        SEGMENTER: segmenter.repo_dir,
+        LIVER: ct.repo_dir,
+    }
 
 
 def write_examples(manifest: Path, out: Path) -> list[Path]:
@@ -163,8 +200,9 @@ def published_ids(work: Path) -> list[str] | None:
     return ids if ids and all(_cached(repo_id) for repo_id in ids) else None
 
 
-def run_demo(work: Path, org: str = "demo", force: bool = False, progress: bool = True,
-             sizes: DemoSizes = DemoSizes()) -> list[str]:
+def run_demo(
+    work: Path, org: str = "demo", force: bool = False, progress: bool = True, sizes: DemoSizes = DemoSizes()
+) -> list[str]:
     """Build and publish the demo models (or find them already published); return their repo ids."""
     work = Path(work).expanduser()
     validate_repo_id(f"{org}/demo")

@@ -108,7 +108,9 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
     return factor
 
 
-def make_optimizer(parameters: list[nn.Parameter] | list[dict[str, Any]], optim: OptimSettings) -> torch.optim.Optimizer:
+def make_optimizer(
+    parameters: list[nn.Parameter] | list[dict[str, Any]], optim: OptimSettings
+) -> torch.optim.Optimizer:
     """`parameters`: a list of parameters or of parameter groups (a group's own settings override `optim`)."""
     if optim.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
@@ -124,7 +126,9 @@ def _complete_record_through(line: str, global_step: int) -> bool:
         record = json.loads(line)
     except json.JSONDecodeError:
         return False
-    return isinstance(record, dict) and isinstance(record.get("global_step"), int) and record["global_step"] <= global_step
+    return (
+        isinstance(record, dict) and isinstance(record.get("global_step"), int) and record["global_step"] <= global_step
+    )
 
 
 class _Logger:
@@ -148,8 +152,11 @@ class _Logger:
         `metrics.jsonl` holds one record per step after any number of resumes; a fresh run starts it empty."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-                if _complete_record_through(line, global_step)]
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if _complete_record_through(line, global_step)
+        ]
         temporary = self.path.with_name(f".{self.path.name}.tmp")
         temporary.write_text("".join(kept), encoding="utf-8")
         os.replace(temporary, self.path)
@@ -195,8 +202,13 @@ class Engine:
         if self.dist.is_main:
             checkpoint.remove_stale_temporaries(self.checkpoint_path)
         logger = _Logger(self.run_dir, self.dist.is_main, global_step)
-        bar = tqdm(total=total, initial=global_step, desc=recipe.name, unit="step",
-                   disable=not (self.settings.progress and self.dist.is_main))
+        bar = tqdm(
+            total=total,
+            initial=global_step,
+            desc=recipe.name,
+            unit="step",
+            disable=not (self.settings.progress and self.dist.is_main),
+        )
         steps_this_run = 0
         try:
             for index in range(start_stage, len(stages)):
@@ -228,14 +240,23 @@ class Engine:
                     last = step + 1 == stage.num_steps
                     if global_step % self.settings.log_every == 0 or last:
                         elapsed = time.perf_counter() - tick
-                        record = {"stage": stage.name, "step": step + 1, "global_step": global_step,
-                                  "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / max(elapsed, 1e-9),
-                                  **metrics}
+                        record = {
+                            "stage": stage.name,
+                            "step": step + 1,
+                            "global_step": global_step,
+                            "lr": scheduler.get_last_lr()[0],
+                            "samples_per_s": samples / max(elapsed, 1e-9),
+                            **metrics,
+                        }
                         logger.log(record)
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
                         tick, samples = time.perf_counter(), 0
                     stopping = stop_after is not None and steps_this_run >= stop_after
-                    if global_step % self.settings.checkpoint_every == 0 or stopping or (last and index + 1 == len(stages)):
+                    if (
+                        global_step % self.settings.checkpoint_every == 0
+                        or stopping
+                        or (last and index + 1 == len(stages))
+                    ):
                         self._save(recipe, index, step + 1, global_step, optimizer, scheduler, scaler, stage)
                     if stopping and global_step < total:
                         return RunResult(False, global_step)
@@ -265,15 +286,22 @@ class Engine:
         stage.after_step(step)
         return {"loss": float(loss.detach()), **metrics}
 
-    def _save(self, recipe: Recipe, stage_index: int, step: int, global_step: int, optimizer, scheduler, scaler,
-              stage: Stage) -> None:
+    def _save(
+        self, recipe: Recipe, stage_index: int, step: int, global_step: int, optimizer, scheduler, scaler, stage: Stage
+    ) -> None:
         rng = distributed.gather_objects(checkpoint.rng_state())
         if not self.dist.is_main:
             return
         state = {
-            "signature": recipe.signature(), "stage": stage_index, "step": step, "global_step": global_step,
-            "network": recipe.network.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "stage_state": stage.state_dict(),
+            "signature": recipe.signature(),
+            "stage": stage_index,
+            "step": step,
+            "global_step": global_step,
+            "network": recipe.network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "stage_state": stage.state_dict(),
             "rng": rng,
         }
         checkpoint.save_atomic(state, self.checkpoint_path)

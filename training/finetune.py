@@ -93,8 +93,14 @@ class FinetuneResult:
     epochs_run: int
 
 
-def default_task(kind: str, manifest: Path, modality: str, label: str | None = None,
-                 class_names: list[str] | None = None, mask_map: dict[int, int] | None = None) -> TaskSpec:
+def default_task(
+    kind: str,
+    manifest: Path,
+    modality: str,
+    label: str | None = None,
+    class_names: list[str] | None = None,
+    mask_map: dict[int, int] | None = None,
+) -> TaskSpec:
     """Fill what the user left out: the only label key of the manifest, and class names of its label values
     (`no <label>`, `<label>` when binary). Segmentation needs the class names (mask value = class index)."""
     if kind not in TASK_TYPES:
@@ -108,7 +114,8 @@ def default_task(kind: str, manifest: Path, modality: str, label: str | None = N
         keys = set.intersection(*(set(row.labels) for _, row in rows))
         if len(keys) != 1:
             raise TrainingConfigError(
-                f"manifest {manifest.name!r}: choose the label to learn " f"with --label (rows share {sorted(keys) or 'none'})"
+                f"manifest {manifest.name!r}: choose the label to learn "
+                f"with --label (rows share {sorted(keys) or 'none'})"
             )
         (label,) = keys
     if not class_names:
@@ -189,7 +196,9 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dic
         if classes == 2:
             metrics["roc_auc"] = float(roc_auc_score(labels, probabilities[:, 1]))
         else:
-            metrics["roc_auc"] = float(roc_auc_score(labels, probabilities, multi_class="ovr", labels=list(range(classes))))
+            metrics["roc_auc"] = float(
+                roc_auc_score(labels, probabilities, multi_class="ovr", labels=list(range(classes)))
+            )
     return metrics
 
 
@@ -211,8 +220,16 @@ def dice_scores(counts: np.ndarray) -> dict[str, float]:
 class Finetuner:
     """Train `model` on `train`, validate on `val` each epoch, keep the best weights, stop early."""
 
-    def __init__(self, model: PreTrainedModel, train: TaskData, val: TaskData, task: TaskSpec,
-                 settings: FinetuneTaskSettings, seed: int, freeze: bool):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        train: TaskData,
+        val: TaskData,
+        task: TaskSpec,
+        settings: FinetuneTaskSettings,
+        seed: int,
+        freeze: bool,
+    ):
         self.model, self.train_data, self.val_data, self.task = model, train, val, task
         self.settings, self.seed, self.freeze = settings, seed, freeze
         self.encoder = encoder_of(model)
@@ -223,7 +240,10 @@ class Finetuner:
         self.optimizer = make_optimizer(self.parameters, settings.optim)
         if settings.schedule == "plateau":
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer, mode="min", factor=settings.plateau_factor, patience=settings.plateau_patience,
+                self.optimizer,
+                mode="min",
+                factor=settings.plateau_factor,
+                patience=settings.plateau_patience,
                 threshold=settings.plateau_threshold,
             )
         else:
@@ -237,8 +257,10 @@ class Finetuner:
     def _batch(self, data: TaskData, indices: list[int], epoch: int | None) -> dict[str, Any]:
         items = [data.item(i) for i in indices]
         if epoch is not None:
-            items = [augment(item, self.settings.augment, sample_generator(self.seed, epoch, i))
-                     for item, i in zip(items, indices)]
+            items = [
+                augment(item, self.settings.augment, sample_generator(self.seed, epoch, i))
+                for item, i in zip(items, indices)
+            ]
         return collate(items)
 
     def train_epoch(self, epoch: int) -> float:
@@ -328,15 +350,31 @@ def load_head_model(repo_dir: Path, task: TaskSpec, seed: int) -> PreTrainedMode
 def _eval_results(task: TaskSpec, metrics: dict[str, float], manifest: Path) -> list[dict[str, Any]]:
     names = ("roc_auc", "accuracy") if task.kind == "classification" else ("dice",)
     return [
-        {"task_type": TASK_TYPES[task.kind], "dataset_name": f"{manifest.stem} (val split)",
-         "dataset_type": manifest.stem, "dataset_split": "val", "metric_type": name, "metric_value": metrics[name]}
-        for name in names if name in metrics and math.isfinite(metrics[name])
+        {
+            "task_type": TASK_TYPES[task.kind],
+            "dataset_name": f"{manifest.stem} (val split)",
+            "dataset_type": manifest.stem,
+            "dataset_split": "val",
+            "metric_type": name,
+            "metric_value": metrics[name],
+        }
+        for name in names
+        if name in metrics and math.isfinite(metrics[name])
     ]
 
 
-def finetune(model: str | Path, task: TaskSpec, manifest: Path, out: Path, *, preset: str = "tiny",
-             config_file: Path | None = None, freeze: bool = False, repo_id: str | None = None,
-             progress: bool | None = None) -> FinetuneResult:
+def finetune(
+    model: str | Path,
+    task: TaskSpec,
+    manifest: Path,
+    out: Path,
+    *,
+    preset: str = "tiny",
+    config_file: Path | None = None,
+    freeze: bool = False,
+    repo_id: str | None = None,
+    progress: bool | None = None,
+) -> FinetuneResult:
     """Fine-tune `model` (a repo folder or ORG/NAME) on `manifest` and write the task repo to `out/repo`."""
     settings = load_recipe_config(FinetuneSettings, "finetune", preset, config_file)
     task_settings = getattr(settings, task.kind)
@@ -357,20 +395,37 @@ def finetune(model: str | Path, task: TaskSpec, manifest: Path, out: Path, *, pr
     what = "linear probe (frozen encoder)" if freeze else "full fine-tuning"
     provenance = Provenance(
         kind="trained",
-        description=(f"{what} of {base or f'the local repo {Path(model).name}'} ({source.get('variant', 'no variant')}) "
-                     f"for {task.kind} "
-                     f"({', '.join(task.class_names)}) with medhub finetune (preset {preset}); best validation loss "
-                     f"at epoch {best_epoch} of {epochs_run}"),
-        training_data=(f"{len(train_data)} training and {len(val_data)} validation images of {Path(manifest).name} "
-                       f"(modality {processor.modality})"),
+        description=(
+            f"{what} of {base or f'the local repo {Path(model).name}'} ({source.get('variant', 'no variant')}) "
+            f"for {task.kind} "
+            f"({', '.join(task.class_names)}) with medhub finetune (preset {preset}); best validation loss "
+            f"at epoch {best_epoch} of {epochs_run}"
+        ),
+        training_data=(
+            f"{len(train_data)} training and {len(val_data)} validation images of {Path(manifest).name} "
+            f"(modality {processor.modality})"
+        ),
         base_model=base,
-        details={"recipe": "finetune", "task": task.kind, "freeze": str(freeze), "seed": str(settings.seed),
-                 "preset": preset, "best_epoch": str(best_epoch), "settings": json.dumps(asdict(task_settings))},
+        details={
+            "recipe": "finetune",
+            "task": task.kind,
+            "freeze": str(freeze),
+            "seed": str(settings.seed),
+            "preset": preset,
+            "best_epoch": str(best_epoch),
+            "settings": json.dumps(asdict(task_settings)),
+        },
     )
     repo = export_repo(
-        head, out / "repo", variant=source.get("variant", head.config.model_type), provenance=provenance,
-        processor=processor, modality=processor.modality, repo_id=repo_id,
-        eval_results=_eval_results(task, metrics, Path(manifest)), overwrite=True,
+        head,
+        out / "repo",
+        variant=source.get("variant", head.config.model_type),
+        provenance=provenance,
+        processor=processor,
+        modality=processor.modality,
+        repo_id=repo_id,
+        eval_results=_eval_results(task, metrics, Path(manifest)),
+        overwrite=True,
     )
     return FinetuneResult(repo, metrics, best_epoch, epochs_run)
 

@@ -23,8 +23,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(recipe: str, data: list[Path], out: Path, preset: str = "tiny", config_file: Path | None = None,
-          resume: bool = False, stop_after: int | None = None, progress: bool | None = None) -> RunResult:
+def train(
+    recipe: str,
+    data: list[Path],
+    out: Path,
+    preset: str = "tiny",
+    config_file: Path | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool | None = None,
+) -> RunResult:
     """Train `recipe` on the `data` manifests into run folder `out` (single process, or one rank under torchrun)."""
     entry = get_recipe(recipe)
     settings = load_recipe_config(entry.settings_class, recipe, preset, config_file)
@@ -39,8 +47,9 @@ def train(recipe: str, data: list[Path], out: Path, preset: str = "tiny", config
         built = entry.build(settings, list(data), dist_info)
         if dist_info.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(yaml.safe_dump({"recipe": recipe, "preset": preset, **asdict(settings)},
-                                                            sort_keys=False))
+            (out / "config.yaml").write_text(
+                yaml.safe_dump({"recipe": recipe, "preset": preset, **asdict(settings)}, sort_keys=False)
+            )
         return Engine(out, settings.engine, dist_info).run(built, resume=resume, stop_after=stop_after)
     finally:
         distributed.shutdown()

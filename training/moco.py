@@ -53,8 +53,16 @@ class Moco(nn.Module):
     keeps training and exports).
     """
 
-    def __init__(self, encoder: nn.Module, in_dim: int, hidden_dim: int, out_dim: int, queue_size: int,
-                 momentum: float, temperature: float):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        queue_size: int,
+        momentum: float,
+        temperature: float,
+    ):
         super().__init__()
         self.encoder_q = encoder
         self.projector_q = projector(in_dim, hidden_dim, out_dim)
@@ -97,7 +105,9 @@ class Moco(nn.Module):
         keys[permutation] = shuffled_keys
         return keys[mine], keys
 
-    def loss(self, view_q: torch.Tensor, view_k: torch.Tensor, shuffle_bn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, view_q: torch.Tensor, view_k: torch.Tensor, shuffle_bn: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """InfoNCE of this rank's queries; returns (loss, all ranks' keys to enqueue after the step)."""
         query = self.query(view_q)
         key, gathered = self.keys(view_k, shuffle_bn)

@@ -9,7 +9,9 @@ from hub.models.medcoss import MedCossForPreTraining, MedCossModel
 from hub.models.medcoss.modeling_medcoss import random_masking
 
 
-def kmeans(features: torch.Tensor, clusters: int, generator: torch.Generator, iterations: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(
+    features: torch.Tensor, clusters: int, generator: torch.Generator, iterations: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ seeding drawn from `generator`: (centres (k, dim), assignment (N,))."""
     features = features.double()
     first = int(torch.randint(len(features), (1,), generator=generator))
@@ -32,8 +34,9 @@ def kmeans(features: torch.Tensor, clusters: int, generator: torch.Generator, it
     return centres, assignment
 
 
-def kmeans_buffer(features: torch.Tensor, buffer_ratio: float, center_ratio: float, seed: int,
-                  iterations: int = 100) -> list[int]:
+def kmeans_buffer(
+    features: torch.Tensor, buffer_ratio: float, center_ratio: float, seed: int, iterations: int = 100
+) -> list[int]:
     """Indices of the rehearsal buffer (MedCoSS's `main_buffer_kmean`): int(N * center_ratio) clusters (at least
     1), and from each the int(N * buffer_ratio // clusters) members (at least 1) nearest its centre; sorted."""
     count = len(features)
@@ -49,7 +52,9 @@ def kmeans_buffer(features: torch.Tensor, buffer_ratio: float, center_ratio: flo
     return sorted(chosen)
 
 
-def image_mixup(pixel_values: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def image_mixup(
+    pixel_values: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x <- lambda * x + (1 - lambda) * x[perm] with one lambda ~ U(0, 1) per sample and a permutation inside the
     (single-modality) batch. Returns (mixed, lambdas, permutation)."""
     batch = pixel_values.shape[0]
@@ -60,8 +65,9 @@ def image_mixup(pixel_values: torch.Tensor, generator: torch.Generator) -> tuple
     return mixed, lambdas, permutation
 
 
-def text_mixup(input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def text_mixup(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token-level binary mix: one ratio r ~ U(0, 1) per batch, each token kept with probability r, else taken from
     the permuted sample at the same position; attention masks mixed the same way. Returns (ids, mask, kept)."""
     ratio = float(torch.rand((), generator=generator))
@@ -72,15 +78,21 @@ def text_mixup(input_ids: torch.Tensor, attention_mask: torch.Tensor, generator:
     return ids, mask, kept
 
 
-def teacher_image_tokens(teacher: MedCossModel, pixel_values: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+def teacher_image_tokens(
+    teacher: MedCossModel, pixel_values: torch.Tensor, noise: torch.Tensor, mask_ratio: float
+) -> torch.Tensor:
     """The teacher's final tokens (cls + visible patches) under the MAE masking chosen by `noise`."""
     tokens = teacher.image_embeddings(pixel_values)
     kept, _, _ = random_masking(tokens, mask_ratio, noise)
     return teacher.encoder(teacher.prepend_cls(kept))[-1]
 
 
-def distillation_loss(student: MedCossForPreTraining, teacher: MedCossModel, batch: dict[str, torch.Tensor],
-                      noise: torch.Tensor | None = None) -> torch.Tensor:
+def distillation_loss(
+    student: MedCossForPreTraining,
+    teacher: MedCossModel,
+    batch: dict[str, torch.Tensor],
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """MSE (mean over all elements) between student and frozen-teacher final tokens. Images: both see the same
     masking `noise` (batch, patches), so the same patches are kept; text: all positions of the same input."""
     with torch.no_grad():

@@ -109,7 +109,9 @@ def random_window(values: torch.Tensor, size: tuple[int, int], generator: torch.
     return torch.from_numpy(spatial.crop_pad(values.numpy(), (values.shape[1], *size), tuple(starts)))
 
 
-ELASTIC_3D = "views.elastic is 2D only (no elastic deformation of sub-volumes); set views.elastic: false for 3D variants"
+ELASTIC_3D = (
+    "views.elastic is 2D only (no elastic deformation of sub-volumes); set views.elastic: false for 3D variants"
+)
 
 
 @dataclass

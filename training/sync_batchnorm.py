@@ -64,8 +64,9 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         if not self.training:
             batch_stats = self.running_mean is None and self.running_var is None
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, 0.0,
-                                self.eps)
+            return F.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, 0.0, self.eps
+            )
         count = torch.tensor([input.numel() // max(input.shape[1], 1)], dtype=torch.int64, device=input.device)
         sync = self.synchronised and distributed.active()
         if sync:
@@ -73,8 +74,10 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         count = int(count)
         if count <= 1:
             where = "over all ranks" if sync else "on this rank"
-            raise ValueError(f"BatchNorm needs more than 1 value per channel in training, got {count} {where} "
-                             f"(input shape {tuple(input.shape)} on this rank)")
+            raise ValueError(
+                f"BatchNorm needs more than 1 value per channel in training, got {count} {where} "
+                f"(input shape {tuple(input.shape)} on this rank)"
+            )
         factor = self._average_factor()
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
@@ -99,8 +102,13 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
 def _synchronised(layer: nn.modules.batchnorm._BatchNorm) -> AllReduceBatchNorm:
     """`layer` as an `AllReduceBatchNorm`, holding the same parameter and buffer objects (so optimisers and
     references still apply)."""
-    out = AllReduceBatchNorm(layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
-              track_running_stats=layer.track_running_stats)
+    out = AllReduceBatchNorm(
+        layer.num_features,
+        eps=layer.eps,
+        momentum=layer.momentum,
+        affine=layer.affine,
+        track_running_stats=layer.track_running_stats,
+    )
     for name in ("weight", "bias"):
         setattr(out, name, getattr(layer, name))
     for name in ("running_mean", "running_var", "num_batches_tracked"):

@@ -32,7 +32,9 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     characters = sorted({c for word in counts for c in word})
     vocab = list(SPECIAL_TOKENS) + characters + [f"##{c}" for c in characters]
     if len(vocab) > vocab_size:
-        raise TrainingConfigError(f"tokenizer_vocab_size {vocab_size} cannot hold the {len(vocab)} characters and specials")
+        raise TrainingConfigError(
+            f"tokenizer_vocab_size {vocab_size} cannot hold the {len(vocab)} characters and specials"
+        )
     known = set(vocab)
     words = [w for w, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if w not in known]
     vocab += words[: vocab_size - len(vocab)]
@@ -45,7 +47,11 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         mask_token="[MASK]",
     )
 
@@ -79,8 +85,14 @@ def encode(tokenizer: PreTrainedTokenizerFast, texts: list[str], length: int) ->
     return Encoded(torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"]), torch.tensor(words))
 
 
-def whole_word_mask(input_ids: torch.Tensor, word_ids: torch.Tensor, mask_token_id: int, vocab_size: int,
-                    generator: torch.Generator, probability: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+def whole_word_mask(
+    input_ids: torch.Tensor,
+    word_ids: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    probability: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask whole words of one sequence until about `probability` of its word tokens are covered (at least one
     word; a word that would overshoot is skipped), then per masked token: 80% [MASK], 10% a random id, 10% kept.
 

@@ -6,22 +6,15 @@ from pathlib import Path
 
 import torch
 
-from ..catalogue import VARIANTS, get_variant
-from ..convert import CONVERTERS
-from ..data import generate
-from ..errors import InputError, RepoError
-from ..export import (
-    Provenance,
-    export_repo,
-    install_in_cache,
-    resolve_repo,
-    validate_repo_id,
-    verify_repo,
-)
-from ..export.publish import upload_plan, upload_to_hub
-from ..export.resolve import read_config
-from ..models import get_family
-from ..processing.processor import MedicalImageProcessor
+from hub.catalogue import VARIANTS, get_variant
+from hub.convert import CONVERTERS
+from hub.data import generate
+from hub.errors import InputError, RepoError
+from hub.export import Provenance, export_repo, install_in_cache, resolve_repo, validate_repo_id, verify_repo
+from hub.export.publish import upload_plan, upload_to_hub
+from hub.export.resolve import read_config
+from hub.models import get_family
+from hub.processing.processor import MedicalImageProcessor
 
 PHANTOM_KINDS = ("xray", "ct", "mri", "pathology")
 
@@ -68,7 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     phantoms = subparsers.add_parser("phantoms", help="write a synthetic sample dataset and its manifest.jsonl")
     phantoms.add_argument("--out", type=Path, required=True)
-    phantoms.add_argument("--kinds", default=",".join(PHANTOM_KINDS), help=f"comma-separated subset of {','.join(PHANTOM_KINDS)}")
+    phantoms.add_argument(
+        "--kinds", default=",".join(PHANTOM_KINDS), help=f"comma-separated subset of {','.join(PHANTOM_KINDS)}"
+    )
     phantoms.add_argument("--count", type=int, help="phantoms per kind (default: 8 X-rays, 2 CT, 2 MRI, 4 pathology)")
     phantoms.add_argument("--seed", type=int, default=0)
     phantoms.add_argument("--no-progress", action="store_true")
@@ -92,8 +87,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     rows = [
         {
-            "variant": v.id, "family": v.family, "modality": v.modality, "dims": f"{v.spatial_dims}D",
-            "tiny": v.tiny, "paper": v.paper, "upstream weights": v.upstream_weights,
+            "variant": v.id,
+            "family": v.family,
+            "modality": v.modality,
+            "dims": f"{v.spatial_dims}D",
+            "tiny": v.tiny,
+            "paper": v.paper,
+            "upstream weights": v.upstream_weights,
         }
         for v in VARIANTS.values()
     ]
@@ -114,10 +114,18 @@ def cmd_init(args: argparse.Namespace) -> int:
         validate_repo_id(args.repo_id)
     torch.manual_seed(args.seed)
     model = get_family(variant.family).encoder_class(variant.build_config())
-    provenance = Provenance(kind="random-init", description=f"random initialisation (seed {args.seed})", details={"seed": str(args.seed)})
+    provenance = Provenance(
+        kind="random-init", description=f"random initialisation (seed {args.seed})", details={"seed": str(args.seed)}
+    )
     out = export_repo(
-        model, args.out, variant=variant.id, provenance=provenance, processor=variant.build_processor(),
-        modality=variant.modality, repo_id=args.repo_id, overwrite=args.overwrite,
+        model,
+        args.out,
+        variant=variant.id,
+        provenance=provenance,
+        processor=variant.build_processor(),
+        modality=variant.modality,
+        repo_id=args.repo_id,
+        overwrite=args.overwrite,
     )
     print(f"wrote {variant.id} ({model.num_parameters():,} parameters) to {out}")
     return 0
@@ -139,10 +147,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         processor = MedicalImageProcessor.from_pretrained(model_dir)
     else:
         processor = variant.build_processor()
-    provenance = Provenance(kind="trained", description=args.description or f"exported from `{model_dir.name}`", training_data="See the training run that produced these weights.")
+    provenance = Provenance(
+        kind="trained",
+        description=args.description or f"exported from `{model_dir.name}`",
+        training_data="See the training run that produced these weights.",
+    )
     out = export_repo(
-        model, args.out, variant=variant.id, provenance=provenance, processor=processor,
-        modality=variant.modality, repo_id=args.repo_id, overwrite=args.overwrite,
+        model,
+        args.out,
+        variant=variant.id,
+        provenance=provenance,
+        processor=processor,
+        modality=variant.modality,
+        repo_id=args.repo_id,
+        overwrite=args.overwrite,
     )
     print(f"exported {architecture} to {out}")
     return 0
@@ -160,7 +178,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
             print(f"  {name}  {size:,} bytes")
         return 0
     if args.hub:
-        published = upload_to_hub(repo_dir, args.repo_id, revision=args.revision, private=args.private, token=args.token)
+        published = upload_to_hub(
+            repo_dir, args.repo_id, revision=args.revision, private=args.private, token=args.token
+        )
     else:
         published = install_in_cache(repo_dir, args.repo_id, args.cache_dir, args.revision)
     print(f"published {published.repo_id}@{published.revision} commit {published.commit} at {published.location}")
@@ -169,7 +189,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     report = verify_repo(args.repo, args.revision)
-    print(f"ok: {report.files_checked} files match checksums.sha256; golden " f"output within {report.golden_max_abs_diff:.2g} ({report.repo_dir})")
+    print(
+        f"ok: {report.files_checked} files match checksums.sha256; golden "
+        f"output within {report.golden_max_abs_diff:.2g} ({report.repo_dir})"
+    )
     return 0
 
 
@@ -177,12 +200,21 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
     unknown = sorted(set(kinds) - set(PHANTOM_KINDS))
     if unknown or not kinds:
-        raise InputError(f"--kinds {args.kinds!r} names no known phantom kind; expected " f"a comma-separated subset of {','.join(PHANTOM_KINDS)}")
+        raise InputError(
+            f"--kinds {args.kinds!r} names no known phantom kind; expected "
+            f"a comma-separated subset of {','.join(PHANTOM_KINDS)}"
+        )
     if args.count is not None and args.count < 1:
         raise InputError(f"--count must be a positive number of phantoms per kind, got {args.count}")
-    counts = {f"n_{kind}": (args.count if args.count is not None else None) if kind in kinds else 0 for kind in PHANTOM_KINDS}
-    manifest = generate(args.out, seed=args.seed, progress=not args.no_progress,
-                        **{name: n for name, n in counts.items() if n is not None})
+    counts = {
+        f"n_{kind}": (args.count if args.count is not None else None) if kind in kinds else 0 for kind in PHANTOM_KINDS
+    }
+    manifest = generate(
+        args.out,
+        seed=args.seed,
+        progress=not args.no_progress,
+        **{name: n for name, n in counts.items() if n is not None},
+    )
     print(f"wrote {', '.join(kinds)} phantoms and {manifest}")
     return 0
 

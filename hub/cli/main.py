@@ -10,16 +10,19 @@ from importlib.metadata import entry_points
 
 import transformers
 
-from ..errors import MedhubError
+from hub.errors import MedhubError
 
 ENTRY_POINT_GROUP = "medhub.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from hub import __version__
+
     from . import commands
 
-    parser = argparse.ArgumentParser(prog="medhub", description="Pretrained medical imaging backbones: build, publish, verify, serve.")
+    parser = argparse.ArgumentParser(
+        prog="medhub", description="Pretrained medical imaging backbones: build, publish, verify, serve."
+    )
     parser.add_argument("--version", action="version", version=f"medhub {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.register(subparsers)

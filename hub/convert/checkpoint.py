@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConversionError
+from hub.errors import ConversionError
 
 # Objects that released SSL checkpoints carry beside tensors (MoCo/PCL save their argparse namespace).
 SAFE_GLOBALS = [argparse.Namespace, OrderedDict]
@@ -26,10 +26,14 @@ def load_checkpoint(path: Path) -> Any:
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if found:
-            raise ConversionError(f"checkpoint {path} holds {found.group(1)}, outside medhub's allow-list of safe objects") from None
+            raise ConversionError(
+                f"checkpoint {path} holds {found.group(1)}, outside medhub's allow-list of safe objects"
+            ) from None
         raise ConversionError(f"checkpoint {path} is not a readable PyTorch file") from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise ConversionError(f"checkpoint {path} is not a readable PyTorch file ({error.__class__.__name__})") from None
+        raise ConversionError(
+            f"checkpoint {path} is not a readable PyTorch file ({error.__class__.__name__})"
+        ) from None
 
 
 def unwrap_state_dict(checkpoint: Any, path: Path, wrappers: tuple[str, ...]) -> dict[str, torch.Tensor]:

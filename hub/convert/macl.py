@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..catalogue import get_variant
-from ..errors import ConversionError
-from ..export.checksums import sha256_file
-from ..export.repo import Provenance, export_repo
-from ..models.macl import MaclForPreTraining, MaclModel
-from ..processing.processor import MedicalImageProcessor
+from hub.catalogue import get_variant
+from hub.errors import ConversionError
+from hub.export.checksums import sha256_file
+from hub.export.repo import Provenance, export_repo
+from hub.models.macl import MaclForPreTraining, MaclModel
+from hub.processing.processor import MedicalImageProcessor
+
 from .checkpoint import load_checkpoint, unwrap_state_dict
 from .registry import Converter
 
@@ -31,7 +32,9 @@ RENAMES = {"share_encoder.": "macl.encoder.", "online_decoder.": "decoder."}
 PROJECTORS = ("target_instance_projector.", "online_instance_projector.", "target_pixel_projector.")
 FIRST_CONV = "share_encoder.contr_1_1.0.weight"
 TASKS = ("pretraining", "encoder")
-UPSTREAM_LICENSE = "none published (no LICENSE file upstream: all rights reserved; ask the authors before redistributing)"
+UPSTREAM_LICENSE = (
+    "none published (no LICENSE file upstream: all rights reserved; ask the authors before redistributing)"
+)
 
 
 def upstream_to_medhub(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -45,7 +48,9 @@ def upstream_to_medhub(tensors: dict[str, torch.Tensor], path: Path) -> dict[str
         elif key.startswith(PROJECTORS):
             state[key] = value
         else:
-            raise ConversionError(f"checkpoint {path} has key {key}, which is not part of the MACL U-Net or its projectors")
+            raise ConversionError(
+                f"checkpoint {path} has key {key}, which is not part of the MACL U-Net or its projectors"
+            )
     return state
 
 
@@ -71,7 +76,9 @@ def convert_macl(
     tensors = unwrap_state_dict(load_checkpoint(checkpoint), checkpoint, WRAPPERS)
     first = tensors.get(FIRST_CONV, tensors.get("module." + FIRST_CONV))
     if first is None or first.ndim not in (4, 5):
-        raise ConversionError(f"checkpoint {checkpoint} has no MACL encoder (key {FIRST_CONV} with a 2D or 3D conv weight)")
+        raise ConversionError(
+            f"checkpoint {checkpoint} has no MACL encoder (key {FIRST_CONV} with a 2D or 3D conv weight)"
+        )
     state = upstream_to_medhub(tensors, checkpoint)
     source_channels = int(first.shape[1])
     if in_channels == "1" and source_channels > 1:
@@ -84,7 +91,11 @@ def convert_macl(
     config = variant.build_config(num_channels=num_channels, base_filters=int(first.shape[0]))
     model = _load(MaclForPreTraining(config), state, checkpoint)
     if task == "encoder":
-        model = _load(MaclModel(config), {k.removeprefix("macl."): v for k, v in state.items() if k.startswith("macl.")}, checkpoint)
+        model = _load(
+            MaclModel(config),
+            {k.removeprefix("macl."): v for k, v in state.items() if k.startswith("macl.")},
+            checkpoint,
+        )
     digest = sha256_file(checkpoint)
     modality = "mri" if source_channels == 4 else variant.modality
     processor = MedicalImageProcessor(**{**variant.processor_spec(), "modality": modality, "in_channels": num_channels})
@@ -100,13 +111,23 @@ def convert_macl(
         ),
         base_model=base_model,
         details={
-            "file": checkpoint.name, "sha256": digest, "upstream_license": UPSTREAM_LICENSE, "task": task,
-            "source_in_channels": str(source_channels), "in_channels_policy": in_channels,
+            "file": checkpoint.name,
+            "sha256": digest,
+            "upstream_license": UPSTREAM_LICENSE,
+            "task": task,
+            "source_in_channels": str(source_channels),
+            "in_channels_policy": in_channels,
         },
     )
     return export_repo(
-        model, out_dir, variant=variant.id, provenance=provenance, processor=processor, modality=modality,
-        repo_id=repo_id, overwrite=overwrite,
+        model,
+        out_dir,
+        variant=variant.id,
+        provenance=provenance,
+        processor=processor,
+        modality=modality,
+        repo_id=repo_id,
+        overwrite=overwrite,
     )
 
 
@@ -117,16 +138,26 @@ def _load(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) ->
         raise ConversionError(f"checkpoint {path} has no tensor for {missing[0]} ({len(missing)} missing)")
     for key, value in state.items():
         if key in expected and value.shape != expected[key].shape:
-            raise ConversionError(f"checkpoint {path} key {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+            raise ConversionError(
+                f"checkpoint {path} key {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
     model.load_state_dict({key: state[key] for key in expected}, strict=True)
     return model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=TASKS, default="pretraining",
-                        help="pretraining: encoder, decoder and projectors (default); encoder: the encoder only")
-    parser.add_argument("--in-channels", choices=("keep", "1"), default="keep",
-                        help="keep the checkpoint's input channels (default), or sum a 4-channel first conv into 1")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default="pretraining",
+        help="pretraining: encoder, decoder and projectors (default); encoder: the encoder only",
+    )
+    parser.add_argument(
+        "--in-channels",
+        choices=("keep", "1"),
+        default="keep",
+        help="keep the checkpoint's input channels (default), or sum a 4-channel first conv into 1",
+    )
 
 
 CONVERTER = Converter(

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..catalogue import get_variant
-from ..errors import ConversionError
-from ..export.checksums import sha256_file, write_checksums
-from ..export.repo import Provenance, export_repo
-from ..models.medcoss import MedCossForPreTraining, MedCossModel
+from hub.catalogue import get_variant
+from hub.errors import ConversionError
+from hub.export.checksums import sha256_file, write_checksums
+from hub.export.repo import Provenance, export_repo
+from hub.models.medcoss import MedCossForPreTraining, MedCossModel
+
 from .checkpoint import load_checkpoint, unwrap_state_dict
 from .registry import Converter
 
@@ -42,7 +43,10 @@ ENCODER_RENAMES: tuple[tuple[str, str], ...] = (
     (r"cls_token", "cls_token"),
     (rf"fused_encoder\.layers\.{_LAYER}\.self_attn\.in_proj_weight", r"encoder.layers.\1.attention.qkv.weight"),
     (rf"fused_encoder\.layers\.{_LAYER}\.self_attn\.in_proj_bias", r"encoder.layers.\1.attention.qkv.bias"),
-    (rf"fused_encoder\.layers\.{_LAYER}\.self_attn\.out_proj\.(weight|bias)", r"encoder.layers.\1.attention.out_proj.\2"),
+    (
+        rf"fused_encoder\.layers\.{_LAYER}\.self_attn\.out_proj\.(weight|bias)",
+        r"encoder.layers.\1.attention.out_proj.\2",
+    ),
     (rf"fused_encoder\.layers\.{_LAYER}\.linear1\.(weight|bias)", r"encoder.layers.\1.mlp.fc1.\2"),
     (rf"fused_encoder\.layers\.{_LAYER}\.linear2\.(weight|bias)", r"encoder.layers.\1.mlp.fc2.\2"),
     (rf"fused_encoder\.layers\.{_LAYER}\.norm1\.(weight|bias)", r"encoder.layers.\1.layer_norm1.\2"),
@@ -56,10 +60,22 @@ ENCODER_RENAMES: tuple[tuple[str, str], ...] = (
     (r"video_embed\.embeddings\.(weight|bias)", r"image_embeddings.patch_embeddings_2d.\1"),
     (r"video_embed\.embeddings_3D\.(weight|bias)", r"image_embeddings.patch_embeddings_3d.\1"),
     (r"video_embed\.embeddings_norm\.(weight|bias)", r"image_embeddings.layer_norm.\1"),
-    (r"video_embed\.embeddings_st_pos_2D\.spatial_pos_embed\.weight", "image_embeddings.spatial_position_embeddings_2d.weight"),
-    (r"video_embed\.embeddings_st_pos_2D\.temporal_pos_embed\.weight", "image_embeddings.temporal_position_embeddings_2d.weight"),
-    (r"video_embed\.embeddings_st_pos_3D\.spatial_pos_embed\.weight", "image_embeddings.spatial_position_embeddings_3d.weight"),
-    (r"video_embed\.embeddings_st_pos_3D\.temporal_pos_embed\.weight", "image_embeddings.temporal_position_embeddings_3d.weight"),
+    (
+        r"video_embed\.embeddings_st_pos_2D\.spatial_pos_embed\.weight",
+        "image_embeddings.spatial_position_embeddings_2d.weight",
+    ),
+    (
+        r"video_embed\.embeddings_st_pos_2D\.temporal_pos_embed\.weight",
+        "image_embeddings.temporal_position_embeddings_2d.weight",
+    ),
+    (
+        r"video_embed\.embeddings_st_pos_3D\.spatial_pos_embed\.weight",
+        "image_embeddings.spatial_position_embeddings_3d.weight",
+    ),
+    (
+        r"video_embed\.embeddings_st_pos_3D\.temporal_pos_embed\.weight",
+        "image_embeddings.temporal_position_embeddings_3d.weight",
+    ),
 )
 PRETRAINING_RENAMES: tuple[tuple[str, str], ...] = (
     (r"video_embed\.embeddings_pos\.position_embeddings\.weight", "legacy_video_position_embeddings"),
@@ -118,7 +134,8 @@ def check_against(model_class: type, config, state: dict[str, torch.Tensor], pat
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise ConversionError(
-                f"checkpoint {path} key for {key!r} has shape " f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+                f"checkpoint {path} key for {key!r} has shape "
+                f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}"
             )
 
 
@@ -181,13 +198,22 @@ def convert_medcoss(
         training_data=TRAINING_DATA,
         base_model=base_model,
         details={
-            "file": checkpoint.name, "sha256": digest, "license_terms": LICENSE_TERMS,
-            "pretraining_heads": str(keep_pretraining_heads).lower(), "text_mask_mode": "faithful",
+            "file": checkpoint.name,
+            "sha256": digest,
+            "license_terms": LICENSE_TERMS,
+            "pretraining_heads": str(keep_pretraining_heads).lower(),
+            "text_mask_mode": "faithful",
         },
     )
     out = export_repo(
-        model, out_dir, variant=variant.id, provenance=provenance, processor=variant.build_processor(),
-        modality=variant.modality, repo_id=repo_id, overwrite=overwrite,
+        model,
+        out_dir,
+        variant=variant.id,
+        provenance=provenance,
+        processor=variant.build_processor(),
+        modality=variant.modality,
+        repo_id=repo_id,
+        overwrite=overwrite,
     )
     if tokenizer_dir is not None:
         copy_tokenizer(Path(tokenizer_dir), out, model.config.vocab_size)
@@ -196,9 +222,13 @@ def convert_medcoss(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer-dir", type=Path, help="local Bio_ClinicalBERT tokenizer folder to copy into the repo")
     parser.add_argument(
-        "--keep-pretraining-heads", action="store_true", help="keep the MAE decoder and MLM head (MedCossForPreTraining)"
+        "--tokenizer-dir", type=Path, help="local Bio_ClinicalBERT tokenizer folder to copy into the repo"
+    )
+    parser.add_argument(
+        "--keep-pretraining-heads",
+        action="store_true",
+        help="keep the MAE decoder and MLM head (MedCossForPreTraining)",
     )
 
 

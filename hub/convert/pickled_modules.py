@@ -21,21 +21,37 @@ from typing import Any
 
 import torch
 
-from ..errors import ConversionError
+from hub.errors import ConversionError
 
 STUB_PREFIXES = (
-    "mmm.", "torch.nn.modules.", "torch.nn.functional", "torchvision.", "timm.", "segmentation_models_pytorch.",
-    "mmdet.", "mmcv.", "mmengine.", "pydantic.", "pydantic_core.",
+    "mmm.",
+    "torch.nn.modules.",
+    "torch.nn.functional",
+    "torchvision.",
+    "timm.",
+    "segmentation_models_pytorch.",
+    "mmdet.",
+    "mmcv.",
+    "mmengine.",
+    "pydantic.",
+    "pydantic_core.",
 )
-_TORCH_REBUILDERS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                     "_rebuild_parameter_with_state")
+_TORCH_REBUILDERS = (
+    "_rebuild_tensor",
+    "_rebuild_tensor_v2",
+    "_rebuild_tensor_v3",
+    "_rebuild_parameter",
+    "_rebuild_parameter_with_state",
+)
 ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
-    **{("torch._utils", name): getattr(torch._utils, name) for name in _TORCH_REBUILDERS if hasattr(torch._utils, name)},
+    **{
+        ("torch._utils", name): getattr(torch._utils, name) for name in _TORCH_REBUILDERS if hasattr(torch._utils, name)
+    },
 }
 MAX_MEMBER_BYTES = 4 << 30
 
@@ -90,7 +106,9 @@ def load_restricted(data: bytes, label: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=RESTRICTED_PICKLE)
     except pickle.UnpicklingError as error:
-        raise ConversionError(f"{label} was refused: {error}; only tensors, plain containers and model classes are read") from None
+        raise ConversionError(
+            f"{label} was refused: {error}; only tensors, plain containers and model classes are read"
+        ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as error:
         raise ConversionError(f"{label} is not a readable PyTorch file ({error.__class__.__name__})") from None
 
@@ -126,13 +144,17 @@ def read_module_zip(path: Path) -> dict[str, dict[str, torch.Tensor]]:
             if info.is_dir() or not info.filename.endswith(".pt"):
                 continue
             if info.file_size > MAX_MEMBER_BYTES:
-                raise ConversionError(f"{path}: member {info.filename} claims {info.file_size:,} bytes, over the 4 GiB limit")
+                raise ConversionError(
+                    f"{path}: member {info.filename} claims {info.file_size:,} bytes, over the 4 GiB limit"
+                )
             label = f"{path.name}:{info.filename}"
             try:
                 data = archive.read(info)
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
-                raise ConversionError(f"{path}: member {info.filename} cannot be extracted ({type(error).__name__}); "
-                                      "expected an intact zip") from None
+                raise ConversionError(
+                    f"{path}: member {info.filename} cannot be extracted ({type(error).__name__}); "
+                    "expected an intact zip"
+                ) from None
             modules[Path(info.filename).stem] = module_tensors(load_restricted(data, label), label)
     if not modules:
         raise ConversionError(f"checkpoint {path} holds no <module>.pt members")

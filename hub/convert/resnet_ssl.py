@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from ..catalogue import get_variant
-from ..errors import ConversionError
-from ..export.checksums import sha256_file
-from ..export.repo import Provenance, export_repo
-from ..models.muscle import MuscleModel
+from hub.catalogue import get_variant
+from hub.errors import ConversionError
+from hub.export.checksums import sha256_file
+from hub.export.repo import Provenance, export_repo
+from hub.models.muscle import MuscleModel
+
 from .checkpoint import load_checkpoint, unwrap_state_dict
 from .registry import Converter
 
@@ -29,8 +30,11 @@ def _is_head(key: str) -> bool:
     return key.split(".", 1)[0].startswith(HEAD_ROOTS)
 
 
-def encoder_state_dict(tensors: dict[str, torch.Tensor], expected: set[str], path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def encoder_state_dict(
+    tensors: dict[str, torch.Tensor], expected: set[str], path: Path
+) -> tuple[dict[str, torch.Tensor], str]:
     """Strip the prefix that maps the most keys onto `expected`; drop heads; demand every expected key."""
+
     def matches(prefix: str) -> int:
         return sum(key.removeprefix(prefix) in expected for key in tensors if key.startswith(prefix))
 
@@ -39,10 +43,15 @@ def encoder_state_dict(tensors: dict[str, torch.Tensor], expected: set[str], pat
     state = {key: value for key, value in stripped.items() if not _is_head(key)}
     missing = sorted(expected - state.keys())
     if missing:
-        raise ConversionError(f"checkpoint {path} has no encoder key {missing[0]} (after " f"stripping {best_prefix or 'no prefix'!r}; {len(missing)} missing)")
+        raise ConversionError(
+            f"checkpoint {path} has no encoder key {missing[0]} (after "
+            f"stripping {best_prefix or 'no prefix'!r}; {len(missing)} missing)"
+        )
     unexpected = sorted(state.keys() - expected)
     if unexpected:
-        raise ConversionError(f"checkpoint {path} has an unrecognised non-head key {unexpected[0]} ({len(unexpected)} in all)")
+        raise ConversionError(
+            f"checkpoint {path} has an unrecognised non-head key {unexpected[0]} ({len(unexpected)} in all)"
+        )
     return state, best_prefix
 
 
@@ -63,7 +72,10 @@ def convert_resnet50_ssl(
     state, prefix = encoder_state_dict(tensors, expected, checkpoint)
     for key, value in state.items():
         if value.shape != model.state_dict()[key].shape:
-            raise ConversionError(f"checkpoint {checkpoint} key {key} has shape {tuple(value.shape)}, " f"expected ResNet-50's {tuple(model.state_dict()[key].shape)}")
+            raise ConversionError(
+                f"checkpoint {checkpoint} key {key} has shape {tuple(value.shape)}, "
+                f"expected ResNet-50's {tuple(model.state_dict()[key].shape)}"
+            )
     model.load_state_dict(state, strict=True)
     digest = sha256_file(checkpoint)
     provenance = Provenance(
@@ -75,8 +87,14 @@ def convert_resnet50_ssl(
         details={"file": checkpoint.name, "sha256": digest, "stripped_prefix": prefix},
     )
     return export_repo(
-        model, out_dir, variant=VARIANT, provenance=provenance, processor=variant.build_processor(),
-        modality=variant.modality, repo_id=repo_id, overwrite=overwrite,
+        model,
+        out_dir,
+        variant=VARIANT,
+        provenance=provenance,
+        processor=variant.build_processor(),
+        modality=variant.modality,
+        repo_id=repo_id,
+        overwrite=overwrite,
     )
 
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ..catalogue import get_variant
-from ..errors import ConversionError
-from ..export.checksums import sha256_file
-from ..export.repo import Provenance, export_repo
-from ..models.umedpt import UmedptModel
+from hub.catalogue import get_variant
+from hub.errors import ConversionError
+from hub.export.checksums import sha256_file
+from hub.export.repo import Provenance, export_repo
+from hub.models.umedpt import UmedptModel
+
 from .pickled_modules import read_module_zip
 from .registry import Converter
 
@@ -69,13 +70,20 @@ def config_overrides(encoder: dict[str, torch.Tensor], squeezer: dict[str, torch
     """The Swin size and squeezer settings that the tensors imply."""
     stem = encoder[STEM]
     stage_layers = (1, 3, 5, 7)
-    depths = [len({m.group(1) for key in encoder if (m := re.match(rf"features\.{layer}\.(\d+)\.", key))}) for layer in stage_layers]
+    depths = [
+        len({m.group(1) for key in encoder if (m := re.match(rf"features\.{layer}\.(\d+)\.", key))})
+        for layer in stage_layers
+    ]
     heads = [int(encoder[f"features.{layer}.0.attn.logit_scale"].shape[0]) for layer in stage_layers]
     window = (int(encoder["features.1.0.attn.relative_coords_table"].shape[1]) + 1) // 2  # (1, 2w-1, 2w-1, 2)
     conv = squeezer.get("conv.weight")
     return {
-        "num_channels": int(stem.shape[1]), "patch_size": int(stem.shape[2]), "embed_dim": int(stem.shape[0]),
-        "depths": depths, "num_heads": heads, "window_size": window,
+        "num_channels": int(stem.shape[1]),
+        "patch_size": int(stem.shape[2]),
+        "embed_dim": int(stem.shape[0]),
+        "depths": depths,
+        "num_heads": heads,
+        "window_size": window,
         "squeezer_channels": int(conv.shape[0]) if conv is not None else None,
         "squeezer_bias": "conv.bias" in squeezer,
     }
@@ -93,11 +101,15 @@ def convert_umedpt(
 ) -> Path:
     checkpoint = Path(checkpoint)
     if not accept_license:
-        raise ConversionError(f"the UMedPT weights are under the {UPSTREAM_LICENSE}; pass --accept-license to convert them")
+        raise ConversionError(
+            f"the UMedPT weights are under the {UPSTREAM_LICENSE}; pass --accept-license to convert them"
+        )
     modules = read_module_zip(checkpoint)
     for required in ("encoder", "squeezer"):
         if required not in modules:
-            raise ConversionError(f"checkpoint {checkpoint} has no {required}.pt (members: {', '.join(sorted(modules))})")
+            raise ConversionError(
+                f"checkpoint {checkpoint} has no {required}.pt (members: {', '.join(sorted(modules))})"
+            )
     encoder, prefix = encoder_tensors(modules["encoder"], f"{checkpoint.name}:encoder.pt")
     if not {STEM, "features.1.0.attn.logit_scale", "features.1.0.attn.relative_coords_table"} <= encoder.keys():
         raise ConversionError(f"checkpoint {checkpoint} encoder is not a Swin V2 backbone")
@@ -110,10 +122,16 @@ def convert_umedpt(
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         key = (missing or unexpected)[0]
-        raise ConversionError(f"checkpoint {checkpoint} does not match Swin V2 + squeezer: " f"{'missing' if missing else 'unexpected'} key {key}")
+        raise ConversionError(
+            f"checkpoint {checkpoint} does not match Swin V2 + squeezer: "
+            f"{'missing' if missing else 'unexpected'} key {key}"
+        )
     for key, value in state.items():
         if value.shape != expected[key].shape:
-            raise ConversionError(f"checkpoint {checkpoint} key {key} has shape " f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+            raise ConversionError(
+                f"checkpoint {checkpoint} key {key} has shape "
+                f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
     model.load_state_dict(state, strict=True)
     digest = sha256_file(checkpoint)
     skipped = sorted(set(modules) - {"encoder", "squeezer"})
@@ -131,19 +149,31 @@ def convert_umedpt(
         ),
         base_model=base_model,
         details={
-            "file": checkpoint.name, "sha256": digest, "upstream_license": UPSTREAM_LICENSE,
-            "encoder_prefix": prefix, "skipped_modules": ", ".join(skipped),
+            "file": checkpoint.name,
+            "sha256": digest,
+            "upstream_license": UPSTREAM_LICENSE,
+            "encoder_prefix": prefix,
+            "skipped_modules": ", ".join(skipped),
         },
     )
     return export_repo(
-        model, out_dir, variant=VARIANT, provenance=provenance, processor=variant.build_processor(),
-        modality=variant.modality, repo_id=repo_id, overwrite=overwrite,
+        model,
+        out_dir,
+        variant=VARIANT,
+        provenance=provenance,
+        processor=variant.build_processor(),
+        modality=variant.modality,
+        repo_id=repo_id,
+        overwrite=overwrite,
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--accept-license", action="store_true",
-                        help="accept the Fraunhofer non-commercial research licence of the UMedPT weights")
+    parser.add_argument(
+        "--accept-license",
+        action="store_true",
+        help="accept the Fraunhofer non-commercial research licence of the UMedPT weights",
+    )
 
 
 CONVERTER = Converter(

@@ -88,14 +88,24 @@ def _row(raw: dict[str, Any]) -> ManifestRow:
         raise ValueError("mask must be a path")
     if text is not None and not isinstance(text, str):
         raise ValueError("text must be a string")
-    return ManifestRow(raw["path"], raw["modality"], raw["split"], {k: float(v) for k, v in labels.items()},
-                       mask, [[float(v) for v in b] for b in boxes], text)
+    return ManifestRow(
+        raw["path"],
+        raw["modality"],
+        raw["split"],
+        {k: float(v) for k, v in labels.items()},
+        mask,
+        [[float(v) for v in b] for b in boxes],
+        text,
+    )
 
 
 def _valid_box(box: Any) -> bool:
     return (
-        isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-        and box[0] < box[2] and box[1] < box[3]
+        isinstance(box, list)
+        and len(box) == 4
+        and all(isinstance(v, (int, float)) for v in box)
+        and box[0] < box[2]
+        and box[1] < box[3]
     )
 
 
@@ -152,8 +162,15 @@ def write_manifest(rows: list[ManifestRow], path: str | Path) -> Path:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             writer.writeheader()
             for r in records:
-                writer.writerow({**r, "labels": json.dumps(r["labels"]), "boxes": json.dumps(r["boxes"]),
-                                 "mask": r["mask"] or "", "text": r["text"] or ""})
+                writer.writerow(
+                    {
+                        **r,
+                        "labels": json.dumps(r["labels"]),
+                        "boxes": json.dumps(r["boxes"]),
+                        "mask": r["mask"] or "",
+                        "text": r["text"] or "",
+                    }
+                )
     else:
         raise ManifestError(f"manifest {path.name!r} must be a .csv or .jsonl file")
     return path

@@ -74,13 +74,25 @@ def chest_xray(rng: np.random.Generator, size: int = 256, nodule: bool = False) 
         finding = f"{side} {zone} zone nodule of {2 * radius * 0.4:.0f} mm"
     image = _smooth(image, 1.5) + rng.normal(0.0, 40.0, image.shape)
     pixels = np.clip(np.rint(image), 0, 4095).astype(np.uint16)
-    return {"image": pixels, "mask": mask, "boxes": [box] if box else [], "labels": {"nodule": int(nodule)},
-            "text": _report(nodule, finding)}
+    return {
+        "image": pixels,
+        "mask": mask,
+        "boxes": [box] if box else [],
+        "labels": {"nodule": int(nodule)},
+        "text": _report(nodule, finding),
+    }
 
 
-def varied_chest_xray(rng: np.random.Generator, size: int = 256, nodule: bool = False, contrast: float = 1500.0,
-                      radius: tuple[float, float] = (0.03, 0.05), nodules: tuple[int, int] = (2, 4),
-                      anatomy: float = 0.25, pose: float = 0.25) -> dict:
+def varied_chest_xray(
+    rng: np.random.Generator,
+    size: int = 256,
+    nodule: bool = False,
+    contrast: float = 1500.0,
+    radius: tuple[float, float] = (0.03, 0.05),
+    nodules: tuple[int, int] = (2, 4),
+    anatomy: float = 0.25,
+    pose: float = 0.25,
+) -> dict:
     """A harder radiograph than `chest_xray`: anatomy varies (body, lung and heart size and position, scaled by
     `anatomy`; a tilt and shift scaled by `pose`), acquisition varies (exposure gain and offset, blur, noise level,
     a soft-tissue gradient) and the finding is subtle: `nodules` (min, max) nodules of `radius` (fraction of the
@@ -135,12 +147,23 @@ def varied_chest_xray(rng: np.random.Generator, size: int = 256, nodule: bool = 
     gain, offset = rng.uniform(0.75, 1.25), rng.uniform(-200, 200)
     image = _smooth(image, rng.uniform(1.0, 2.5)) * gain + offset + rng.normal(0.0, rng.uniform(30, 90), image.shape)
     pixels = np.clip(np.rint(image), 0, 4095).astype(np.uint16)
-    return {"image": pixels, "mask": mask, "boxes": boxes, "labels": {"nodule": int(nodule)},
-            "text": _report(nodule, finding)}
+    return {
+        "image": pixels,
+        "mask": mask,
+        "boxes": boxes,
+        "labels": {"nodule": int(nodule)},
+        "text": _report(nodule, finding),
+    }
 
 
-def generate_varied_xrays(out_dir: str | Path, n: int = 60, seed: int = 0,
-                          fractions: tuple[float, float] = (0.6, 0.2), progress: bool = True, **finding: Any) -> Path:
+def generate_varied_xrays(
+    out_dir: str | Path,
+    n: int = 60,
+    seed: int = 0,
+    fractions: tuple[float, float] = (0.6, 0.2),
+    progress: bool = True,
+    **finding: Any,
+) -> Path:
     """`n` varied X-rays (`varied_chest_xray`, `finding` its keyword arguments), alternating nodule / no nodule,
     split train / val / test by `fractions` (train, val; the rest test) with both labels in every split; returns
     the manifest path."""
@@ -155,8 +178,9 @@ def generate_varied_xrays(out_dir: str | Path, n: int = 60, seed: int = 0,
         write_dicom_image(p["image"], out / "xray" / f"{name}.dcm", f"{seed}-varied-{i}")
         Image.fromarray(p["mask"]).save(out / "xray" / f"{name}_mask.png")
         split = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
-        rows.append(ManifestRow(f"xray/{name}.dcm", "xray", split, p["labels"], f"xray/{name}_mask.png", p["boxes"],
-                                p["text"]))
+        rows.append(
+            ManifestRow(f"xray/{name}.dcm", "xray", split, p["labels"], f"xray/{name}_mask.png", p["boxes"], p["text"])
+        )
     return write_manifest(rows, out / "manifest.jsonl")
 
 
@@ -182,8 +206,11 @@ def ct_volume(rng: np.random.Generator, shape: tuple[int, int, int] = (32, 96, 9
         hu[spot] = 10.0
         mask[spot] = 3
     hu = hu + rng.normal(0.0, 12.0, shape) * body
-    return {"image": np.clip(np.rint(hu), -1024, 3071).astype(np.int16), "mask": mask,
-            "labels": {"lesion": int(lesion and bool((mask == 3).any()))}}
+    return {
+        "image": np.clip(np.rint(hu), -1024, 3071).astype(np.int16),
+        "mask": mask,
+        "labels": {"lesion": int(lesion and bool((mask == 3).any()))},
+    }
 
 
 def mri_volume(rng: np.random.Generator, shape: tuple[int, int, int] = (32, 64, 64)) -> dict:
@@ -216,8 +243,11 @@ def pathology_tile(rng: np.random.Generator, size: int = 128, glands: int = 4) -
         rgb[r <= 0.45] = (245.0, 240.0, 245.0)
         mask[r <= 1.0] = 1
     rgb += rng.normal(0.0, 6.0, rgb.shape)
-    return {"image": np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "mask": mask,
-            "labels": {"glands": int(mask.any())}}
+    return {
+        "image": np.clip(np.rint(rgb), 0, 255).astype(np.uint8),
+        "mask": mask,
+        "labels": {"glands": int(mask.any())},
+    }
 
 
 # ----- files ---------------------------------------------------------------------------------------------
@@ -254,9 +284,14 @@ def write_dicom_image(pixels: np.ndarray, path: Path, uid_seed: str, spacing: tu
     return path
 
 
-def write_dicom_series(hu: np.ndarray, folder: Path, uid_seed: str, spacing: tuple[float, float, float],
-                       origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
-                       direction: tuple[float, ...] = (1, 0, 0, 0, 1, 0, 0, 0, 1)) -> Path:
+def write_dicom_series(
+    hu: np.ndarray,
+    folder: Path,
+    uid_seed: str,
+    spacing: tuple[float, float, float],
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    direction: tuple[float, ...] = (1, 0, 0, 0, 1, 0, 0, 0, 1),
+) -> Path:
     """Write a (D, H, W) HU volume as a CT series, one file per slice (stored = HU + 1024).
 
     ``spacing`` and ``origin`` are in (x, y, z) order and ``direction`` is ITK's row-major matrix, so the series
@@ -292,8 +327,15 @@ def _split(i: int, n: int) -> str:
     return "test" if i == n - 1 and n > 2 else ("val" if i == n - 2 and n > 2 else "train")
 
 
-def generate(out_dir: str | Path, seed: int = 0, n_xray: int = 8, n_ct: int = 2, n_mri: int = 2, n_pathology: int = 4,
-             progress: bool = True) -> Path:
+def generate(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_xray: int = 8,
+    n_ct: int = 2,
+    n_mri: int = 2,
+    n_pathology: int = 4,
+    progress: bool = True,
+) -> Path:
     """Write every phantom kind under ``out_dir`` and return the path of its ``manifest.jsonl``.
 
     X-rays alternate nodule / no nodule; the first CT has no lesion so both label values occur.
@@ -311,8 +353,17 @@ def generate(out_dir: str | Path, seed: int = 0, n_xray: int = 8, n_ct: int = 2,
             p = chest_xray(rng, nodule=i % 2 == 1)
             write_dicom_image(p["image"], out / "xray" / f"{name}.dcm", uid_seed)
             Image.fromarray(p["mask"]).save(out / "xray" / f"{name}_mask.png")
-            rows.append(ManifestRow(f"xray/{name}.dcm", "xray", _split(i, n), p["labels"], f"xray/{name}_mask.png",
-                                    p["boxes"], p["text"]))
+            rows.append(
+                ManifestRow(
+                    f"xray/{name}.dcm",
+                    "xray",
+                    _split(i, n),
+                    p["labels"],
+                    f"xray/{name}_mask.png",
+                    p["boxes"],
+                    p["text"],
+                )
+            )
         elif kind == "ct":
             p = ct_volume(rng, lesion=i % 2 == 1)
             spacing = (0.8, 0.8, 2.5)
@@ -329,8 +380,11 @@ def generate(out_dir: str | Path, seed: int = 0, n_xray: int = 8, n_ct: int = 2,
             p = pathology_tile(rng)
             Image.fromarray(p["image"]).save(out / "pathology" / f"{name}.png")
             Image.fromarray(p["mask"]).save(out / "pathology" / f"{name}_mask.png")
-            rows.append(ManifestRow(f"pathology/{name}.png", "pathology", _split(i, n), p["labels"],
-                                    f"pathology/{name}_mask.png"))
+            rows.append(
+                ManifestRow(
+                    f"pathology/{name}.png", "pathology", _split(i, n), p["labels"], f"pathology/{name}_mask.png"
+                )
+            )
     return write_manifest(rows, out / "manifest.jsonl")
 
 

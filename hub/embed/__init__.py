@@ -13,7 +13,21 @@ from .inputs import model_inputs, pool_hidden_state, pool_tiles
 from .sources import EmbedSource, list_sources
 
 __all__ = [
-    "Backend", "EmbedError", "EmbedResult", "EmbedSource", "EmbeddedBatch", "Runner", "TorchBackend",
-    "UnknownBackendError", "backend_names", "embed_batches", "embed_dataset", "get_backend", "list_sources",
-    "model_inputs", "pool_hidden_state", "pool_tiles", "register_backend",
+    "Backend",
+    "EmbedError",
+    "EmbedResult",
+    "EmbedSource",
+    "EmbeddedBatch",
+    "Runner",
+    "TorchBackend",
+    "UnknownBackendError",
+    "backend_names",
+    "embed_batches",
+    "embed_dataset",
+    "get_backend",
+    "list_sources",
+    "model_inputs",
+    "pool_hidden_state",
+    "pool_tiles",
+    "register_backend",
 ]

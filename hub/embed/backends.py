@@ -80,6 +80,7 @@ def get_backend(name: str, **options) -> Backend:
         if not found:
             raise UnknownBackendError(
                 f"embedding backend {name!r} is not one of {', '.join(backend_names())} "
-                f"(installed packages add backends through the {ENTRY_POINT_GROUP!r} entry points)")
+                f"(installed packages add backends through the {ENTRY_POINT_GROUP!r} entry points)"
+            )
         factory = found[0].load()
     return factory(**options)

@@ -64,15 +64,16 @@ def _decode(source: EmbedSource) -> np.ndarray | EmbedError:
         return EmbedError(source.id, "CorruptFileError", f"file {source.id!r} cannot be decoded ({exc})")
 
 
-def _decoded(sources: list[EmbedSource], repo_dir: Path, limits: ReadLimits | None,
-             workers: int, ahead: int) -> Iterator[tuple[EmbedSource, np.ndarray | EmbedError]]:
+def _decoded(
+    sources: list[EmbedSource], repo_dir: Path, limits: ReadLimits | None, workers: int, ahead: int
+) -> Iterator[tuple[EmbedSource, np.ndarray | EmbedError]]:
     """Decoded sources in input order.
 
     ``workers`` > 0: in that many processes, at most 4 per process ahead of the model. 0: ``ahead`` sources
-    (a model batch of 2D images: the thread decodes the next batch while the model runs this one) in one thread of this process, which overlaps decoding with the
-    model (ONNX Runtime and torch release the GIL) without starting processes (each one re-imports torch, ~5 s)
-    or pickling tensors; on a 2-core machine this is the fastest (ResNet-50: 27.6 img/s against 14.5 with 2
-    processes, 200 images, raw ONNX Runtime 34 img/s)."""
+    (a model batch of 2D images: the thread decodes the next batch while the model runs this one) in one thread
+    of this process, which overlaps decoding with the model (ONNX Runtime and torch release the GIL) without
+    starting processes (each one re-imports torch) or pickling tensors; on a machine with few cores this is the
+    fastest (benchmarks/bench_embed.py measures it)."""
     if workers == 0:
         _init_worker(repo_dir, limits)
         yield from _threaded(sources, ahead if _processor.spatial_dims == 2 else 2)
@@ -113,7 +114,7 @@ def _threaded(sources: list[EmbedSource], ahead: int) -> Iterator[tuple[EmbedSou
                 if not offer((source, _decode(source))):
                     return
             offer(None)
-        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which raises it)
+        except BaseException as exc:
             offer(exc)
 
     thread = threading.Thread(target=decode_all, name="medhub-embed-decode", daemon=True)
@@ -146,15 +147,20 @@ def _embed(run: Runner, inputs: list[np.ndarray], batch_size: int, layers: list[
 
 
 def embed_batches(
-    repo: str | Path, sources: Iterable[EmbedSource], backend: Backend | None = None, batch_size: int = 16,
-    layers: list[int] | None = None, workers: int = 0, limits: ReadLimits | None = None,
+    repo: str | Path,
+    sources: Iterable[EmbedSource],
+    backend: Backend | None = None,
+    batch_size: int = 16,
+    layers: list[int] | None = None,
+    workers: int = 0,
+    limits: ReadLimits | None = None,
     runner: Runner | None = None,
 ) -> Iterator[EmbeddedBatch]:
     """Embed ``sources`` with the repo's processor and encoder, ``batch_size`` model inputs per run.
 
     Yields batches in input order; a source that cannot be read is reported in its batch's ``errors`` and the
-    job goes on. ``workers`` decoding processes (0: a decoding thread in this process). ``runner`` (an opened backend) skips
-    loading the model again.
+    job goes on. ``workers`` decoding processes (0: a decoding thread in this process). ``runner`` (an opened
+    backend) skips loading the model again.
     """
     repo_dir = resolve_repo(repo)
     layers = list(layers or [])
@@ -166,8 +172,12 @@ def embed_batches(
 
     def flush() -> EmbeddedBatch:
         outputs = _embed(runner, inputs, batch_size, layers) if inputs else None
-        batch = EmbeddedBatch(list(ids), outputs[0] if outputs else np.zeros((0, 0), np.float32),
-                              dict(zip(layers, outputs[1:])) if outputs else {}, list(errors))
+        batch = EmbeddedBatch(
+            list(ids),
+            outputs[0] if outputs else np.zeros((0, 0), np.float32),
+            dict(zip(layers, outputs[1:])) if outputs else {},
+            list(errors),
+        )
         ids.clear(), inputs.clear(), errors.clear()
         return batch
 
@@ -181,4 +191,3 @@ def embed_batches(
             yield flush()
     if ids or errors:
         yield flush()
-

@@ -12,9 +12,9 @@ import json
 import os
 import sys
 import time
-from functools import partial
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +72,19 @@ def _shards(sources: list[EmbedSource], shard_size: int) -> list[tuple[str, list
     by_split: dict[str, list[EmbedSource]] = {}
     for source in sources:
         by_split.setdefault(source.split or "train", []).append(source)
-    return [(f"{split}-{k // shard_size:05d}", group[k : k + shard_size])
-            for split, group in sorted(by_split.items()) for k in range(0, len(group), shard_size)]
+    return [
+        (f"{split}-{k // shard_size:05d}", group[k : k + shard_size])
+        for split, group in sorted(by_split.items())
+        for k in range(0, len(group), shard_size)
+    ]
 
 
-def _table(rows: list[tuple[EmbedSource, np.ndarray, dict[int, np.ndarray]]], layers: list[int],
-           label_names: list[str], dims: dict[str, int]) -> pa.Table:
+def _table(
+    rows: list[tuple[EmbedSource, np.ndarray, dict[int, np.ndarray]]],
+    layers: list[int],
+    label_names: list[str],
+    dims: dict[str, int],
+) -> pa.Table:
     def vectors(values: list[np.ndarray], dim: int) -> pa.Array:
         flat = np.concatenate(values).astype(np.float32) if values else np.zeros(0, np.float32)
         return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
@@ -111,15 +118,28 @@ def _check_info(out: Path, info: dict[str, Any], resume: bool) -> None:
     earlier = json.loads(path.read_text())
     for key in ("revision", "spec_digest", "layers", "shard_size", "data"):
         if earlier.get(key) != info[key]:
-            raise EmbedDirError(f"{out} holds embeddings made with {key} {earlier.get(key)!r}, not {info[key]!r}; "
-                                "use a new --out folder")
+            raise EmbedDirError(
+                f"{out} holds embeddings made with {key} {earlier.get(key)!r}, not {info[key]!r}; "
+                "use a new --out folder"
+            )
 
 
 def embed_dataset(
-    repo: str | Path, data: str | Path, out: str | Path, *, backend: Backend | None = None, resume: bool = False,
-    strict: bool = False, batch_size: int = 16, layers: list[int] | None = None, workers: int = 0,
-    shard_size: int = 1024, limits: ReadLimits | None = None, progress: bool = False,
-    batches: BatchRunner | None = None, command: list[str] | None = None,
+    repo: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    backend: Backend | None = None,
+    resume: bool = False,
+    strict: bool = False,
+    batch_size: int = 16,
+    layers: list[int] | None = None,
+    workers: int = 0,
+    shard_size: int = 1024,
+    limits: ReadLimits | None = None,
+    progress: bool = False,
+    batches: BatchRunner | None = None,
+    command: list[str] | None = None,
 ) -> EmbedResult:
     """Embed every source of ``data`` (manifest or folder) into the Parquet dataset ``out``.
 
@@ -136,8 +156,13 @@ def embed_dataset(
     if not sources:
         raise InputError(f"{data} holds no files to embed")
     info: dict[str, Any] = {
-        "repo": str(repo), "revision": repo_revision(repo_dir), "spec_digest": spec_digest(processor),
-        "medhub_version": __version__, "layers": layers, "shard_size": shard_size, "data": str(Path(data).resolve()),
+        "repo": str(repo),
+        "revision": repo_revision(repo_dir),
+        "spec_digest": spec_digest(processor),
+        "medhub_version": __version__,
+        "layers": layers,
+        "shard_size": shard_size,
+        "data": str(Path(data).resolve()),
         "command": command or sys.argv,
     }
     _check_info(out, info, resume)
@@ -150,10 +175,16 @@ def embed_dataset(
     label_names = sorted({name for s in sources for name in s.labels})
     if batches is None:
         runner = (backend or TorchBackend()).open(repo_dir, str(repo), info["revision"])
-        batches = partial(embed_batches, repo_dir, batch_size=batch_size, layers=layers, workers=workers,
-                          limits=limits, runner=runner)
-    bar = tqdm(total=sum(len(g) for _, g in plan), initial=sum(len(g) for _, g in plan) - sum(len(g) for _, g in todo),
-               unit="img", disable=not progress, smoothing=0.1)
+        batches = partial(
+            embed_batches, repo_dir, batch_size=batch_size, layers=layers, workers=workers, limits=limits, runner=runner
+        )
+    bar = tqdm(
+        total=sum(len(g) for _, g in plan),
+        initial=sum(len(g) for _, g in plan) - sum(len(g) for _, g in todo),
+        unit="img",
+        disable=not progress,
+        smoothing=0.1,
+    )
     shard_of = {s.id: name for name, group in todo for s in group}
     state = {name: {"group": group, "rows": [], "errors": [], "left": len(group)} for name, group in todo}
     dims: dict[str, int] = {}
@@ -161,11 +192,16 @@ def embed_dataset(
         if strict and batch.errors:
             raise InputError(f"{batch.errors[0].id}: {batch.errors[0].message}")
         if batch.ids:
-            dims = {"embedding": batch.embeddings.shape[1], **{f"layer_{k}": v.shape[1] for k, v in batch.layers.items()}}
+            dims = {
+                "embedding": batch.embeddings.shape[1],
+                **{f"layer_{k}": v.shape[1] for k, v in batch.layers.items()},
+            }
         for error in batch.errors:
             _add(state[shard_of[error.id]], error)
         for i, source_id in enumerate(batch.ids):
-            _add(state[shard_of[source_id]], (source_id, batch.embeddings[i], {k: v[i] for k, v in batch.layers.items()}))
+            _add(
+                state[shard_of[source_id]], (source_id, batch.embeddings[i], {k: v[i] for k, v in batch.layers.items()})
+            )
         for name in {shard_of[i] for i in batch.ids + [e.id for e in batch.errors]}:
             if state[name]["left"] == 0:
                 dims = dims or _dims_from_done(out, layers)
@@ -180,15 +216,15 @@ def _add(shard: dict[str, Any], item: EmbedError | tuple[str, np.ndarray, dict[i
     shard["left"] -= 1
 
 
-def _write_shard(out: Path, name: str, shard: dict[str, Any], layers: list[int], label_names: list[str],
-                 dims: dict[str, int]) -> None:
+def _write_shard(
+    out: Path, name: str, shard: dict[str, Any], layers: list[int], label_names: list[str], dims: dict[str, int]
+) -> None:
     """The shard's Parquet file (when any row embedded anywhere), then its state file, each atomically."""
     by_id = {s.id: s for s in shard["group"]}
     if dims:
         table = _table([(by_id[i], e, h) for i, e, h in shard["rows"]], layers, label_names, dims)
         _atomic_write(out / "data" / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
-    _write_json(out / ".shards" / f"{name}.json",
-                {"ids": list(by_id), "errors": [e.__dict__ for e in shard["errors"]]})
+    _write_json(out / ".shards" / f"{name}.json", {"ids": list(by_id), "errors": [e.__dict__ for e in shard["errors"]]})
 
 
 def _dims_from_done(out: Path, layers: list[int]) -> dict[str, int]:
@@ -207,7 +243,16 @@ def _finish(out: Path, info: dict[str, Any], plan: list, skipped: int) -> EmbedR
     files = sorted((out / "data").glob("*.parquet"))
     count = sum(pq.read_metadata(f).num_rows for f in files)
     dim = pq.read_schema(files[0]).field("embedding").type.list_size if files else 0
-    _write_json(out / INFO, {**info, "complete": True, "count": count, "errors": len(errors), "dim": dim,
-                             "dtype": "float32", "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    _write_json(
+        out / INFO,
+        {
+            **info,
+            "complete": True,
+            "count": count,
+            "errors": len(errors),
+            "dim": dim,
+            "dtype": "float32",
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
     return EmbedResult(out, count, len(errors), dim, skipped)
-

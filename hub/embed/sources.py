@@ -27,8 +27,9 @@ def list_sources(data: str | Path) -> list[EmbedSource]:
     if data.is_dir():
         return sorted(_walk(data), key=lambda s: s.id)
     rows = load_manifest(data, check_files=False)
-    return sorted((EmbedSource(row.path, data.parent / row.path, row.split, dict(row.labels)) for row in rows),
-                  key=lambda s: s.id)
+    return sorted(
+        (EmbedSource(row.path, data.parent / row.path, row.split, dict(row.labels)) for row in rows), key=lambda s: s.id
+    )
 
 
 def _series_uid(path: str) -> str | None:
@@ -37,8 +38,11 @@ def _series_uid(path: str) -> str | None:
         with open(path, "rb") as f:
             if sniff(f.read(HEAD_BYTES)) != DICOM:
                 return None
-        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).get(
-            "SeriesInstanceUID", ""))
+        return str(
+            pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).get(
+                "SeriesInstanceUID", ""
+            )
+        )
     except (OSError, pydicom.errors.InvalidDicomError):
         return None
 

@@ -10,8 +10,8 @@ import jinja2
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
 
-from ..errors import RepoError
-from ..models import Family
+from hub.errors import RepoError
+from hub.models import Family
 
 # The source tree (editable installs) first, then where a wheel installs the templates.
 TEMPLATE_ROOTS = (
@@ -36,7 +36,9 @@ class CardFacts:
     eval_results: list[dict[str, Any]] = field(default_factory=list)
 
 
-def render_card(family: Family, facts: CardFacts, config: Any, preprocessing: dict[str, Any], num_parameters: int) -> str:
+def render_card(
+    family: Family, facts: CardFacts, config: Any, preprocessing: dict[str, Any], num_parameters: int
+) -> str:
     """The README.md of a repo: merged front matter (valid for `ModelCard`) and the family's body."""
     candidates = [root / family.model_type / "README.md" for root in TEMPLATE_ROOTS]
     template_path = next((path for path in candidates if path.is_file()), None)
@@ -93,7 +95,9 @@ def with_evaluation(card_text: str, results: list[EvalResult], table: str, model
 
     card = ModelCard(card_text)
     names = {result.task_name for result in results}
-    kept = [r for r in card.data.eval_results or [] if not (r.dataset_type == MANIFEST_DATASET and r.task_name in names)]
+    kept = [
+        r for r in card.data.eval_results or [] if not (r.dataset_type == MANIFEST_DATASET and r.task_name in names)
+    ]
     card.data.eval_results = kept + results
     if not card.data.model_name:
         card.data.model_name = model_name

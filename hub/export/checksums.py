@@ -3,7 +3,7 @@
 import hashlib
 from pathlib import Path
 
-from ..errors import RepoError
+from hub.errors import RepoError
 
 CHECKSUMS_NAME = "checksums.sha256"
 

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from ..errors import RepoError
-from ..models import Family
+from hub.errors import RepoError
+from hub.models import Family
 
 GOLDEN_NAME = "golden.safetensors"
 EXPECTED_KEY = "expected.pooler_output"
@@ -37,7 +37,9 @@ def check_golden(encoder: PreTrainedModel, repo_dir: Path) -> float:
     expected = tensors.pop(EXPECTED_KEY)
     actual = pooled_features(encoder, tensors)
     if actual.shape != expected.shape:
-        raise RepoError(f"golden output of {repo_dir} has shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+        raise RepoError(
+            f"golden output of {repo_dir} has shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+        )
     difference = (actual - expected).abs().max().item()
     if not torch.allclose(actual, expected, atol=ATOL, rtol=RTOL):
         raise RepoError(f"golden output of {repo_dir} differs from {GOLDEN_NAME} by {difference:.3g} (atol {ATOL})")

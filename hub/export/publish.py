@@ -9,7 +9,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-from ..errors import RepoError
+from hub.errors import RepoError
+
 from .checksums import repo_files, sha256_file, verify_checksums
 from .resolve import validate_repo_id
 
@@ -77,7 +78,10 @@ def upload_to_hub(
         if revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(
-            repo_id=repo_id, folder_path=str(repo_dir), revision=revision, commit_message=f"Upload {repo_dir.name} with medhub"
+            repo_id=repo_id,
+            folder_path=str(repo_dir),
+            revision=revision,
+            commit_message=f"Upload {repo_dir.name} with medhub",
         )
     except LocalTokenNotFoundError:
         raise RepoError("uploading to the Hub needs a token: run `hf auth login` or set HF_TOKEN") from None

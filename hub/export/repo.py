@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.image_processing_base import ImageProcessingMixin
 
-from .. import __version__
-from ..errors import RepoError
-from ..models import get_family
+from hub import __version__
+from hub.errors import RepoError
+from hub.models import get_family
+
 from .card import CardFacts, render_card
 from .checksums import write_checksums
 from .golden import write_golden

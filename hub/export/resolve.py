@@ -8,7 +8,7 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from ..errors import RepoError
+from hub.errors import RepoError
 
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 REPO_ID_PATTERN = re.compile(rf"^{_NAME}/{_NAME}$")
@@ -33,7 +33,9 @@ def resolve_repo(path_or_id: str | Path, revision: str | None = None) -> Path:
         try:
             repo_dir = Path(snapshot_download(repo_id, revision=revision))
         except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
-            raise RepoError(f"repo {repo_id} is not in the local cache and could not be downloaded ({error.__class__.__name__})") from None
+            raise RepoError(
+                f"repo {repo_id} is not in the local cache and could not be downloaded ({error.__class__.__name__})"
+            ) from None
     if not (repo_dir / "config.json").is_file():
         raise RepoError(f"repo folder {repo_dir} has no config.json")
     return repo_dir

@@ -3,8 +3,9 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RepoError
-from ..models import get_family
+from hub.errors import RepoError
+from hub.models import get_family
+
 from .checksums import verify_checksums
 from .golden import check_golden
 from .resolve import read_config, resolve_repo

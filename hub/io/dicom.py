@@ -31,14 +31,44 @@ from hub.io.limits import ReadLimits
 # GDCM warnings can quote header values; they must not reach logs.
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
-MODALITIES = {"CR": "xray", "DX": "xray", "RG": "xray", "MG": "xray", "XA": "xray", "RF": "xray", "PX": "xray",
-              "IO": "xray", "CT": "ct", "MR": "mri", "SM": "pathology"}
-_NOT_IMAGES = {"SEG": "a DICOM Segmentation", "RTSTRUCT": "an RT Structure Set", "SR": "a Structured Report",
-               "RTPLAN": "an RT Plan", "PR": "a Presentation State", "KO": "a Key Object Selection"}
+MODALITIES = {
+    "CR": "xray",
+    "DX": "xray",
+    "RG": "xray",
+    "MG": "xray",
+    "XA": "xray",
+    "RF": "xray",
+    "PX": "xray",
+    "IO": "xray",
+    "CT": "ct",
+    "MR": "mri",
+    "SM": "pathology",
+}
+_NOT_IMAGES = {
+    "SEG": "a DICOM Segmentation",
+    "RTSTRUCT": "an RT Structure Set",
+    "SR": "a Structured Report",
+    "RTPLAN": "an RT Plan",
+    "PR": "a Presentation State",
+    "KO": "a Key Object Selection",
+}
 
 
-_PARSE_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, OSError, ValueError, KeyError, TypeError,
-                 IndexError, AttributeError, NotImplementedError, RecursionError, OverflowError, struct.error)
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    BytesLengthException,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    NotImplementedError,
+    RecursionError,
+    OverflowError,
+    struct.error,
+)
 """What pydicom raises on hostile bytes: wrong value lengths, unknown VRs, deeply nested sequences, truncation."""
 
 
@@ -55,8 +85,9 @@ def _header(path: str, source: str) -> pydicom.Dataset:
         for _ in ds.iterall():
             pass
     except _PARSE_ERRORS as exc:
-        raise CorruptFileError(f"{source} is not a readable DICOM file ({type(exc).__name__} while parsing its "
-                               "header)") from None
+        raise CorruptFileError(
+            f"{source} is not a readable DICOM file ({type(exc).__name__} while parsing its header)"
+        ) from None
     if truncated:
         raise CorruptFileError(f"{source} is a damaged DICOM file: an element runs past the end of the file")
     return ds
@@ -141,15 +172,18 @@ def _declared_shape(ds: pydicom.Dataset, source: str) -> tuple[int, int, int, in
         raise UnsupportedFormatError(f"{source} is {_NOT_IMAGES[modality]} object, not an image")
     if "Rows" not in ds or "Columns" not in ds:
         if _image_storage(ds) or not ds.keys():
-            raise CorruptFileError(f"{source} is a truncated or damaged DICOM image: its header ends before the "
-                                   "image size (Rows, Columns)")
+            raise CorruptFileError(
+                f"{source} is a truncated or damaged DICOM image: its header ends before the image size (Rows, Columns)"
+            )
         raise UnsupportedFormatError(f"{source} is a DICOM object without pixel data; expected an image")
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         return frames, int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1)
     except (TypeError, ValueError, OverflowError):
-        raise CorruptFileError(f"{source} has an unreadable image size (NumberOfFrames, Rows, Columns or "
-                               "SamplesPerPixel) in its DICOM header; expected whole numbers") from None
+        raise CorruptFileError(
+            f"{source} has an unreadable image size (NumberOfFrames, Rows, Columns or "
+            "SamplesPerPixel) in its DICOM header; expected whole numbers"
+        ) from None
 
 
 def _image_storage(ds: pydicom.Dataset) -> bool:
@@ -211,21 +245,32 @@ def _facts(ds: pydicom.Dataset, colour: bool, frames: int, source: str) -> dict:
 
 
 _NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}  # implicit/explicit LE, BE
-_SITK_DTYPES = {sitk.sitkUInt8: np.uint8, sitk.sitkInt8: np.int8, sitk.sitkUInt16: np.uint16, sitk.sitkInt16: np.int16,
-                sitk.sitkUInt32: np.uint32, sitk.sitkInt32: np.int32, sitk.sitkFloat32: np.float32,
-                sitk.sitkFloat64: np.float64}
+_SITK_DTYPES = {
+    sitk.sitkUInt8: np.uint8,
+    sitk.sitkInt8: np.int8,
+    sitk.sitkUInt16: np.uint16,
+    sitk.sitkInt16: np.int16,
+    sitk.sitkUInt32: np.uint32,
+    sitk.sitkInt32: np.int32,
+    sitk.sitkFloat32: np.float32,
+    sitk.sitkFloat64: np.float64,
+}
 
 
-def _decoded_by_pydicom(
-    path: str, ds: pydicom.Dataset, frames: int, samples: int, source: str
-) -> MedicalImage | None:
+def _decoded_by_pydicom(path: str, ds: pydicom.Dataset, frames: int, samples: int, source: str) -> MedicalImage | None:
     """The file's image via pydicom when it is uncompressed, single-frame, 8/16/32-bit greyscale; else None (GDCM
     decodes it). MONOCHROME1 with a rescale is left to GDCM: no shipped file shows in which order it applies them."""
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     photometric = str(ds.get("PhotometricInterpretation", ""))
     rescaled = "RescaleSlope" in ds or "RescaleIntercept" in ds
-    if (syntax not in _NATIVE_SYNTAXES or frames != 1 or samples != 1 or photometric not in ("MONOCHROME1", MONOCHROME2)
-            or ds.get("BitsAllocated") not in (8, 16, 32) or (photometric == "MONOCHROME1" and rescaled)):
+    if (
+        syntax not in _NATIVE_SYNTAXES
+        or frames != 1
+        or samples != 1
+        or photometric not in ("MONOCHROME1", MONOCHROME2)
+        or ds.get("BitsAllocated") not in (8, 16, 32)
+        or (photometric == "MONOCHROME1" and rescaled)
+    ):
         return None
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
@@ -246,9 +291,9 @@ def _decoded_by_pydicom(
         values = stored * rescale.get("rescale_slope", 1.0) + rescale.get("rescale_intercept", 0.0)
     else:
         values = stored
-    return MedicalImage.from_sitk(reader, array=values.astype(dtype, copy=False)[None],
-                                  **_facts(ds, False, frames, source),
-                                  dicom_headers=(ds,))
+    return MedicalImage.from_sitk(
+        reader, array=values.astype(dtype, copy=False)[None], **_facts(ds, False, frames, source), dicom_headers=(ds,)
+    )
 
 
 def _execute(reader: sitk.ImageFileReader | sitk.ImageSeriesReader, source: str) -> sitk.Image:
@@ -274,8 +319,9 @@ def read_dicom_file(path: str, limits: ReadLimits, source: str) -> MedicalImage:
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(path)
     image = _execute(reader, source)
-    return MedicalImage.from_sitk(image, **_facts(ds, image.GetNumberOfComponentsPerPixel() > 1, frames, source),
-                                  dicom_headers=(ds,))
+    return MedicalImage.from_sitk(
+        image, **_facts(ds, image.GetNumberOfComponentsPerPixel() > 1, frames, source), dicom_headers=(ds,)
+    )
 
 
 def series_files(folder: str | os.PathLike, limits: ReadLimits) -> list[str]:
@@ -310,5 +356,6 @@ def _read_files(files: Sequence[str], headers: Sequence[pydicom.Dataset], source
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileNames(list(files))
     image = _execute(reader, source)
-    return MedicalImage.from_sitk(image, **_facts(headers[0], image.GetNumberOfComponentsPerPixel() > 1, 1, source),
-                                  dicom_headers=tuple(headers))
+    return MedicalImage.from_sitk(
+        image, **_facts(headers[0], image.GetNumberOfComponentsPerPixel() > 1, 1, source), dicom_headers=tuple(headers)
+    )

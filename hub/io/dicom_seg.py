@@ -42,21 +42,25 @@ class Algorithm:
 
     def identification(self) -> hd.AlgorithmIdentificationSequence:
         return hd.AlgorithmIdentificationSequence(
-            name=self.repo_id[-64:], family=codes.cid7162.ArtificialIntelligence, version=__version__,
+            name=self.repo_id[-64:],
+            family=codes.cid7162.ArtificialIntelligence,
+            version=__version__,
             parameters={"revision": self.revision},
         )
 
 
 def _code(spec: Any, where: str) -> hd.sr.CodedConcept:
     try:
-        return hd.sr.CodedConcept(value=str(spec["value"]), scheme_designator=str(spec["scheme"]),
-                                  meaning=str(spec["meaning"]))
+        return hd.sr.CodedConcept(
+            value=str(spec["value"]), scheme_designator=str(spec["scheme"]), meaning=str(spec["meaning"])
+        )
     except (KeyError, TypeError) as exc:
         raise InputError(f"{where} must be an object with value, scheme and meaning") from exc
 
 
-def segment_descriptions(labels: Sequence[str], algorithm: Algorithm,
-                         label_codes: Mapping[str, Any] | None = None) -> list[hd.seg.SegmentDescription]:
+def segment_descriptions(
+    labels: Sequence[str], algorithm: Algorithm, label_codes: Mapping[str, Any] | None = None
+) -> list[hd.seg.SegmentDescription]:
     """One segment per foreground label (labels[1:]); codes from ``label_codes[label]`` (``category`` and
     ``type``, each ``{"value", "scheme", "meaning"}``) where given, generic Tissue / Organ otherwise."""
     label_codes = label_codes or {}
@@ -65,17 +69,31 @@ def segment_descriptions(labels: Sequence[str], algorithm: Algorithm,
         spec = label_codes.get(label) or {}
         category = _code(spec["category"], f"the code of {label!r}") if "category" in spec else GENERIC_CATEGORY
         kind = _code(spec["type"], f"the code of {label!r}") if "type" in spec else GENERIC_TYPE
-        segments.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=str(label)[:64], segmented_property_category=category,
-            segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm.identification(),
-        ))
+        segments.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=str(label)[:64],
+                segmented_property_category=category,
+                segmented_property_type=kind,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm.identification(),
+            )
+        )
     return segments
 
 
 # Type 2 patient and study attributes the derived object copies: sources may lack them (they may be empty).
-_COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_COPIED_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def sources(like: MedicalImage) -> list[pydicom.Dataset]:
@@ -113,9 +131,15 @@ def _pixel_measures(like: MedicalImage, first: pydicom.Dataset) -> hd.PixelMeasu
     return hd.PixelMeasuresSequence(pixel_spacing=(row, column), slice_thickness=thickness)
 
 
-def build_segmentation(mask: np.ndarray, like: MedicalImage, labels: Sequence[str], algorithm: Algorithm,
-                       probabilities: np.ndarray | None = None, label_codes: Mapping[str, Any] | None = None,
-                       series_number: int = 900) -> pydicom.Dataset:
+def build_segmentation(
+    mask: np.ndarray,
+    like: MedicalImage,
+    labels: Sequence[str],
+    algorithm: Algorithm,
+    probabilities: np.ndarray | None = None,
+    label_codes: Mapping[str, Any] | None = None,
+    series_number: int = 900,
+) -> pydicom.Dataset:
     """A SEG for ``mask`` (labels 0..K-1 on ``like``'s grid, 0 = background) over ``like``'s DICOM sources.
 
     Binary by default: segment ``k`` holds ``mask == k``. With ``probabilities`` (K, *spatial) in [0, 1] the SEG
@@ -134,8 +158,10 @@ def build_segmentation(mask: np.ndarray, like: MedicalImage, labels: Sequence[st
     else:
         probabilities = np.asarray(probabilities, dtype=np.float32)
         if probabilities.shape != (len(labels), *like.spatial_shape):
-            raise InputError(f"probabilities of shape {probabilities.shape} do not match {len(labels)} labels "
-                             f"on the image's grid {like.spatial_shape}")
+            raise InputError(
+                f"probabilities of shape {probabilities.shape} do not match {len(labels)} labels "
+                f"on the image's grid {like.spatial_shape}"
+            )
         kind = hd.seg.SegmentationTypeValues.FRACTIONAL
         pixels = np.moveaxis(np.clip(probabilities[1:], 0.0, 1.0), 0, -1)  # (*spatial, segments)
     if like.spatial_dims == 2:
@@ -181,8 +207,9 @@ def segmentation_mask(seg: pydicom.Dataset, source_uids: Sequence[str]) -> np.nd
     for one, else (frames, rows, cols); a voxel holds the highest segment number covering it (fractional:
     probability above one half)."""
     seg = hd.seg.Segmentation.from_dataset(seg, copy=True)
-    volume = seg.get_pixels_by_source_instance(list(source_uids), combine_segments=False,
-                                               assert_missing_frames_are_empty=True)
+    volume = seg.get_pixels_by_source_instance(
+        list(source_uids), combine_segments=False, assert_missing_frames_are_empty=True
+    )
     if volume.dtype.kind == "f":
         volume = volume > 0.5
     numbers = np.arange(1, volume.shape[-1] + 1)

@@ -54,7 +54,9 @@ class MedicalImage:
         self.origin = tuple(float(v) for v in self.origin)
         self.direction = tuple(float(v) for v in self.direction)
         if len(self.spacing) != n or len(self.origin) != n or len(self.direction) != n * n:
-            raise ValueError(f"geometry does not match spatial_dims={n}: spacing, origin need {n} values, direction {n * n}")
+            raise ValueError(
+                f"geometry does not match spatial_dims={n}: spacing, origin need {n} values, direction {n * n}"
+            )
 
     @property
     def size(self) -> tuple[int, ...]:
@@ -73,7 +75,7 @@ class MedicalImage:
     def geometry(self) -> dict[str, tuple]:
         return {"size": self.size, "spacing": self.spacing, "origin": self.origin, "direction": self.direction}
 
-    def with_array(self, array: np.ndarray, **changes: Any) -> "MedicalImage":
+    def with_array(self, array: np.ndarray, **changes: Any) -> MedicalImage:
         """A copy holding ``array`` (same spatial shape) and this image's geometry."""
         return replace(self, array=array, meta=dict(self.meta), **changes)
 
@@ -88,7 +90,7 @@ class MedicalImage:
     @classmethod
     def from_sitk(
         cls, image: sitk.Image | sitk.ImageFileReader, array: np.ndarray | None = None, **facts: Any
-    ) -> "MedicalImage":
+    ) -> MedicalImage:
         """Wrap a SimpleITK image, dropping a trailing singleton z axis of 2D slices. `image` may instead be a
         reader after ``ReadImageInformation()``, with the pixels, in SimpleITK's (z, y, x) order, in `array`."""
         dims = image.GetDimension()
@@ -108,4 +110,8 @@ class MedicalImage:
 def identity_geometry(spatial_dims: int) -> dict[str, tuple[float, ...]]:
     """Unit spacing, zero origin and identity direction, for inputs that carry no geometry."""
     eye = np.eye(spatial_dims).ravel()
-    return {"spacing": (1.0,) * spatial_dims, "origin": (0.0,) * spatial_dims, "direction": tuple(float(v) for v in eye)}
+    return {
+        "spacing": (1.0,) * spatial_dims,
+        "origin": (0.0,) * spatial_dims,
+        "direction": tuple(float(v) for v in eye),
+    }

@@ -37,8 +37,10 @@ def parse_header(head: bytes, source: str) -> NiftiHeader:
             datatype = struct.unpack_from(order + "h", head, 70)[0]
             offset = struct.unpack_from(order + "f", head, 108)[0]
             if not math.isfinite(offset) or not 0 <= offset < 2**40:
-                raise CorruptFileError(f"{source} declares a data offset of {offset} in its NIfTI header; expected a "
-                                       "finite non-negative number")
+                raise CorruptFileError(
+                    f"{source} declares a data offset of {offset} in its NIfTI header; expected a "
+                    "finite non-negative number"
+                )
             offset = int(offset)
             return _validated(dims, datatype, max(offset, 352), source)
         if len(head) >= 540 and struct.unpack_from(order + "i", head, 0)[0] == 540:
@@ -73,7 +75,9 @@ def check(header: NiftiHeader, limits: ReadLimits, source: str, stored_bytes: in
     limits.check_voxels(tuple(reversed(shape)), source)
     needed = needed_bytes(header)
     if stored_bytes is not None and stored_bytes < needed:
-        raise CorruptFileError(f"{source} is truncated: its NIfTI header needs {needed} bytes, the data hold {stored_bytes}")
+        raise CorruptFileError(
+            f"{source} is truncated: its NIfTI header needs {needed} bytes, the data hold {stored_bytes}"
+        )
 
 
 def inflate(data: bytes | str, header: NiftiHeader, source: str, out: BinaryIO) -> int:
@@ -85,7 +89,7 @@ def inflate(data: bytes | str, header: NiftiHeader, source: str, out: BinaryIO) 
     limit = needed_bytes(header) + 2**20
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     total = 0
-    with (open(data, "rb") if isinstance(data, str) else _Chunks(data)) as stream:
+    with open(data, "rb") if isinstance(data, str) else _Chunks(data) as stream:
         while not inflater.eof:
             chunk = inflater.unconsumed_tail or stream.read(2**22)
             if not chunk:
@@ -110,7 +114,7 @@ class _Chunks:
         self._at += len(chunk)
         return chunk
 
-    def __enter__(self) -> "_Chunks":
+    def __enter__(self) -> _Chunks:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -129,8 +133,9 @@ def read_nifti(data: bytes | str, gzipped: bool, header: NiftiHeader, source: st
             else:
                 stored = f.write(data if isinstance(data, bytes) else _read(data))
         if stored < needed_bytes(header):
-            raise CorruptFileError(f"{source} is truncated: its NIfTI header needs {needed_bytes(header)} bytes, "
-                                   f"the data hold {stored}")
+            raise CorruptFileError(
+                f"{source} is truncated: its NIfTI header needs {needed_bytes(header)} bytes, the data hold {stored}"
+            )
         return read_nifti_file(path, source)
 
 
@@ -155,6 +160,12 @@ def read_nifti_file(path: str, source: str) -> MedicalImage:
         direction = np.asarray(image.GetDirection()).reshape(4, 4)[:3, :3].ravel()
         if array.shape[-1] == 1:
             array = array[..., 0]
-        return MedicalImage(array=array, spatial_dims=3, spacing=image.GetSpacing()[:3], origin=image.GetOrigin()[:3],
-                            direction=tuple(direction), **facts)
+        return MedicalImage(
+            array=array,
+            spatial_dims=3,
+            spacing=image.GetSpacing()[:3],
+            origin=image.GetOrigin()[:3],
+            direction=tuple(direction),
+            **facts,
+        )
     return MedicalImage.from_sitk(image, **facts)

@@ -17,8 +17,22 @@ from hub.io.limits import ReadLimits
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, zlib.error)
 """What Pillow raises on hostile PNG/JPEG bytes (truncation, bad chunk lengths, bad Huffman tables, ...)."""
 
-_BIT_DEPTH = {"1": 1, "L": 8, "P": 8, "LA": 8, "PA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8,
-              "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
+_BIT_DEPTH = {
+    "1": 1,
+    "L": 8,
+    "P": 8,
+    "LA": 8,
+    "PA": 8,
+    "RGB": 8,
+    "RGBA": 8,
+    "CMYK": 8,
+    "YCbCr": 8,
+    "I;16": 16,
+    "I;16B": 16,
+    "I;16L": 16,
+    "I": 32,
+    "F": 32,
+}
 
 
 def from_pil(image: Image.Image, limits: ReadLimits, source: str, fmt: str = "pil") -> MedicalImage:

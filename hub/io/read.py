@@ -51,7 +51,9 @@ def _read(source: ImageSource, limits: ReadLimits) -> MedicalImage:
         return from_array(source, limits)
     if isinstance(source, sitk.Image):
         return _from_sitk(source, limits)
-    raise InputError(f"cannot read an input of type {type(source).__name__}; {_EXPECTED}, bytes, PIL, numpy or SimpleITK")
+    raise InputError(
+        f"cannot read an input of type {type(source).__name__}; {_EXPECTED}, bytes, PIL, numpy or SimpleITK"
+    )
 
 
 def from_array(array: np.ndarray, limits: ReadLimits = DEFAULT_LIMITS) -> MedicalImage:
@@ -73,8 +75,14 @@ def from_array(array: np.ndarray, limits: ReadLimits = DEFAULT_LIMITS) -> Medica
         raise InputError(f"{source} is not an image; expected (H, W), (H, W, 3), (D, H, W) or (D, H, W, C)")
     colour = dims == 2 and array.ndim == 3
     bits = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}.get(array.dtype)
-    return MedicalImage(array=array, spatial_dims=dims, photometric=RGB if colour else MONOCHROME2, bit_depth=bits,
-                        meta={"format": "array"}, **identity_geometry(dims))
+    return MedicalImage(
+        array=array,
+        spatial_dims=dims,
+        photometric=RGB if colour else MONOCHROME2,
+        bit_depth=bits,
+        meta={"format": "array"},
+        **identity_geometry(dims),
+    )
 
 
 def _from_sitk(image: sitk.Image, limits: ReadLimits) -> MedicalImage:

@@ -17,10 +17,25 @@ from hub.io.image import MedicalImage
 PNG = "png"
 NIFTI = "nifti"
 # PNG masks of up to 256 labels carry a palette so that they are visible; pixel values stay the label indices.
-_COLOURS = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
-MASK_PALETTE = [value for index in range(256) for value in (_COLOURS[index % len(_COLOURS)] if index < len(_COLOURS)
-                                                             else _COLOURS[1 + (index - 1) % (len(_COLOURS) - 1)])]
+_COLOURS = [
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+]
+MASK_PALETTE = [
+    value
+    for index in range(256)
+    for value in (
+        _COLOURS[index % len(_COLOURS)] if index < len(_COLOURS) else _COLOURS[1 + (index - 1) % (len(_COLOURS) - 1)]
+    )
+]
 
 
 def _label_array(mask: np.ndarray, like: MedicalImage) -> np.ndarray:

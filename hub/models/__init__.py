@@ -1,6 +1,7 @@
 """The model families medhub ships, keyed by `model_type`."""
 
-from ..errors import RepoError
+from hub.errors import RepoError
+
 from .family import Family
 from .macl import FAMILY as MACL
 from .medcoss import FAMILY as MEDCOSS

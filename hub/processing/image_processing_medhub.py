@@ -23,16 +23,32 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-NEEDS_MEDHUB = ("DICOM and NIfTI files, DICOM folders, SimpleITK images and 3D resampling need medhub's readers: "
-                "pip install medhub, and import hub before loading the processor")
+NEEDS_MEDHUB = (
+    "DICOM and NIfTI files, DICOM folders, SimpleITK images and 3D resampling need medhub's readers: "
+    "pip install medhub, and import hub before loading the processor"
+)
 _BOOKKEEPING = ("image_processor_type", "processor_class", "feature_extractor_type", "_from_auto")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 
 # Copied from hub.io.raster._BIT_DEPTH
-_BIT_DEPTH = {"1": 1, "L": 8, "P": 8, "LA": 8, "PA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8,
-              "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
+_BIT_DEPTH = {
+    "1": 1,
+    "L": 8,
+    "P": 8,
+    "LA": 8,
+    "PA": 8,
+    "RGB": 8,
+    "RGBA": 8,
+    "CMYK": 8,
+    "YCbCr": 8,
+    "I;16": 16,
+    "I;16B": 16,
+    "I;16L": 16,
+    "I": 32,
+    "F": 32,
+}
 
 # Copied from hub.processing.intensity._PARAMS
 _PARAMS: dict[str, dict[str, Any]] = {
@@ -117,15 +133,19 @@ def read_input(source: Any) -> tuple[np.ndarray, int, int | None]:
     if isinstance(source, (str, os.PathLike)):
         name = f"file {os.path.basename(os.fspath(source))!r}"
         if not os.path.isfile(source):
-            raise MedhubInputError(f"{name} does not exist or is a folder; expected a PNG or JPEG file ({NEEDS_MEDHUB})")
+            raise MedhubInputError(
+                f"{name} does not exist or is a folder; expected a PNG or JPEG file ({NEEDS_MEDHUB})"
+            )
         array, bits = _raster(os.fspath(source), name)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         array, bits = _raster(bytes(source), "uploaded data")
     elif isinstance(source, Image.Image):
         array, bits = _from_pil(source)
     else:
-        raise MedhubInputError(f"cannot read an input of type {type(source).__name__}; expected a PNG or JPEG path or "
-                               f"bytes, a PIL image or a numpy array ({NEEDS_MEDHUB})")
+        raise MedhubInputError(
+            f"cannot read an input of type {type(source).__name__}; expected a PNG or JPEG path or "
+            f"bytes, a PIL image or a numpy array ({NEEDS_MEDHUB})"
+        )
     return array, 2, bits
 
 
@@ -313,9 +333,22 @@ class MedicalImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values"]
-    _FIELDS = ("modality", "spatial_dims", "in_channels", "channel_policy", "invert_monochrome1", "intensity",
-               "image_mean", "image_std", "resize", "size", "target_spacing", "orientation", "tile_overlap",
-               "tile_weighting")
+    _FIELDS = (
+        "modality",
+        "spatial_dims",
+        "in_channels",
+        "channel_policy",
+        "invert_monochrome1",
+        "intensity",
+        "image_mean",
+        "image_std",
+        "resize",
+        "size",
+        "target_spacing",
+        "orientation",
+        "tile_overlap",
+        "tile_weighting",
+    )
 
     def __init__(
         self,
@@ -376,11 +409,15 @@ class MedicalImageProcessor(BaseImageProcessor):
         array, dims, bits = read_input(source)
         if dims != self.spatial_dims:
             kind = "2D image" if dims == 2 else "3D volume"
-            raise MedhubInputError(f"this model takes {self.spatial_dims}D input but got a {kind} of shape {array.shape}")
+            raise MedhubInputError(
+                f"this model takes {self.spatial_dims}D input but got a {kind} of shape {array.shape}"
+            )
         if dims == 3 and (self.orientation is not None or self.target_spacing is not None):
             if self.orientation is not None or not np.allclose(self.target_spacing, 1.0):
-                raise MedhubInputError(f"this model resamples volumes to {self.target_spacing} mm"
-                                       f"{'' if self.orientation is None else ' in ' + self.orientation}; {NEEDS_MEDHUB}")
+                raise MedhubInputError(
+                    f"this model resamples volumes to {self.target_spacing} mm"
+                    f"{'' if self.orientation is None else ' in ' + self.orientation}; {NEEDS_MEDHUB}"
+                )
             array = array.astype(np.float32)  # a numpy volume's 1 mm grid already is the target grid
         bits = bit_depth_of(array, bits)
         return channels_first(apply_intensity(array, self.intensity, bits), self.spatial_dims)
@@ -411,8 +448,9 @@ class MedicalImageProcessor(BaseImageProcessor):
     def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, **kwargs)
 
-    def post_process_semantic_segmentation(self, outputs: Any, target_sizes: Sequence[Any] | None = None
-                                           ) -> list[torch.Tensor]:
+    def post_process_semantic_segmentation(
+        self, outputs: Any, target_sizes: Sequence[Any] | None = None
+    ) -> list[torch.Tensor]:
         """Label maps from ``logits`` (B, K, *spatial), each resized to its ``target_sizes`` entry when given."""
         logits = (outputs["logits"] if isinstance(outputs, dict) else outputs.logits).detach().float().cpu()
         if target_sizes is not None and len(target_sizes) != len(logits):

@@ -9,7 +9,9 @@ from typing import Any
 from hub.errors import UnknownVariantError
 from hub.models import FAMILIES
 
-PRESETS: dict[str, dict[str, Any]] = {name: spec for family in FAMILIES.values() for name, spec in family.presets.items()}
+PRESETS: dict[str, dict[str, Any]] = {
+    name: spec for family in FAMILIES.values() for name, spec in family.presets.items()
+}
 
 
 def preset(name: str, **overrides: Any) -> dict[str, Any]:

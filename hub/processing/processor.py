@@ -168,9 +168,22 @@ class MedicalImageProcessor(BaseImageProcessor):
         if auto_map is not None:
             self.auto_map = auto_map
 
-    _FIELDS = ("modality", "spatial_dims", "in_channels", "channel_policy", "invert_monochrome1", "intensity",
-               "image_mean", "image_std", "resize", "size", "target_spacing", "orientation", "tile_overlap",
-               "tile_weighting")
+    _FIELDS = (
+        "modality",
+        "spatial_dims",
+        "in_channels",
+        "channel_policy",
+        "invert_monochrome1",
+        "intensity",
+        "image_mean",
+        "image_std",
+        "resize",
+        "size",
+        "target_spacing",
+        "orientation",
+        "tile_overlap",
+        "tile_weighting",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Exactly the declarative settings (plus ``image_processor_type``), so save -> load is lossless."""
@@ -186,11 +199,15 @@ class MedicalImageProcessor(BaseImageProcessor):
         image = read_image(source, limits)
         if image.spatial_dims != self.spatial_dims:
             kind = "2D image" if image.spatial_dims == 2 else "3D volume"
-            raise InputError(f"this model takes {self.spatial_dims}D input but got a {kind} of shape {image.array.shape}")
+            raise InputError(
+                f"this model takes {self.spatial_dims}D input but got a {kind} of shape {image.array.shape}"
+            )
         return image
 
     def _resampled(
-        self, image: MedicalImage, limits: ReadLimits | None,
+        self,
+        image: MedicalImage,
+        limits: ReadLimits | None,
         check_output: Callable[[tuple[int, ...]], None] | None = None,
     ) -> tuple[MedicalImage, Grid | None, Grid | None]:
         if self.spatial_dims == 2 or (self.target_spacing is None and self.orientation is None):
@@ -198,16 +215,27 @@ class MedicalImageProcessor(BaseImageProcessor):
                 check_output(image.spatial_shape)
             return image, None, None
         source = image.to_sitk()
-        moved = spatial.resample_spacing(spatial.reorient(source, self.orientation), self.target_spacing,
-                                         (limits or DEFAULT_LIMITS).max_voxels, check_output)
-        after = MedicalImage.from_sitk(moved, modality=image.modality, photometric=image.photometric,
-                                       bit_depth=image.bit_depth, meta=dict(image.meta))
+        moved = spatial.resample_spacing(
+            spatial.reorient(source, self.orientation),
+            self.target_spacing,
+            (limits or DEFAULT_LIMITS).max_voxels,
+            check_output,
+        )
+        after = MedicalImage.from_sitk(
+            moved,
+            modality=image.modality,
+            photometric=image.photometric,
+            bit_depth=image.bit_depth,
+            meta=dict(image.meta),
+        )
         return after, Grid.of(source), Grid.of(moved)
 
     def _values(self, image: MedicalImage, limits: ReadLimits | None = None) -> np.ndarray:
         """Photometric and intensity steps: returns (source channels, *spatial) float32."""
         if self.spatial_dims == 3:
-            (limits or DEFAULT_LIMITS).check_array(image.array.shape, 4, f"the float32 copy of a {image.array.shape} volume")
+            (limits or DEFAULT_LIMITS).check_array(
+                image.array.shape, 4, f"the float32 copy of a {image.array.shape} volume"
+            )
         bits = policies.bit_depth_of(image.array, image.bit_depth)
         array = image.array
         if self.invert_monochrome1:
@@ -246,8 +274,14 @@ class MedicalImageProcessor(BaseImageProcessor):
         image = self._read(source, limits)
         return self._whole(image, *self._resampled(image, limits), limits)
 
-    def _whole(self, image: MedicalImage, moved: MedicalImage, input_grid: Grid | None,
-               processed_grid: Grid | None, limits: ReadLimits | None) -> Prepared:
+    def _whole(
+        self,
+        image: MedicalImage,
+        moved: MedicalImage,
+        input_grid: Grid | None,
+        processed_grid: Grid | None,
+        limits: ReadLimits | None,
+    ) -> Prepared:
         values = self._model_channels(self._values(moved, limits))
         base = tuple(values.shape[1:])
         record = SpatialRecord(image.spatial_shape, input_grid, processed_grid, base, None, (0,) * len(base), base)
@@ -260,8 +294,9 @@ class MedicalImageProcessor(BaseImageProcessor):
 
         def check_tiles(shape: tuple[int, ...]) -> None:  # before the resampling runs, from its output size
             plan = tiling.plan_tiles(shape, tuple(self.size), self.tile_overlap)
-            (limits or DEFAULT_LIMITS).check_array((len(plan), self.in_channels, *plan.patch), 4,
-                                                   f"the sliding-window tiles of a {shape} volume")
+            (limits or DEFAULT_LIMITS).check_array(
+                (len(plan), self.in_channels, *plan.patch), 4, f"the sliding-window tiles of a {shape} volume"
+            )
 
         moved, input_grid, processed_grid = self._resampled(image, limits, check_tiles)
         plan = tiling.plan_tiles(moved.spatial_shape, tuple(self.size), self.tile_overlap)
@@ -288,8 +323,13 @@ class MedicalImageProcessor(BaseImageProcessor):
         blended = tiling.stitch_tiles(np.asarray(tile_outputs), tiled.plan, self.tile_weighting)
         return self.restore(blended, tiled.record)
 
-    def predict(self, source: Any, model: Callable[[np.ndarray], np.ndarray], batch_size: int = 2,
-                limits: ReadLimits | None = None) -> tuple[np.ndarray, MedicalImage]:
+    def predict(
+        self,
+        source: Any,
+        model: Callable[[np.ndarray], np.ndarray],
+        batch_size: int = 2,
+        limits: ReadLimits | None = None,
+    ) -> tuple[np.ndarray, MedicalImage]:
         """Run a dense model (B, C, *size) -> (B, K, *size) over ``source``; logits come back on the input grid.
 
         3D volumes larger than ``size`` (and not resized) go through sliding-window tiling.
@@ -304,8 +344,14 @@ class MedicalImageProcessor(BaseImageProcessor):
 
     # ----- transformers entry points ---------------------------------------------------------------------
 
-    def preprocess(self, images: Any, return_tensors: str | None = "pt", return_geometry: bool = False,
-                   limits: ReadLimits | None = None, **kwargs: Any) -> BatchFeature:
+    def preprocess(
+        self,
+        images: Any,
+        return_tensors: str | None = "pt",
+        return_geometry: bool = False,
+        limits: ReadLimits | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
         """Preprocess one input or a list of inputs into ``pixel_values`` (B, C, *size) float32.
 
         With ``return_geometry`` the result also holds ``records`` and ``images`` (one per input) for
@@ -328,8 +374,9 @@ class MedicalImageProcessor(BaseImageProcessor):
     def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, **kwargs)
 
-    def post_process_semantic_segmentation(self, outputs: Any, target_sizes: Sequence[Any] | None = None
-                                           ) -> list[torch.Tensor]:
+    def post_process_semantic_segmentation(
+        self, outputs: Any, target_sizes: Sequence[Any] | None = None
+    ) -> list[torch.Tensor]:
         """Label maps from a segmentation head's ``logits`` (B, K, *spatial), as transformers' processors give.
 
         Each ``target_sizes`` entry is a :class:`SpatialRecord` (from ``return_geometry=True``: the map comes back
@@ -355,4 +402,3 @@ def _resized(logits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return logits
     mode = "bilinear" if len(shape) == 2 else "trilinear"
     return F.interpolate(logits[None], size=shape, mode=mode, align_corners=False)[0]
-

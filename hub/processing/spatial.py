@@ -6,9 +6,8 @@ numpy order too ((D, H, W), spacing in mm as (z, y, x)); SimpleITK's (x, y, z) o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,7 +28,7 @@ class Grid:
     direction: tuple[float, ...]
 
     @classmethod
-    def of(cls, image: sitk.Image) -> "Grid":
+    def of(cls, image: sitk.Image) -> Grid:
         return cls(tuple(image.GetSize()), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
     def to_dict(self) -> dict[str, list]:
@@ -82,9 +81,12 @@ def reorient(image: sitk.Image, orientation: str | None) -> sitk.Image:
     return sitk.DICOMOrient(image, orientation)
 
 
-def resample_spacing(image: sitk.Image, spacing_zyx: tuple[float, ...] | None,
-                     max_voxels: int = DEFAULT_LIMITS.max_voxels,
-                     check_output: Callable[[tuple[int, ...]], None] | None = None) -> sitk.Image:
+def resample_spacing(
+    image: sitk.Image,
+    spacing_zyx: tuple[float, ...] | None,
+    max_voxels: int = DEFAULT_LIMITS.max_voxels,
+    check_output: Callable[[tuple[int, ...]], None] | None = None,
+) -> sitk.Image:
     """Linear resampling to ``spacing_zyx`` (mm), keeping origin and direction; float32 output.
 
     The output grid is budgeted before anything is allocated: a 2 x 2 x 2 volume declaring 1,000 mm voxels
@@ -107,8 +109,17 @@ def resample_spacing(image: sitk.Image, spacing_zyx: tuple[float, ...] | None,
     size = [int(n) for n in scaled]
     if check_output is not None:
         check_output(tuple(reversed(size)))
-    return sitk.Resample(sitk.Cast(image, pixel_type), size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
-                         spacing, image.GetDirection(), 0.0, pixel_type)
+    return sitk.Resample(
+        sitk.Cast(image, pixel_type),
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        image.GetOrigin(),
+        spacing,
+        image.GetDirection(),
+        0.0,
+        pixel_type,
+    )
 
 
 def resample_channels(array: np.ndarray, source: Grid, target: Grid, nearest: bool = False) -> np.ndarray:
@@ -117,8 +128,17 @@ def resample_channels(array: np.ndarray, source: Grid, target: Grid, nearest: bo
     image.SetSpacing(source.spacing)
     image.SetOrigin(source.origin)
     image.SetDirection(source.direction)
-    out = sitk.Resample(image, list(target.size), sitk.Transform(), sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
-                        target.origin, target.spacing, target.direction, 0.0, sitk.sitkVectorFloat32)
+    out = sitk.Resample(
+        image,
+        list(target.size),
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
+        target.origin,
+        target.spacing,
+        target.direction,
+        0.0,
+        sitk.sitkVectorFloat32,
+    )
     result = sitk.GetArrayFromImage(out)
     if result.ndim == array.ndim - 1:  # a one-component vector image comes back without its channel axis
         result = result[..., None]

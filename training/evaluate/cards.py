@@ -41,23 +41,41 @@ def eval_results(study: Study, summaries: list[Summary]) -> list[EvalResult]:
     for s in summaries:
         task = study.tasks[s.task]
         runs = f"{s.runs} runs, identical" if s.identical else f"{s.runs} runs"
-        results.append(EvalResult(
-            task_type=TASK_TYPES[task.kind], task_name=s.task, dataset_type=MANIFEST_DATASET,
-            dataset_name=task.manifest.name, dataset_split="test", metric_type=s.metric, metric_value=s.mean,
-            metric_name=(f"{METRIC_NAMES.get(s.metric, s.metric)}, {s.protocol} @ {s.fraction:g} labels "
-                         f"(mean of {runs}, sample std {_std(s)}, p vs {study.baseline} {format_p(s.p_student)})")))
+        results.append(
+            EvalResult(
+                task_type=TASK_TYPES[task.kind],
+                task_name=s.task,
+                dataset_type=MANIFEST_DATASET,
+                dataset_name=task.manifest.name,
+                dataset_split="test",
+                metric_type=s.metric,
+                metric_value=s.mean,
+                metric_name=(
+                    f"{METRIC_NAMES.get(s.metric, s.metric)}, {s.protocol} @ {s.fraction:g} labels "
+                    f"(mean of {runs}, sample std {_std(s)}, p vs {study.baseline} {format_p(s.p_student)})"
+                ),
+            )
+        )
     return results
 
 
 def results_table(study: Study, summaries: list[Summary]) -> str:
-    lines = [(f"Test-split results of `medhub evaluate` (mean +- sample std over runs; p: Student's t-test against "
-              f"`{study.baseline}`)."), "",
-             "| task | dataset | protocol | labels | metric | mean | std | runs | p |", "|---" * 9 + "|"]
+    lines = [
+        (
+            f"Test-split results of `medhub evaluate` (mean +- sample std over runs; p: Student's t-test against "
+            f"`{study.baseline}`)."
+        ),
+        "",
+        "| task | dataset | protocol | labels | metric | mean | std | runs | p |",
+        "|---" * 9 + "|",
+    ]
     for s in summaries:
         runs = f"{s.runs} (identical)" if s.identical else str(s.runs)
-        lines.append(f"| {s.task} | {study.tasks[s.task].manifest.name} | {s.protocol} | {s.fraction:g} | "
-                     f"{METRIC_NAMES.get(s.metric, s.metric)} | {s.mean:.4f} | {_std(s)} | {runs} | "
-                     f"{format_p(s.p_student)} |")
+        lines.append(
+            f"| {s.task} | {study.tasks[s.task].manifest.name} | {s.protocol} | {s.fraction:g} | "
+            f"{METRIC_NAMES.get(s.metric, s.metric)} | {s.mean:.4f} | {_std(s)} | {runs} | "
+            f"{format_p(s.p_student)} |"
+        )
     return "\n".join(lines)
 
 
@@ -77,8 +95,12 @@ def update_cards(study: Study, summaries: list[Summary], out: Path) -> list[Card
         is_folder = source.startswith(GENERATED) or Path(source).is_dir()
         repo = backbone_repo(source, out / "backbones") if is_folder else resolve_repo(source)
         readme = repo / "README.md"
-        card = with_evaluation(readme.read_text(encoding="utf-8") if readme.is_file() else "",
-                               eval_results(study, own), results_table(study, own), backbone)
+        card = with_evaluation(
+            readme.read_text(encoding="utf-8") if readme.is_file() else "",
+            eval_results(study, own),
+            results_table(study, own),
+            backbone,
+        )
         if is_folder:
             target = out / "cards" / backbone
             if target.exists():

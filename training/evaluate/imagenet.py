@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from hub.convert.resnet_ssl import convert_resnet50_ssl
-
-from ..errors import TrainingConfigError
+from training.errors import TrainingConfigError
 
 PREFIX = "torchvision:"
 # the weights file torchvision downloads for resnet50(weights="IMAGENET1K_V1") (the study's pretrained=True)
@@ -22,13 +21,17 @@ def imagenet_checkpoint(source: str) -> Path:
     """The local weights file of a `torchvision:<name>[=FILE]` backbone; a one-sentence error when it is absent."""
     name, _, file = source.removeprefix(PREFIX).partition("=")
     if name not in WEIGHTS_FILES:
-        raise TrainingConfigError(f"backbone {source!r}: only {', '.join(PREFIX + n for n in WEIGHTS_FILES)} converts "
-                                  "to a medhub encoder (muscle-resnet50)")
+        raise TrainingConfigError(
+            f"backbone {source!r}: only {', '.join(PREFIX + n for n in WEIGHTS_FILES)} converts "
+            "to a medhub encoder (muscle-resnet50)"
+        )
     path = Path(file) if file else Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILES[name]
     if not path.is_file():
-        raise TrainingConfigError(f"backbone {source!r}: no ImageNet weights at {path} (offline); fetch them once with "
-                                  f"torchvision.models.{name}(weights='IMAGENET1K_V1') or name a file as "
-                                  f"{PREFIX}{name}=FILE")
+        raise TrainingConfigError(
+            f"backbone {source!r}: no ImageNet weights at {path} (offline); fetch them once with "
+            f"torchvision.models.{name}(weights='IMAGENET1K_V1') or name a file as "
+            f"{PREFIX}{name}=FILE"
+        )
     return path
 
 

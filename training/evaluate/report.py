@@ -38,10 +38,23 @@ INT8_PROTOCOL = "linear-int8 - linear"
 
 
 def _difference_row(d: PrecisionDifference) -> dict[str, Any]:
-    return {"task": d.task, "protocol": INT8_PROTOCOL, "fraction": d.fraction, "backbone": d.backbone,
-            "metric": d.metric, "runs": d.pairs, "mean": d.mean, "std": d.std, "ci_low": d.ci_low,
-            "ci_high": d.ci_high, "p_student": d.p_student, "p_welch": d.p_welch, "p_holm": math.nan,
-            "identical": d.pairs > 1 and d.std == 0, "p_paired": d.p_paired}
+    return {
+        "task": d.task,
+        "protocol": INT8_PROTOCOL,
+        "fraction": d.fraction,
+        "backbone": d.backbone,
+        "metric": d.metric,
+        "runs": d.pairs,
+        "mean": d.mean,
+        "std": d.std,
+        "ci_low": d.ci_low,
+        "ci_high": d.ci_high,
+        "p_student": d.p_student,
+        "p_welch": d.p_welch,
+        "p_holm": math.nan,
+        "identical": d.pairs > 1 and d.std == 0,
+        "p_paired": d.p_paired,
+    }
 
 
 def write_summary_csv(summaries: list[Summary], out: Path, differences: list[PrecisionDifference] = ()) -> Path:
@@ -59,37 +72,54 @@ def int8_section(differences: list[PrecisionDifference]) -> list[str]:
     """report.md's table of int8 - fp32 linear-probe differences (empty without them)."""
     if not differences:
         return []
-    lines = ["## int8 vs fp32 (linear probe)", "",
-             ("`linear-int8` minus `linear` per run (the two share each run's seed: same subsample, same probe), "
-              "mean +- sample std and 95% t interval; p paired: paired t-test over the runs; p Student: the "
-              f"two-sample test beside it (Welch's in summary.csv, protocol `{INT8_PROTOCOL}`). "
-              "`linear` embeds with torch fp32, `linear-int8` with the service's gated int8 ONNX graph."), "",
-             "| task | backbone | labels | metric | pairs | int8 - fp32 | 95% CI | p paired | p Student |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## int8 vs fp32 (linear probe)",
+        "",
+        (
+            "`linear-int8` minus `linear` per run (the two share each run's seed: same subsample, same probe), "
+            "mean +- sample std and 95% t interval; p paired: paired t-test over the runs; p Student: the "
+            f"two-sample test beside it (Welch's in summary.csv, protocol `{INT8_PROTOCOL}`). "
+            "`linear` embeds with torch fp32, `linear-int8` with the service's gated int8 ONNX graph."
+        ),
+        "",
+        "| task | backbone | labels | metric | pairs | int8 - fp32 | 95% CI | p paired | p Student |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for d in differences:
         ci = "n/a" if math.isnan(d.ci_low) else f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]"
-        lines.append(f"| {d.task} | {d.backbone} | {d.fraction:g} | {METRIC_NAMES.get(d.metric, d.metric)} | "
-                     f"{d.pairs} | {d.mean:+.4f} +- {d.std:.4f} | {ci} | {format_p(d.p_paired)} | "
-                     f"{format_p(d.p_student)} |")
+        lines.append(
+            f"| {d.task} | {d.backbone} | {d.fraction:g} | {METRIC_NAMES.get(d.metric, d.metric)} | "
+            f"{d.pairs} | {d.mean:+.4f} +- {d.std:.4f} | {ci} | {format_p(d.p_paired)} | "
+            f"{format_p(d.p_student)} |"
+        )
     return lines + [""]
 
 
-def write_report(summaries: list[Summary], baseline: str, out: Path,
-                 differences: list[PrecisionDifference] = ()) -> Path:
-    lines = ["# Transfer evaluation", "",
-             (f"Mean +- sample standard deviation (ddof 1) over runs on each task's test split; p: two-sample "
-             f"Student's t-test against the baseline `{baseline}` (Welch's and Holm-corrected p in summary.csv). "
-             "Best mean per column in bold. p is n/a where the t-test is undefined (fewer than two runs in an arm, "
-             "or no spread in both); \"identical runs\" marks a cell whose runs all gave one value (a deterministic "
-             "protocol such as the linear probe on all labels: effectively one run, its std is 0 by construction)."),
-             ""]
+def write_report(
+    summaries: list[Summary], baseline: str, out: Path, differences: list[PrecisionDifference] = ()
+) -> Path:
+    lines = [
+        "# Transfer evaluation",
+        "",
+        (
+            f"Mean +- sample standard deviation (ddof 1) over runs on each task's test split; p: two-sample "
+            f"Student's t-test against the baseline `{baseline}` (Welch's and Holm-corrected p in summary.csv). "
+            "Best mean per column in bold. p is n/a where the t-test is undefined (fewer than two runs in an arm, "
+            'or no spread in both); "identical runs" marks a cell whose runs all gave one value (a deterministic '
+            "protocol such as the linear probe on all labels: effectively one run, its std is 0 by construction)."
+        ),
+        "",
+    ]
     for task in sorted({s.task for s in summaries}):
         rows = [s for s in summaries if s.task == task]
         columns = sorted({(s.protocol, s.fraction) for s in rows})
         metric = METRIC_NAMES.get(rows[0].metric, rows[0].metric)
-        lines += [f"## {task} ({metric})", "",
-                  "| backbone | " + " | ".join(f"{p} @ {f:g} labels" for p, f in columns) + " |",
-                  "|---" * (len(columns) + 1) + "|"]
+        lines += [
+            f"## {task} ({metric})",
+            "",
+            "| backbone | " + " | ".join(f"{p} @ {f:g} labels" for p, f in columns) + " |",
+            "|---" * (len(columns) + 1) + "|",
+        ]
         best = {c: max(s.mean for s in rows if (s.protocol, s.fraction) == c) for c in columns}
         for backbone in sorted({s.backbone for s in rows}):
             cells = []
@@ -139,8 +169,11 @@ def task_plot(task: str, summaries: list[Summary], rows: list[dict[str, Any]]) -
             xs.append(x)
             means.append(match[0].mean)
             stds.append(0.0 if match[0].std != match[0].std else match[0].std)
-            runs = [r["metrics"].get(match[0].metric) for r in rows if r["task"] == task and r["backbone"] == backbone
-                    and (r["protocol"], float(r["fraction"])) == group]
+            runs = [
+                r["metrics"].get(match[0].metric)
+                for r in rows
+                if r["task"] == task and r["backbone"] == backbone and (r["protocol"], float(r["fraction"])) == group
+            ]
             axes.scatter([x] * len(runs), runs, color="black", s=10, zorder=3)
         axes.bar(xs, means, width, yerr=stds, capsize=3, label=backbone)
     metric = METRIC_NAMES.get(cells[0].metric, cells[0].metric)
@@ -158,8 +191,14 @@ def efficiency_figure(backbone: str, summaries: list[Summary], out: Path) -> Pat
     figure, axes = plt.subplots(figsize=(5, 4))
     for task, protocol in sorted({(s.task, s.protocol) for s in cells}):
         line = sorted((s for s in cells if (s.task, s.protocol) == (task, protocol)), key=lambda s: s.fraction)
-        axes.errorbar([s.fraction for s in line], [s.mean for s in line], yerr=[s.std for s in line], marker="o",
-                      capsize=3, label=f"{task} / {protocol}")
+        axes.errorbar(
+            [s.fraction for s in line],
+            [s.mean for s in line],
+            yerr=[s.std for s in line],
+            marker="o",
+            capsize=3,
+            label=f"{task} / {protocol}",
+        )
     axes.set_xscale("log")
     axes.set_xlabel("fraction of training labels (log scale)")
     axes.set_ylabel("test metric (ROC AUC or Dice)")
@@ -180,4 +219,3 @@ def write_all(summaries: list[Summary], rows: list[dict[str, Any]], baseline: st
         if len({s.fraction for s in summaries if s.backbone == backbone}) > 1:
             paths.append(efficiency_figure(backbone, summaries, out))
     return paths
-

@@ -11,7 +11,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..errors import TrainingConfigError
+from training.errors import TrainingConfigError
+
 from .study import Study, Unit
 from .units import run_unit
 
@@ -31,8 +32,9 @@ def _append(out: Path, row: dict[str, Any]) -> None:
         stream.flush()
 
 
-def run_study(study: Study, out: Path, *, jobs: int = 1, engine: str = "local", resume: bool = False,
-              progress: bool = True) -> list[dict[str, Any]]:
+def run_study(
+    study: Study, out: Path, *, jobs: int = 1, engine: str = "local", resume: bool = False, progress: bool = True
+) -> list[dict[str, Any]]:
     """Run every unit not yet in DIR/results.jsonl (with `resume`; without it DIR must hold no results)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

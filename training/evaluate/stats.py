@@ -53,8 +53,7 @@ def t_tests(values: np.ndarray, base: np.ndarray) -> tuple[float, float]:
     """Student's and Welch's two-sided p-values; NaN where undefined (n < 2 in an arm, or no spread in both)."""
     if len(values) < 2 or len(base) < 2 or (np.ptp(values) == 0 and np.ptp(base) == 0):
         return math.nan, math.nan
-    return (float(stats.ttest_ind(values, base).pvalue),
-            float(stats.ttest_ind(values, base, equal_var=False).pvalue))
+    return (float(stats.ttest_ind(values, base).pvalue), float(stats.ttest_ind(values, base, equal_var=False).pvalue))
 
 
 def summarise(rows: list[dict[str, Any]], baseline: str) -> list[Summary]:
@@ -80,8 +79,22 @@ def summarise(rows: list[dict[str, Any]], baseline: str) -> list[Summary]:
             std = float(values.std(ddof=1)) if n > 1 else math.nan
             half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
             p = tests.get(backbone, (None, None))
-            out.append(Summary(*cell, backbone, metrics[cell], n, mean, std, mean - half, mean + half, p[0], p[1],
-                               adjusted.get(backbone), n > 1 and np.ptp(values) == 0))
+            out.append(
+                Summary(
+                    *cell,
+                    backbone,
+                    metrics[cell],
+                    n,
+                    mean,
+                    std,
+                    mean - half,
+                    mean + half,
+                    p[0],
+                    p[1],
+                    adjusted.get(backbone),
+                    n > 1 and np.ptp(values) == 0,
+                )
+            )
     return out
 
 
@@ -128,6 +141,19 @@ def int8_differences(rows: list[dict[str, Any]]) -> list[PrecisionDifference]:
         std = float(difference.std(ddof=1)) if n > 1 else math.nan
         half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
         paired = math.nan if n < 2 or np.ptp(difference) == 0 else float(stats.ttest_rel(int8, fp32).pvalue)
-        out.append(PrecisionDifference(cell[0], cell[1], cell[2], metrics[cell], n, mean, std, mean - half,
-                                       mean + half, paired, *t_tests(int8, fp32)))
+        out.append(
+            PrecisionDifference(
+                cell[0],
+                cell[1],
+                cell[2],
+                metrics[cell],
+                n,
+                mean,
+                std,
+                mean - half,
+                mean + half,
+                paired,
+                *t_tests(int8, fp32),
+            )
+        )
     return out

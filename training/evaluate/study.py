@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import TrainingConfigError
+from training.errors import TrainingConfigError
 
 PROTOCOLS = ("finetune", "frozen-head", "linear", "linear-int8")
 LINEAR_BACKENDS = {"linear": "torch", "linear-int8": "onnx-int8"}
@@ -111,18 +111,27 @@ def load_study(path: str | Path) -> Study:
     for name, entry in dict(_require(raw, "tasks", path)).items():
         kind = entry.get("kind", "classification")
         if kind not in TASK_KINDS:
-            raise TrainingConfigError(f"study {path.name!r} task {name!r}: kind {kind!r} is not one of {', '.join(TASK_KINDS)}")
+            raise TrainingConfigError(
+                f"study {path.name!r} task {name!r}: kind {kind!r} is not one of {', '.join(TASK_KINDS)}"
+            )
         manifest = Path(_require(entry, "manifest", path))
-        tasks[name] = TaskEntry(name, manifest if manifest.is_absolute() else path.parent / manifest, kind,
-                                entry.get("label"), tuple(entry.get("classes", ())),
-                                {int(k): int(v) for k, v in dict(entry.get("mask_map", {})).items()})
+        tasks[name] = TaskEntry(
+            name,
+            manifest if manifest.is_absolute() else path.parent / manifest,
+            kind,
+            entry.get("label"),
+            tuple(entry.get("classes", ())),
+            {int(k): int(v) for k, v in dict(entry.get("mask_map", {})).items()},
+        )
     protocols = list(raw.get("protocols", ["finetune"]))
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise TrainingConfigError(f"study {path.name!r}: protocols {unknown} are not among {', '.join(PROTOCOLS)}")
     baseline = str(raw.get("baseline", next(iter(backbones))))
     if baseline not in backbones:
-        raise TrainingConfigError(f"study {path.name!r}: baseline {baseline!r} is not one of the backbones {sorted(backbones)}")
+        raise TrainingConfigError(
+            f"study {path.name!r}: baseline {baseline!r} is not one of the backbones {sorted(backbones)}"
+        )
     fractions = [float(f) for f in raw.get("label_fractions", [1.0])]
     if any(not 0 < f <= 1 for f in fractions):
         raise TrainingConfigError(f"study {path.name!r}: label_fractions must lie in (0, 1], got {fractions}")
@@ -130,6 +139,14 @@ def load_study(path: str | Path) -> Study:
     if runs < 1:
         raise TrainingConfigError(f"study {path.name!r}: runs must be >= 1, got {runs}")
     config = raw.get("config")
-    return Study({str(k): str(v) for k, v in backbones.items()}, tasks, protocols, baseline, fractions, runs,
-                 int(raw.get("seed", 0)), str(raw.get("preset", "tiny")),
-                 (path.parent / config) if config else None)
+    return Study(
+        {str(k): str(v) for k, v in backbones.items()},
+        tasks,
+        protocols,
+        baseline,
+        fractions,
+        runs,
+        int(raw.get("seed", 0)),
+        str(raw.get("preset", "tiny")),
+        (path.parent / config) if config else None,
+    )

@@ -20,10 +20,9 @@ from hub.embed import embed_batches, get_backend, list_sources
 from hub.export import Provenance, export_repo, resolve_repo
 from hub.models import get_family
 from hub.processing.processor import MedicalImageProcessor
-
-from ..config import load_recipe_config
-from ..errors import TrainingConfigError
-from ..finetune import (
+from training.config import load_recipe_config
+from training.errors import TrainingConfigError
+from training.finetune import (
     Finetuner,
     FinetuneSettings,
     TaskData,
@@ -31,7 +30,8 @@ from ..finetune import (
     default_task,
     load_head_model,
 )
-from ..launch import seed_everything
+from training.launch import seed_everything
+
 from .imagenet import PREFIX as IMAGENET_PREFIX
 from .imagenet import imagenet_repo
 from .study import LINEAR_BACKENDS, Study, Unit
@@ -52,10 +52,19 @@ def backbone_repo(source: str, cache: Path, seed: int | None = None) -> Path:
             torch.manual_seed(seed or 0)
             model = get_family(variant.family).encoder_class(variant.build_config())
             partial = folder.with_name(f"{folder.name}.{os.getpid()}")
-            export_repo(model, partial, variant=variant.id, processor=variant.build_processor(),
-                        modality=variant.modality, overwrite=True,
-                        provenance=Provenance(kind="random-init", description=f"random initialisation (seed {seed or 0})",
-                                              details={"seed": str(seed or 0)}))
+            export_repo(
+                model,
+                partial,
+                variant=variant.id,
+                processor=variant.build_processor(),
+                modality=variant.modality,
+                overwrite=True,
+                provenance=Provenance(
+                    kind="random-init",
+                    description=f"random initialisation (seed {seed or 0})",
+                    details={"seed": str(seed or 0)},
+                ),
+            )
             _move_into_place(partial, folder)
         return folder
     return resolve_repo(source)
@@ -92,12 +101,18 @@ def stratified_subset(manifest: Path, label: str | None, fraction: float, seed: 
     if fraction >= 1.0:
         return manifest
     rows = load_manifest(manifest)
-    keep = stratified_train([r.split for r in rows], [r.labels.get(label) if label else None for r in rows],
-                            fraction, seed)
+    keep = stratified_train(
+        [r.split for r in rows], [r.labels.get(label) if label else None for r in rows], fraction, seed
+    )
     chosen = [row for i, row in enumerate(rows) if row.split != "train" or i in keep]
-    chosen = [dataclasses.replace(row, path=str((manifest.parent / row.path).resolve()),
-                                  mask=str((manifest.parent / row.mask).resolve()) if row.mask else None)
-              for row in chosen]
+    chosen = [
+        dataclasses.replace(
+            row,
+            path=str((manifest.parent / row.path).resolve()),
+            mask=str((manifest.parent / row.mask).resolve()) if row.mask else None,
+        )
+        for row in chosen
+    ]
     return write_manifest(chosen, out)
 
 
@@ -111,7 +126,9 @@ def dataset_features(repo: Path, manifest: Path, cache: Path, backend: str = "to
     ids, embeddings = [], []
     for batch in embed_batches(repo, sources, backend=get_backend(backend)):
         if batch.errors:
-            raise TrainingConfigError(f"{manifest.name}: could not embed {batch.errors[0].id}: {batch.errors[0].message}")
+            raise TrainingConfigError(
+                f"{manifest.name}: could not embed {batch.errors[0].id}: {batch.errors[0].message}"
+            )
         ids += batch.ids
         embeddings.append(batch.embeddings)
     features = {"ids": ids, "embeddings": np.concatenate(embeddings)}
@@ -135,8 +152,13 @@ def linear_probe(features: dict[str, Any], manifest: Path, label: str, fraction:
     probabilities = model.predict_proba(x[test])
     full = np.zeros((len(probabilities), int(labels.max()) + 1))
     full[:, model.classes_] = probabilities
-    return {"metrics": classification_metrics(full, labels[test]), "n_train": len(keep), "n_test": int(test.sum()),
-            "best_epoch": None, "epochs_run": None}
+    return {
+        "metrics": classification_metrics(full, labels[test]),
+        "n_train": len(keep),
+        "n_test": int(test.sum()),
+        "best_epoch": None,
+        "epochs_run": None,
+    }
 
 
 def run_unit(study: Study, unit: Unit, work: Path) -> dict[str, Any]:
@@ -148,8 +170,9 @@ def run_unit(study: Study, unit: Unit, work: Path) -> dict[str, Any]:
     scratch = source.startswith("random:")
     repo = backbone_repo(source, work / "backbones", unit.seed if scratch else None)
     processor = MedicalImageProcessor.from_pretrained(repo)
-    task = default_task(entry.kind, entry.manifest, processor.modality, entry.label, list(entry.classes) or None,
-                        entry.mask_map)
+    task = default_task(
+        entry.kind, entry.manifest, processor.modality, entry.label, list(entry.classes) or None, entry.mask_map
+    )
     if unit.protocol in LINEAR_BACKENDS:
         if task.kind != "classification":
             raise TrainingConfigError(f"task {unit.task!r}: the {unit.protocol} protocol needs a classification task")
@@ -158,8 +181,13 @@ def run_unit(study: Study, unit: Unit, work: Path) -> dict[str, Any]:
         cache = work / "features" / f"{name}{'' if backend == 'torch' else '_' + backend}.npz"
         features = dataset_features(repo, entry.manifest, cache, backend)
         result = linear_probe(features, entry.manifest, task.label, unit.fraction, unit.seed)
-        return {"key": unit.key, **dataclasses.asdict(unit), **result, "revision": _revision(repo),
-                "seconds": round(time.time() - started, 3)}
+        return {
+            "key": unit.key,
+            **dataclasses.asdict(unit),
+            **result,
+            "revision": _revision(repo),
+            "seconds": round(time.time() - started, 3),
+        }
     unit_dir = work / "units" / unit.key.replace("|", "_")
     unit_dir.mkdir(parents=True, exist_ok=True)
     manifest = stratified_subset(entry.manifest, task.label, unit.fraction, unit.seed, unit_dir / "manifest.jsonl")
@@ -172,9 +200,17 @@ def run_unit(study: Study, unit: Unit, work: Path) -> dict[str, Any]:
     tuner.val_data = test
     _, metrics = tuner.validate()
     metrics.pop("val_loss")
-    return {"key": unit.key, **dataclasses.asdict(unit), "metrics": metrics, "n_train": len(train),
-            "n_test": len(test), "best_epoch": best_epoch, "epochs_run": epochs_run,
-            "revision": _revision(repo), "seconds": round(time.time() - started, 3)}
+    return {
+        "key": unit.key,
+        **dataclasses.asdict(unit),
+        "metrics": metrics,
+        "n_train": len(train),
+        "n_test": len(test),
+        "best_epoch": best_epoch,
+        "epochs_run": epochs_run,
+        "revision": _revision(repo),
+        "seconds": round(time.time() - started, 3),
+    }
 
 
 def _revision(repo: Path) -> str | None:

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..distributed import DistInfo
-from ..engine import Recipe
-from ..errors import TrainingConfigError
+from training.distributed import DistInfo
+from training.engine import Recipe
+from training.errors import TrainingConfigError
+
 from . import macl, medcoss, muscle, umedpt
 
 
@@ -24,14 +25,30 @@ class RecipeEntry:
 RECIPES: dict[str, RecipeEntry] = {
     entry.name: entry
     for entry in (
-        RecipeEntry("muscle", "MUSCLE: multi-dataset MoCo, then multi-task continual learning (L2-SP, reshuffled rounds)",
-                    muscle.MuscleSettings, muscle.MuscleRecipe),
-        RecipeEntry("macl", "MACL: asymmetric global/dense slice-position contrastive U-Net pretraining on CT/MRI slices",
-                    macl.MaclSettings, macl.MaclRecipe),
-        RecipeEntry("medcoss", "MedCoSS: modality-by-modality MAE/MLM with k-means rehearsal, mixup and feature distillation",
-                    medcoss.MedCossSettings, medcoss.MedCossRecipe),
-        RecipeEntry("umedpt", "UMedPT: multi-task classification/segmentation/detection with encoder gradients accumulated over tasks",
-                    umedpt.UmedptSettings, umedpt.UmedptRecipe),
+        RecipeEntry(
+            "muscle",
+            "MUSCLE: multi-dataset MoCo, then multi-task continual learning (L2-SP, reshuffled rounds)",
+            muscle.MuscleSettings,
+            muscle.MuscleRecipe,
+        ),
+        RecipeEntry(
+            "macl",
+            "MACL: asymmetric global/dense slice-position contrastive U-Net pretraining on CT/MRI slices",
+            macl.MaclSettings,
+            macl.MaclRecipe,
+        ),
+        RecipeEntry(
+            "medcoss",
+            "MedCoSS: modality-by-modality MAE/MLM with k-means rehearsal, mixup and feature distillation",
+            medcoss.MedCossSettings,
+            medcoss.MedCossRecipe,
+        ),
+        RecipeEntry(
+            "umedpt",
+            "UMedPT: multi-task classification/segmentation/detection with encoder gradients accumulated over tasks",
+            umedpt.UmedptSettings,
+            umedpt.UmedptRecipe,
+        ),
     )
 }
 

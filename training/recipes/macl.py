@@ -32,13 +32,12 @@ from torch.utils.data import ConcatDataset, Dataset
 from hub.catalogue import get_variant
 from hub.export import Provenance, export_repo
 from hub.models.macl import MaclForPreTraining
-
-from ..config import EngineSettings, OptimSettings
-from ..data import IndexStream, StepLoader, read_split, sample_generator
-from ..distributed import DistInfo
-from ..engine import Recipe, Stage
-from ..errors import TrainingConfigError
-from ..slices import ELASTIC_3D, SliceDataset, SubVolumeDataset, ViewSettings, macl_views, random_window
+from training.config import EngineSettings, OptimSettings
+from training.data import IndexStream, StepLoader, read_split, sample_generator
+from training.distributed import DistInfo
+from training.engine import Recipe, Stage
+from training.errors import TrainingConfigError
+from training.slices import ELASTIC_3D, SliceDataset, SubVolumeDataset, ViewSettings, macl_views, random_window
 
 VOLUME_MODALITIES = ("ct", "mri")
 
@@ -69,8 +68,14 @@ class MaclSettings:
 
 
 class MaclStage(Stage):
-    def __init__(self, model: MaclForPreTraining, dataset: Dataset, settings: MaclSettings, dist: DistInfo,
-                 window: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        model: MaclForPreTraining,
+        dataset: Dataset,
+        settings: MaclSettings,
+        dist: DistInfo,
+        window: tuple[int, int] | None = None,
+    ):
         self.name, self.num_steps, self.optim = "macl", settings.steps, settings.optim
         self.samples_per_step = settings.optim.batch_size * dist.world
         self.model, self.dataset, self.settings, self.device = model, dataset, settings, dist.device
@@ -102,9 +107,12 @@ class MaclStage(Stage):
         self.model.train()
         batch = {name: value.to(self.device, non_blocking=True) for name, value in self.loader.get(step).items()}
         output = self.model(**batch)
-        positives = (batch["slice_positions"][:, None] - batch["slice_positions"][None]).abs() < self.model.config.slice_threshold
+        positives = (
+            batch["slice_positions"][:, None] - batch["slice_positions"][None]
+        ).abs() < self.model.config.slice_threshold
         metrics = {
-            "loss_global": float(output.loss_global.detach()), "loss_dense": float(output.loss_dense.detach()),
+            "loss_global": float(output.loss_global.detach()),
+            "loss_dense": float(output.loss_dense.detach()),
             "loss_equivariance": float(output.loss_equivariance.detach()),
             "positives_per_slice": float(positives.sum(1).float().mean()),
         }
@@ -118,17 +126,23 @@ class MaclRecipe(Recipe):
         if not manifests:
             raise TrainingConfigError("the macl recipe needs at least one --data manifest of CT or MRI volumes")
         if settings.modality not in VOLUME_MODALITIES:
-            raise TrainingConfigError(f"modality {settings.modality!r} is not a volume modality ({', '.join(VOLUME_MODALITIES)})")
+            raise TrainingConfigError(
+                f"modality {settings.modality!r} is not a volume modality ({', '.join(VOLUME_MODALITIES)})"
+            )
         self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
         self.variant = get_variant(settings.variant)
         if self.variant.family != "macl":
             raise TrainingConfigError(
-                f"variant {settings.variant!r} is not a MACL variant " "(macl-unet2d, macl-tiny, macl-unet3d, macl-unet3d-tiny)"
+                f"variant {settings.variant!r} is not a MACL variant "
+                "(macl-unet2d, macl-tiny, macl-unet3d, macl-unet3d-tiny)"
             )
         loss = settings.loss
         config = self.variant.build_config(
-            slice_threshold=loss.slice_threshold, temperature=loss.temperature, base_temperature=loss.base_temperature,
-            global_loss_weight=loss.global_weight, dense_loss_weight=loss.dense_weight,
+            slice_threshold=loss.slice_threshold,
+            temperature=loss.temperature,
+            base_temperature=loss.base_temperature,
+            global_loss_weight=loss.global_weight,
+            dense_loss_weight=loss.dense_weight,
             equivariance_loss_weight=loss.equivariance_weight,
         )
         self.processor = self.variant.build_processor()
@@ -140,7 +154,9 @@ class MaclRecipe(Recipe):
             datasets = [SubVolumeDataset(r, self.processor, self.crop[0]) for r in rows]
         self.dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
         if len(self.dataset) < 2:
-            raise TrainingConfigError(f"contrastive pretraining needs at least 2 {self._samples}, got {len(self.dataset)}")
+            raise TrainingConfigError(
+                f"contrastive pretraining needs at least 2 {self._samples}, got {len(self.dataset)}"
+            )
         self.network = MaclForPreTraining(config)
 
     @property
@@ -178,9 +194,13 @@ class MaclRecipe(Recipe):
 
     def _provenance(self) -> Provenance:
         s = self.settings
-        inputs = "slices" if self.crop is None else (
-            f"3D sub-volumes of {' x '.join(map(str, self.crop))} voxels (medhub's extension: in-plane blur and "
-            f"rotation, isotropic scale)"
+        inputs = (
+            "slices"
+            if self.crop is None
+            else (
+                f"3D sub-volumes of {' x '.join(map(str, self.crop))} voxels (medhub's extension: in-plane blur and "
+                f"rotation, isotropic scale)"
+            )
         )
         description = (
             f"trained with medhub's MACL recipe on {inputs} for {s.steps} steps (batch {s.optim.batch_size} per "
@@ -197,7 +217,14 @@ class MaclRecipe(Recipe):
 
     def export(self, out_dir: Path) -> list[Path]:
         self.network.cpu()
-        written = export_repo(self.network, out_dir / "macl", variant=self.variant.id, provenance=self._provenance(),
-                              processor=self.processor, modality=self.settings.modality, overwrite=True)
+        written = export_repo(
+            self.network,
+            out_dir / "macl",
+            variant=self.variant.id,
+            provenance=self._provenance(),
+            processor=self.processor,
+            modality=self.settings.modality,
+            overwrite=True,
+        )
         self.network.to(self.dist.device)
         return [written]

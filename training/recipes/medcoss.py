@@ -33,18 +33,24 @@ from hub.export.checksums import write_checksums
 from hub.models.medcoss import MedCossForPreTraining, MedCossModel
 from hub.processing.presets import preset
 from hub.processing.processor import MedicalImageProcessor
-
-from ..config import AugmentSettings, EngineSettings, OptimSettings
-from ..data import ManifestDataset, augment, read_split, sample_generator
-from ..distributed import DistInfo
-from ..engine import Recipe, Stage
-from ..errors import TrainingConfigError
-from ..rehearsal import distillation_loss, image_mixup, kmeans_buffer, text_mixup
-from ..text import Encoded, encode, load_tokenizer, train_wordpiece, whole_word_mask
+from training.config import AugmentSettings, EngineSettings, OptimSettings
+from training.data import ManifestDataset, augment, read_split, sample_generator
+from training.distributed import DistInfo
+from training.engine import Recipe, Stage
+from training.errors import TrainingConfigError
+from training.rehearsal import distillation_loss, image_mixup, kmeans_buffer, text_mixup
+from training.text import Encoded, encode, load_tokenizer, train_wordpiece, whole_word_mask
 
 MODALITIES = ("text", "xray", "ct", "mri", "pathology")
-HEADS = ("decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred_2d", "decoder_pred_3d",
-         "mlm_position_embeddings", "mlm_head")
+HEADS = (
+    "decoder_embed",
+    "decoder_blocks",
+    "decoder_norm",
+    "decoder_pred_2d",
+    "decoder_pred_3d",
+    "mlm_position_embeddings",
+    "mlm_head",
+)
 
 
 @dataclass
@@ -109,7 +115,7 @@ def report_texts(manifests: list[Path]) -> list[str]:
 class ModalityData:
     """One modality's training data and how a batch of given indices is built from it (deterministically)."""
 
-    def __init__(self, modality: str, data: ManifestDataset | ConcatDataset | TextData, recipe: "MedCossRecipe"):
+    def __init__(self, modality: str, data: ManifestDataset | ConcatDataset | TextData, recipe: MedCossRecipe):
         self.modality, self.data, self.recipe = modality, data, recipe
 
     def __len__(self) -> int:
@@ -119,16 +125,29 @@ class ModalityData:
         """Images: flipped per `augment`; text: whole-word masked. `keys` seed each sample's draws."""
         settings = self.recipe.settings
         if self.modality != "text":
-            items = [augment(self.data[i], settings.augment, sample_generator(*keys, n, i))
-                     for n, i in enumerate(indices)]
+            items = [
+                augment(self.data[i], settings.augment, sample_generator(*keys, n, i)) for n, i in enumerate(indices)
+            ]
             return {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
         encoded, tokenizer = self.data.encoded, self.recipe.tokenizer
-        ids, labels = zip(*(
-            whole_word_mask(encoded.input_ids[i], encoded.word_ids[i], tokenizer.mask_token_id, len(tokenizer),
-                            sample_generator(*keys, n, i), settings.mlm_probability)
-            for n, i in enumerate(indices)
-        ))
-        return {"input_ids": torch.stack(ids), "attention_mask": encoded.attention_mask[indices], "labels": torch.stack(labels)}
+        ids, labels = zip(
+            *(
+                whole_word_mask(
+                    encoded.input_ids[i],
+                    encoded.word_ids[i],
+                    tokenizer.mask_token_id,
+                    len(tokenizer),
+                    sample_generator(*keys, n, i),
+                    settings.mlm_probability,
+                )
+                for n, i in enumerate(indices)
+            )
+        )
+        return {
+            "input_ids": torch.stack(ids),
+            "attention_mask": encoded.attention_mask[indices],
+            "labels": torch.stack(labels),
+        }
 
     def features(self, model: MedCossModel, batch_size: int, device: torch.device) -> torch.Tensor:
         """Mean of all final tokens per sample (cls + patches; text: every position, padding included), no
@@ -140,8 +159,10 @@ class ModalityData:
                 indices = list(range(start, min(start + batch_size, len(self))))
                 if self.modality == "text":
                     encoded = self.data.encoded
-                    states = model(input_ids=encoded.input_ids[indices].to(device),
-                                   attention_mask=encoded.attention_mask[indices].to(device)).last_hidden_state
+                    states = model(
+                        input_ids=encoded.input_ids[indices].to(device),
+                        attention_mask=encoded.attention_mask[indices].to(device),
+                    ).last_hidden_state
                 else:
                     pixels = torch.stack([self.data[i]["pixel_values"] for i in indices]).to(device)
                     states = model(pixel_values=pixels).last_hidden_state
@@ -160,7 +181,7 @@ class MedCossNetwork(nn.Module):
 
 
 class ModalityStage(Stage):
-    def __init__(self, index: int, recipe: "MedCossRecipe"):
+    def __init__(self, index: int, recipe: MedCossRecipe):
         settings = recipe.settings
         self.index, self.recipe, self.modality = index, recipe, settings.stages[index]
         self.name, self.num_steps, self.optim = f"{index + 1}-{self.modality}", settings.steps_per_stage, settings.optim
@@ -182,9 +203,16 @@ class ModalityStage(Stage):
         if self.index > 0 and recipe.settings.rehearsal.enabled:
             previous = recipe.settings.stages[self.index - 1]
             rehearsal = recipe.settings.rehearsal
-            features = recipe.data[previous].features(self.model.medcoss, rehearsal.feature_batch_size, recipe.dist.device)
-            recipe.buffers[previous] = kmeans_buffer(features, rehearsal.buffer_ratio, rehearsal.center_ratio,
-                                                     recipe.settings.seed + self.index, rehearsal.kmeans_iterations)
+            features = recipe.data[previous].features(
+                self.model.medcoss, rehearsal.feature_batch_size, recipe.dist.device
+            )
+            recipe.buffers[previous] = kmeans_buffer(
+                features,
+                rehearsal.buffer_ratio,
+                rehearsal.center_ratio,
+                recipe.settings.seed + self.index,
+                rehearsal.kmeans_iterations,
+            )
             self.teacher.load_state_dict(self.model.medcoss.state_dict())
         for name in HEADS:
             getattr(self.model, name).apply(self.model._init_weights)
@@ -223,7 +251,9 @@ class ModalityStage(Stage):
         generator = sample_generator(*keys, 2**20)
         if recipe.settings.rehearsal.mixup:
             if modality == "text":
-                batch["input_ids"], batch["attention_mask"], _ = text_mixup(batch["input_ids"], batch["attention_mask"], generator)
+                batch["input_ids"], batch["attention_mask"], _ = text_mixup(
+                    batch["input_ids"], batch["attention_mask"], generator
+                )
             else:
                 batch["pixel_values"], _, _ = image_mixup(batch["pixel_values"], generator)
         batch.pop("labels", None)
@@ -251,7 +281,9 @@ class MedCossRecipe(Recipe):
         self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
         self.variant = get_variant(settings.variant)
         if self.variant.family != "medcoss":
-            raise TrainingConfigError(f"variant {settings.variant!r} is not a MedCoSS variant (e.g. medcoss-vitb, medcoss-tiny)")
+            raise TrainingConfigError(
+                f"variant {settings.variant!r} is not a MedCoSS variant (e.g. medcoss-vitb, medcoss-tiny)"
+            )
         config = self.variant.build_config()
         self.tokenizer = None
         self.data: dict[str, ModalityData] = {}
@@ -263,8 +295,11 @@ class MedCossRecipe(Recipe):
     def _load(self, modality: str, config) -> ManifestDataset | ConcatDataset | TextData:
         if modality != "text":
             processor = modality_processor(modality, config)
-            datasets = [ManifestDataset(read_split(m, "train", modality), processor) for m in self.manifests
-                        if any(r.split == "train" and r.modality == modality for r in load_manifest(m, check_files=False))]
+            datasets = [
+                ManifestDataset(read_split(m, "train", modality), processor)
+                for m in self.manifests
+                if any(r.split == "train" and r.modality == modality for r in load_manifest(m, check_files=False))
+            ]
             if not datasets:
                 raise TrainingConfigError(
                     f"stage {modality!r} has no data: no train row of {', '.join(m.name for m in self.manifests)} "
@@ -304,7 +339,8 @@ class MedCossRecipe(Recipe):
         rehearsal = (
             f"k-means rehearsal buffers ({s.rehearsal.buffer_ratio:g} of each stage, {s.rehearsal.center_ratio:g} "
             f"centres; sizes {buffers}), feature distillation{' after intra-modal mixup' if s.rehearsal.mixup else ''}"
-            if s.rehearsal.enabled else "no rehearsal (plain sequential pretraining: no buffer, distillation or mixup)"
+            if s.rehearsal.enabled
+            else "no rehearsal (plain sequential pretraining: no buffer, distillation or mixup)"
         )
         description = (
             f"trained with medhub's MedCoSS recipe: stages {' -> '.join(s.stages)}, {s.steps_per_stage} steps each, "
@@ -317,8 +353,15 @@ class MedCossRecipe(Recipe):
     def export(self, out_dir: Path) -> list[Path]:
         model = self.network.model
         model.cpu()
-        repo = export_repo(model, out_dir / "medcoss", variant=self.variant.id, provenance=self._provenance(),
-                           processor=self.variant.build_processor(), modality=self.variant.modality, overwrite=True)
+        repo = export_repo(
+            model,
+            out_dir / "medcoss",
+            variant=self.variant.id,
+            provenance=self._provenance(),
+            processor=self.variant.build_processor(),
+            modality=self.variant.modality,
+            overwrite=True,
+        )
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(repo)
             write_checksums(repo)

@@ -17,15 +17,23 @@ from torch import nn
 from hub.catalogue import get_variant
 from hub.export import Provenance, export_repo
 from hub.models import get_family
-
-from ..config import AugmentSettings, EngineSettings, OptimSettings
-from ..continual import l2sp_penalty, task_order
-from ..data import IndexStream, ManifestDataset, StepLoader, Target, augment, collate, read_split, sample_generator
-from ..distributed import DistInfo
-from ..engine import Recipe, Stage
-from ..errors import TrainingConfigError
-from ..heads import head_class, head_parameters, label_config, share_encoder
-from ..moco import Moco
+from training.config import AugmentSettings, EngineSettings, OptimSettings
+from training.continual import l2sp_penalty, task_order
+from training.data import (
+    IndexStream,
+    ManifestDataset,
+    StepLoader,
+    Target,
+    augment,
+    collate,
+    read_split,
+    sample_generator,
+)
+from training.distributed import DistInfo
+from training.engine import Recipe, Stage
+from training.errors import TrainingConfigError
+from training.heads import head_class, head_parameters, label_config, share_encoder
+from training.moco import Moco
 
 
 @dataclass
@@ -79,15 +87,23 @@ class MuscleSettings:
 
 
 class MocoStage(Stage):
-    def __init__(self, moco: Moco, datasets: list[ManifestDataset], settings: MocoSettings, seed: int,
-                 dist: DistInfo, num_workers: int):
+    def __init__(
+        self,
+        moco: Moco,
+        datasets: list[ManifestDataset],
+        settings: MocoSettings,
+        seed: int,
+        dist: DistInfo,
+        num_workers: int,
+    ):
         self.name, self.num_steps, self.optim = "moco", settings.steps, settings.optim
         self.samples_per_step = settings.optim.batch_size * dist.world
         self.sync_bn = not settings.shuffle_bn  # shuffled BatchNorm is per-rank by design
         self.moco, self.datasets, self.settings, self.seed, self.device = moco, datasets, settings, seed, dist.device
         self.offsets = torch.tensor([0] + [len(d) for d in datasets]).cumsum(0).tolist()
-        self.stream = IndexStream([len(d) for d in datasets], settings.optim.batch_size, seed, dist.rank, dist.world,
-                                  settings.dataset_weights)
+        self.stream = IndexStream(
+            [len(d) for d in datasets], settings.optim.batch_size, seed, dist.rank, dist.world, settings.dataset_weights
+        )
         self.loader = StepLoader(self._batch, settings.steps, num_workers)
         self._keys: torch.Tensor | None = None
 
@@ -130,14 +146,23 @@ class ContinualStage(Stage):
     """Step s belongs to visit s // steps_per_task; visit v is round v // T, position v % T of that round's order.
     A task's data position is (round * steps_per_task + step within the visit): every task reads its own stream."""
 
-    def __init__(self, encoder: nn.Module, tasks: list[Task], settings: ContinualSettings, seed: int,
-                 dist: DistInfo, num_workers: int):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        tasks: list[Task],
+        settings: ContinualSettings,
+        seed: int,
+        dist: DistInfo,
+        num_workers: int,
+    ):
         self.name, self.optim = "continual", settings.optim
         self.num_steps = settings.rounds * len(tasks) * settings.steps_per_task
         self.samples_per_step = settings.optim.batch_size * dist.world
         self.encoder, self.tasks, self.settings, self.seed, self.device = encoder, tasks, settings, seed, dist.device
-        self.streams = [IndexStream([len(t.dataset)], settings.optim.batch_size, seed + 1 + i, dist.rank, dist.world)
-                        for i, t in enumerate(tasks)]
+        self.streams = [
+            IndexStream([len(t.dataset)], settings.optim.batch_size, seed + 1 + i, dist.rank, dist.world)
+            for i, t in enumerate(tasks)
+        ]
         per_task_steps = settings.rounds * settings.steps_per_task
         self.loaders = [StepLoader(self._batch_fn(i), per_task_steps, num_workers) for i in range(len(tasks))]
         self.anchors: list[torch.Tensor] | None = None
@@ -171,14 +196,23 @@ class ContinualStage(Stage):
         batch = self.loaders[index].get(round_index * self.settings.steps_per_task + within)
         pixel_values = batch["pixel_values"].to(self.device, non_blocking=True)
         labels = batch["labels"]
-        labels = [{k: v.to(self.device) for k, v in t.items()} for t in labels] if isinstance(labels, list) else labels.to(self.device)
+        labels = (
+            [{k: v.to(self.device) for k, v in t.items()} for t in labels]
+            if isinstance(labels, list)
+            else labels.to(self.device)
+        )
         task.model.train()
         task_loss = task.model(pixel_values=pixel_values, labels=labels).loss
         metrics = {"task": index, "round": round_index, "task_loss": float(task_loss.detach())}
         if not self.settings.l2sp:
             return task_loss, metrics
-        penalty = l2sp_penalty(list(self.encoder.parameters()), self.anchors, head_parameters(task.model),
-                               self.settings.alpha, self.settings.beta)
+        penalty = l2sp_penalty(
+            list(self.encoder.parameters()),
+            self.anchors,
+            head_parameters(task.model),
+            self.settings.alpha,
+            self.settings.beta,
+        )
         metrics["l2sp"] = float(penalty.detach())
         return task_loss + penalty, metrics
 
@@ -222,16 +256,26 @@ class MuscleRecipe(Recipe):
         modality = self.variant.modality
         self.pretrain_sets = [ManifestDataset(read_split(m, "train", modality), self.processor) for m in self.manifests]
         task_sets = [
-            ManifestDataset(read_split(Path(t.manifest) if t.manifest else self.manifests[0], "train", modality),
-                            self.processor, Target(t.kind, tuple(t.class_names), t.label))
+            ManifestDataset(
+                read_split(Path(t.manifest) if t.manifest else self.manifests[0], "train", modality),
+                self.processor,
+                Target(t.kind, tuple(t.class_names), t.label),
+            )
             for t in continual.tasks
         ]
         config = self.variant.build_config()
         self.encoder = self.family.encoder_class(config)
         moco_settings = settings.moco
         hidden = moco_settings.projection_hidden or config.hidden_size
-        moco = Moco(self.encoder, config.hidden_size, hidden, moco_settings.projection_dim, moco_settings.queue_size,
-                    moco_settings.momentum, moco_settings.temperature)
+        moco = Moco(
+            self.encoder,
+            config.hidden_size,
+            hidden,
+            moco_settings.projection_dim,
+            moco_settings.queue_size,
+            moco_settings.momentum,
+            moco_settings.temperature,
+        )
         heads = {}
         for task, cls in zip(continual.tasks, head_classes):
             head_config = self.variant.build_config(**label_config(task.class_names), **task.head)
@@ -247,7 +291,9 @@ class MuscleRecipe(Recipe):
     def stages(self) -> list[Stage]:
         workers = self.settings.engine.num_workers
         return [
-            MocoStage(self.network.moco, self.pretrain_sets, self.settings.moco, self.settings.seed, self.dist, workers),
+            MocoStage(
+                self.network.moco, self.pretrain_sets, self.settings.moco, self.settings.seed, self.dist, workers
+            ),
             ContinualStage(self.encoder, self.tasks, self.settings.continual, self.settings.seed, self.dist, workers),
         ]
 
@@ -266,8 +312,13 @@ class MuscleRecipe(Recipe):
 
     def export(self, out_dir: Path) -> list[Path]:
         provenance = self._provenance()
-        common = {"variant": self.variant.id, "provenance": provenance, "processor": self.processor,
-                  "modality": self.variant.modality, "overwrite": True}
+        common = {
+            "variant": self.variant.id,
+            "provenance": provenance,
+            "processor": self.processor,
+            "modality": self.variant.modality,
+            "overwrite": True,
+        }
         self.network.cpu()
         written = [export_repo(self.encoder, out_dir / "encoder", **common)]
         for task in self.tasks:

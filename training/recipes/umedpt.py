@@ -29,15 +29,24 @@ from torch import nn
 from hub.catalogue import get_variant
 from hub.export import Provenance, export_repo
 from hub.models import get_family
+from training import distributed
+from training.config import AugmentSettings, EngineSettings, OptimSettings
+from training.data import (
+    TASK_KINDS,
+    IndexStream,
+    ManifestDataset,
+    StepLoader,
+    Target,
+    augment,
+    collate,
+    read_split,
+    sample_generator,
+)
+from training.distributed import DistInfo
+from training.engine import Recipe, Stage, make_optimizer, warmup_cosine
+from training.errors import TrainingConfigError
+from training.heads import head_class, label_config, share_encoder
 
-from .. import distributed
-from ..config import AugmentSettings, EngineSettings, OptimSettings
-from ..data import (TASK_KINDS, IndexStream, ManifestDataset, StepLoader, Target, augment, collate, read_split,
-                    sample_generator)
-from ..distributed import DistInfo
-from ..engine import Recipe, Stage, make_optimizer, warmup_cosine
-from ..errors import TrainingConfigError
-from ..heads import head_class, label_config, share_encoder
 from .muscle import Task, TaskSettings
 
 # The UMedPT models' blocks that upstream shares between the tasks of a kind (dotted module paths).
@@ -98,14 +107,17 @@ def share_blocks(tasks: list[Task], blocks: dict[str, list[str]]) -> list[nn.Mod
             try:
                 module = task.model.get_submodule(path)
             except AttributeError:
-                raise TrainingConfigError(f"task {name!r}: its {kind} model has no block {path!r} to share; "
-                                          f"fix shared_blocks.{kind}") from None
+                raise TrainingConfigError(
+                    f"task {name!r}: its {kind} model has no block {path!r} to share; fix shared_blocks.{kind}"
+                ) from None
             owner, shared = first.setdefault((kind, path), (name, module))
             if shared is module:
                 continue
             if _shapes(module) != _shapes(shared):
-                raise TrainingConfigError(f"task {name!r}: block {path!r} differs in shape from task {owner!r}'s, so "
-                                          f"they cannot share it; align their head settings or fix shared_blocks.{kind}")
+                raise TrainingConfigError(
+                    f"task {name!r}: block {path!r} differs in shape from task {owner!r}'s, so "
+                    f"they cannot share it; align their head settings or fix shared_blocks.{kind}"
+                )
             parent, _, attribute = path.rpartition(".")
             setattr(task.model.get_submodule(parent), attribute, shared)
     return [module for _, module in first.values()]
@@ -129,10 +141,12 @@ class MultiTaskStage(Stage):
         self.tasks, self.settings, self.device = tasks, settings, dist.device
         self.shared = list({id(p): p for module in shared for p in module.parameters()}.values())
         batch_size, seed = settings.optim.batch_size, settings.seed
-        self.streams = [IndexStream([len(t.dataset)], batch_size, seed + 1 + i, dist.rank, dist.world)
-                        for i, t in enumerate(tasks)]
-        self.loaders = [StepLoader(self._batch_fn(i), settings.steps, settings.engine.num_workers)
-                        for i in range(len(tasks))]
+        self.streams = [
+            IndexStream([len(t.dataset)], batch_size, seed + 1 + i, dist.rank, dist.world) for i, t in enumerate(tasks)
+        ]
+        self.loaders = [
+            StepLoader(self._batch_fn(i), settings.steps, settings.engine.num_workers) for i in range(len(tasks))
+        ]
         shared_ids = {id(p) for p in self.shared}
         self.head_parameters = [[p for p in task.model.parameters() if id(p) not in shared_ids] for task in tasks]
         head_optim = replace(settings.optim, lr=settings.optim.lr * settings.lr_factor_tasks)
@@ -240,8 +254,11 @@ class UmedptRecipe(Recipe):
                 raise TrainingConfigError(f"task {task.name!r}: classification needs `label` (a manifest labels key)")
         modality = self.variant.modality
         datasets = [
-            ManifestDataset(read_split(Path(t.manifest) if t.manifest else self.manifests[0], "train", modality),
-                            self.processor, Target(t.kind, tuple(t.class_names), t.label))
+            ManifestDataset(
+                read_split(Path(t.manifest) if t.manifest else self.manifests[0], "train", modality),
+                self.processor,
+                Target(t.kind, tuple(t.class_names), t.label),
+            )
             for t in settings.tasks
         ]
         self.encoder = self.family.encoder_class(self.variant.build_config())
@@ -275,8 +292,13 @@ class UmedptRecipe(Recipe):
         return Provenance(kind="trained", description=description, training_data=data, details=details)
 
     def export(self, out_dir: Path) -> list[Path]:
-        common = {"variant": self.variant.id, "provenance": self._provenance(), "processor": self.processor,
-                  "modality": self.variant.modality, "overwrite": True}
+        common = {
+            "variant": self.variant.id,
+            "provenance": self._provenance(),
+            "processor": self.processor,
+            "modality": self.variant.modality,
+            "overwrite": True,
+        }
         self.network.cpu()
         written = [export_repo(self.encoder, out_dir / "encoder", **common)]
         for task in self.tasks:

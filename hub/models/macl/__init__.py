@@ -4,6 +4,8 @@ from pathlib import Path
 
 import torch
 
+from hub.models.family import Family
+
 from .configuration_macl import MaclConfig
 from .modeling_macl import (
     MaclForPreTraining,
@@ -13,7 +15,6 @@ from .modeling_macl import (
     MaclPreTrainingOutput,
 )
 from .variants import PRESETS, VARIANTS, card_context
-from ..family import Family
 
 
 def image_or_volume_inputs(config: MaclConfig, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:

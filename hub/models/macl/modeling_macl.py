@@ -41,10 +41,12 @@ def _conv_block(config: MaclConfig, in_channels: int, out_channels: int) -> nn.S
     )
 
 
-def check_pixel_values(config: MaclConfig, pixel_values: torch.Tensor, multiple: int, name: str = "pixel_values") -> None:
+def check_pixel_values(
+    config: MaclConfig, pixel_values: torch.Tensor, multiple: int, name: str = "pixel_values"
+) -> None:
     """Raise ValueError unless `pixel_values` is (batch, num_channels, *spatial) with sides divisible by `multiple`."""
     dims = config.spatial_dims
-    layout = ", ".join(["batch", str(config.num_channels)] + list("DHW"[3 - dims:]))
+    layout = ", ".join(["batch", str(config.num_channels)] + list("DHW"[3 - dims :]))
     if pixel_values.ndim != dims + 2 or pixel_values.shape[1] != config.num_channels:
         raise ValueError(f"{name} must have shape ({layout}), got {tuple(pixel_values.shape)}")
     if any(side % multiple for side in pixel_values.shape[2:]):
@@ -187,7 +189,9 @@ class MaclForSemanticSegmentation(MaclPreTrainedModel):
         maps = self.macl.stage_maps(pixel_values)
         logits = self.head(self.decoder(maps)[-1])
         loss = None if labels is None else segmentation_loss(self.config, logits, labels)
-        output = SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=tuple(maps) if output_hidden_states else None)
+        output = SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=tuple(maps) if output_hidden_states else None
+        )
         return output
 
 
@@ -195,7 +199,9 @@ class MaclForSemanticSegmentation(MaclPreTrainedModel):
 def segmentation_loss(config: MaclConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Pixel-wise cross-entropy over (batch, *spatial) class indices; BCE for a single foreground channel."""
     if labels.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:1] + logits.shape[2:])}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape {tuple(logits.shape[:1] + logits.shape[2:])}, got {tuple(labels.shape)}"
+        )
     if config.num_labels == 1:
         valid = labels != config.semantic_loss_ignore_index
         return F.binary_cross_entropy_with_logits(logits[:, 0][valid], labels[valid].to(logits.dtype))
@@ -244,11 +250,17 @@ class MaclForPreTraining(MaclPreTrainedModel):
         self.macl = MaclModel(config)
         self.decoder = MaclDecoder(config)
         self.target_instance_projector = nn.Sequential(
-            _AVG_POOL[dims](1), nn.Flatten(), nn.Linear(channels[4], channels[2]), nn.ReLU(inplace=True),
+            _AVG_POOL[dims](1),
+            nn.Flatten(),
+            nn.Linear(channels[4], channels[2]),
+            nn.ReLU(inplace=True),
             nn.Linear(channels[2], dim),
         )
         self.online_instance_projector = nn.Sequential(
-            _AVG_POOL[dims](1), nn.Flatten(), nn.Linear(channels[2], channels[2]), nn.ReLU(inplace=True),
+            _AVG_POOL[dims](1),
+            nn.Flatten(),
+            nn.Linear(channels[2], channels[2]),
+            nn.ReLU(inplace=True),
             nn.Linear(channels[2], dim),
         )
         self.target_pixel_projector = nn.Sequential(
@@ -277,13 +289,17 @@ class MaclForPreTraining(MaclPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         multiple = round(self.config.input_multiple / self.config.dominant_scale)
         views = {
-            "pixel_values": pixel_values, "dominant_pixel_values": dominant_pixel_values,
-            "spatial_pixel_values": spatial_pixel_values, "dominant_spatial_pixel_values": dominant_spatial_pixel_values,
+            "pixel_values": pixel_values,
+            "dominant_pixel_values": dominant_pixel_values,
+            "spatial_pixel_values": spatial_pixel_values,
+            "dominant_spatial_pixel_values": dominant_spatial_pixel_values,
         }
         for name, values in views.items():
             check_pixel_values(self.config, values, multiple, name)
             if values.shape != pixel_values.shape:
-                raise ValueError(f"{name} has shape {tuple(values.shape)}, expected pixel_values' {tuple(pixel_values.shape)}")
+                raise ValueError(
+                    f"{name} has shape {tuple(values.shape)}, expected pixel_values' {tuple(pixel_values.shape)}"
+                )
         encoder = self.macl.encoder
         auxiliary_maps = encoder(pixel_values)
         auxiliary_bottleneck = auxiliary_maps[-1]
@@ -291,11 +307,16 @@ class MaclForPreTraining(MaclPreTrainedModel):
         auxiliary_global = self.target_instance_projector(encoder(spatial_pixel_values)[-1])
         dominant_maps = encoder(self._down(dominant_pixel_values))
         dominant_dense = self.decoder(dominant_maps)[1]
-        dominant_global = self.online_instance_projector(self.decoder(encoder(self._down(dominant_spatial_pixel_values)))[1])
+        dominant_global = self.online_instance_projector(
+            self.decoder(encoder(self._down(dominant_spatial_pixel_values)))[1]
+        )
         output = MaclPreTrainingOutput(
-            auxiliary_bottleneck=auxiliary_bottleneck, dominant_bottleneck=dominant_maps[-1],
-            auxiliary_dense=auxiliary_dense, dominant_dense=dominant_dense,
-            auxiliary_global=auxiliary_global, dominant_global=dominant_global,
+            auxiliary_bottleneck=auxiliary_bottleneck,
+            dominant_bottleneck=dominant_maps[-1],
+            auxiliary_dense=auxiliary_dense,
+            dominant_dense=dominant_dense,
+            auxiliary_global=auxiliary_global,
+            dominant_global=dominant_global,
             hidden_states=tuple(auxiliary_maps) if output_hidden_states else None,
         )
         if slice_positions is not None:
@@ -305,7 +326,10 @@ class MaclForPreTraining(MaclPreTrainedModel):
     def _add_losses(self, output: MaclPreTrainingOutput, slice_positions: torch.Tensor) -> None:
         config = self.config
         if slice_positions.shape != output.auxiliary_global.shape[:1]:
-            raise ValueError(f"slice_positions must have shape ({output.auxiliary_global.shape[0]},), " f"got {tuple(slice_positions.shape)}")
+            raise ValueError(
+                f"slice_positions must have shape ({output.auxiliary_global.shape[0]},), "
+                f"got {tuple(slice_positions.shape)}"
+            )
         positives = (slice_positions[:, None] - slice_positions[None, :]).abs() < config.slice_threshold
         temperatures = (config.temperature, config.base_temperature)
         output.loss_global = supcon_loss(output.auxiliary_global, output.dominant_global, positives, *temperatures)

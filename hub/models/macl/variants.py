@@ -5,7 +5,8 @@ MACL's U-Net takes one z-scored grey channel (PCL pre-processing).
 
 from typing import Any
 
-from ..variant import Variant
+from hub.models.variant import Variant
+
 from .configuration_macl import MaclConfig
 
 PAPER = "Zeng et al., MACL, IEEE JBHI 2026 (arXiv:2309.11876)"
@@ -13,21 +14,37 @@ WEIGHTS = "MACL_CHD/BraTS/KiTS.pth (no licence file: ask the authors before redi
 
 PRESETS: dict[str, dict[str, Any]] = {
     "macl": {
-        "modality": "ct", "spatial_dims": 2, "in_channels": 1, "channel_policy": "repeat",
-        "intensity": {"policy": "zscore"}, "resize": [256, 256], "size": [256, 256],
+        "modality": "ct",
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "channel_policy": "repeat",
+        "intensity": {"policy": "zscore"},
+        "resize": [256, 256],
+        "size": [256, 256],
     },
     "macl-3d": {
-        "modality": "ct", "spatial_dims": 3, "in_channels": 1, "channel_policy": "repeat",
-        "intensity": {"policy": "zscore"}, "size": [32, 128, 128], "tile_overlap": 0.5,
+        "modality": "ct",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "channel_policy": "repeat",
+        "intensity": {"policy": "zscore"},
+        "size": [32, 128, 128],
+        "tile_overlap": 0.5,
     },
 }
 
 
 def _macl(variant_id: str, spatial_dims: int = 2, tiny: bool = False, **config: Any) -> Variant:
     return Variant(
-        id=variant_id, family="macl", config={**config, "spatial_dims": spatial_dims}, modality="ct",
-        spatial_dims=spatial_dims, paper=PAPER, upstream_weights=WEIGHTS,
-        preprocessing="macl" if spatial_dims == 2 else "macl-3d", tiny=tiny,
+        id=variant_id,
+        family="macl",
+        config={**config, "spatial_dims": spatial_dims},
+        modality="ct",
+        spatial_dims=spatial_dims,
+        paper=PAPER,
+        upstream_weights=WEIGHTS,
+        preprocessing="macl" if spatial_dims == 2 else "macl-3d",
+        tiny=tiny,
     )
 
 
@@ -51,4 +68,3 @@ def card_context(config: MaclConfig) -> dict[str, object]:
         "spatial_dims": config.spatial_dims,
         "input_multiple": config.input_multiple,
     }
-

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from hub.models.family import Family, square_image_inputs
+
 from .configuration_medcoss import MedCossConfig
 from .modeling_medcoss import (
     MedCossForImageClassification,
@@ -11,8 +13,6 @@ from .modeling_medcoss import (
     MedCossPreTrainedModel,
 )
 from .variants import PRESETS, VARIANTS, card_context
-from ..family import Family, square_image_inputs
-
 
 FAMILY = Family(
     model_type="medcoss",

@@ -114,7 +114,9 @@ class MedCossConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Reject layouts the model cannot build, naming the field and what it accepts."""
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
+            )
         if self.decoder_hidden_size % self.decoder_num_attention_heads:
             raise ValueError(
                 f"decoder_hidden_size={self.decoder_hidden_size} is not a multiple of "
@@ -130,11 +132,17 @@ class MedCossConfig(PreTrainedConfig):
                 raise ValueError(f"{field}={value!r} is not one of {', '.join(choices)}")
         if self.image_size % self.patch_size or self.pretraining_image_size % self.patch_size:
             raise ValueError(f"image_size and pretraining_image_size must be multiples of patch_size={self.patch_size}")
-        if len(self.pretraining_volume_size) != 3 or any(side % self.patch_size for side in self.pretraining_volume_size):
-            raise ValueError(f"pretraining_volume_size={self.pretraining_volume_size} must be 3 multiples of {self.patch_size}")
+        if len(self.pretraining_volume_size) != 3 or any(
+            side % self.patch_size for side in self.pretraining_volume_size
+        ):
+            raise ValueError(
+                f"pretraining_volume_size={self.pretraining_volume_size} must be 3 multiples of {self.patch_size}"
+            )
         if not 0.0 <= self.mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio={self.mask_ratio} is not in [0, 1]")
-        if len(self.segmentation_layers) != 4 or not all(1 <= i <= self.num_hidden_layers for i in self.segmentation_layers):
+        if len(self.segmentation_layers) != 4 or not all(
+            1 <= i <= self.num_hidden_layers for i in self.segmentation_layers
+        ):
             raise ValueError(
                 f"segmentation_layers={self.segmentation_layers} must name 4 blocks in 1..{self.num_hidden_layers}"
             )

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     ImageClassifierOutput,
     SemanticSegmenterOutput,
 )
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 
@@ -161,10 +161,14 @@ class MedCossImageEmbeddings(nn.Module):
         dims = pixel_values.ndim - 2
         channels = config.num_channels if dims == 2 else config.num_channels_3d
         if pixel_values.shape[1] != channels:
-            raise ValueError(f"{dims}D pixel_values must have {channels} channel(s), got shape {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"{dims}D pixel_values must have {channels} channel(s), got shape {tuple(pixel_values.shape)}"
+            )
         spatial = tuple(pixel_values.shape[2:])
         if any(side % config.patch_size or side == 0 for side in spatial):
-            raise ValueError(f"{dims}D input size {spatial} must be positive multiples of the patch size {config.patch_size}")
+            raise ValueError(
+                f"{dims}D input size {spatial} must be positive multiples of the patch size {config.patch_size}"
+            )
         grid = tuple(side // config.patch_size for side in spatial)
         limit = config.max_positions_2d if dims == 2 else config.max_positions_3d
         if math.prod(grid) > limit:
@@ -179,11 +183,15 @@ class MedCossImageEmbeddings(nn.Module):
         grid = self.check(pixel_values)
         if len(grid) == 2:
             patches, spatial, temporal = (
-                self.patch_embeddings_2d, self.spatial_position_embeddings_2d, self.temporal_position_embeddings_2d
+                self.patch_embeddings_2d,
+                self.spatial_position_embeddings_2d,
+                self.temporal_position_embeddings_2d,
             )
         else:
             patches, spatial, temporal = (
-                self.patch_embeddings_3d, self.spatial_position_embeddings_3d, self.temporal_position_embeddings_3d
+                self.patch_embeddings_3d,
+                self.spatial_position_embeddings_3d,
+                self.temporal_position_embeddings_3d,
             )
         tokens = patches(pixel_values).flatten(2).transpose(1, 2)
         row = 0
@@ -223,9 +231,7 @@ class MedCossTextEmbeddings(nn.Module):
         return self.layer_norm(embedded)
 
 
-def text_attention_bias(
-    attention_mask: torch.Tensor, num_heads: int, mode: str, blocked_value: float
-) -> torch.Tensor:
+def text_attention_bias(attention_mask: torch.Tensor, num_heads: int, mode: str, blocked_value: float) -> torch.Tensor:
     """The causal+padding additive mask, (batch, heads, L, L): key j is open to query i iff j <= i and pad[j] = 1.
 
     `faithful` reproduces the upstream `.repeat(num_heads, 1, 1)` expansion read in batch-major order, so that
@@ -320,9 +326,13 @@ class MedCossModel(MedCossPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}"
+            )
         config = self.config
-        return text_attention_bias(attention_mask, config.num_attention_heads, config.text_mask_mode, config.text_mask_value)
+        return text_attention_bias(
+            attention_mask, config.num_attention_heads, config.text_mask_mode, config.text_mask_value
+        )
 
     def forward(
         self,
@@ -360,8 +370,11 @@ class MedCossModel(MedCossPreTrainedModel):
             else:
                 pooled = (last[:, 1:] if with_cls else last).mean(dim=1)
         output = MedCossModelOutput(
-            last_hidden_state=states[-1], pooler_output=pooled, hidden_states=tuple(states) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None, path=path,
+            last_hidden_state=states[-1],
+            pooler_output=pooled,
+            hidden_states=tuple(states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            path=path,
         )
         # The tuple form leaves out `path`, which is not a tensor.
         return output if return_dict else output.to_tuple()[:-1]
@@ -434,7 +447,9 @@ class MedCossPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_masking(
+    tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAE masking: keep the `(1 - ratio) * N` tokens with the lowest noise; returns kept tokens, mask, ids_restore."""
     batch, length, width = tokens.shape
     if noise.shape != (batch, length):
@@ -461,7 +476,9 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.reshape(batch, math.prod(grid), patch_size**dims * channels)
 
 
-def masked_patch_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+def masked_patch_loss(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool
+) -> torch.Tensor:
     """Per-patch MSE averaged over masked patches only (0 when nothing is masked); targets optionally normalised
     per patch by their own mean and unbiased variance (eps 1e-6)."""
     if norm_pix:
@@ -488,14 +505,18 @@ class MedCossForPreTraining(MedCossPreTrainedModel):
         self.mask_token = nn.Parameter(torch.empty(1, 1, width))
         self.decoder_position_embeddings_2d = nn.Parameter(torch.empty(1, config.decoder_positions_2d, width))
         self.decoder_position_embeddings_3d = nn.Parameter(torch.empty(1, config.decoder_positions_3d, width))
-        self.decoder_blocks = nn.ModuleList(MedCossDecoderLayer(config) for _ in range(config.decoder_num_hidden_layers))
+        self.decoder_blocks = nn.ModuleList(
+            MedCossDecoderLayer(config) for _ in range(config.decoder_num_hidden_layers)
+        )
         self.decoder_norm = nn.LayerNorm(width, eps=config.decoder_layer_norm_eps)
         self.decoder_pred_2d = nn.Linear(width, config.patch_size**2 * config.num_channels)
         self.decoder_pred_3d = nn.Linear(width, config.patch_size**3 * config.num_channels_3d)
         self.mlm_position_embeddings = nn.Embedding(2, config.hidden_size)
         self.mlm_head = MedCossMLMHead(config)
         # Uni-Perceiver's video tables: in the released checkpoint but unused by MedCoSS; kept for lossless round trips.
-        self.legacy_video_position_embeddings = nn.Parameter(torch.empty(config.legacy_video_positions, config.hidden_size))
+        self.legacy_video_position_embeddings = nn.Parameter(
+            torch.empty(config.legacy_video_positions, config.hidden_size)
+        )
         self.legacy_video_type_embeddings = nn.Parameter(torch.empty(1, config.hidden_size))
         self.post_init()
 
@@ -538,7 +559,9 @@ class MedCossForPreTraining(MedCossPreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        return MedCossPreTrainingOutput(loss=loss, logits=logits, last_hidden_state=states[-1], hidden_states=tuple(states))
+        return MedCossPreTrainingOutput(
+            loss=loss, logits=logits, last_hidden_state=states[-1], hidden_states=tuple(states)
+        )
 
     def _mae(self, pixel_values, mask_ratio, noise, attentions) -> MedCossPreTrainingOutput:
         encoder = self.medcoss
@@ -569,7 +592,12 @@ class MedCossForPreTraining(MedCossPreTrainedModel):
         target = patchify(pixel_values, self.config.patch_size)
         loss = masked_patch_loss(prediction, target, mask, self.config.norm_pix_loss)
         return MedCossPreTrainingOutput(
-            loss=loss, logits=prediction, last_hidden_state=latent, mask=mask, noise=noise, ids_restore=ids_restore,
+            loss=loss,
+            logits=prediction,
+            last_hidden_state=latent,
+            mask=mask,
+            noise=noise,
+            ids_restore=ids_restore,
             hidden_states=tuple(states),
         )
 
@@ -616,8 +644,12 @@ class MedCossForImageClassification(MedCossPreTrainedModel):
         **kwargs,
     ) -> ImageClassifierOutput:
         outputs = self.medcoss(
-            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         pooled = outputs.pooler_output if self.fc_norm is None else self.fc_norm(outputs.pooler_output)
         logits = self.classifier(pooled)
@@ -651,7 +683,9 @@ def classification_loss(config: MedCossConfig, logits: torch.Tensor, labels: tor
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
-def _conv(dims: int, in_channels: int, out_channels: int, kernel: int, stride: int = 1, bias: bool = False) -> nn.Module:
+def _conv(
+    dims: int, in_channels: int, out_channels: int, kernel: int, stride: int = 1, bias: bool = False
+) -> nn.Module:
     conv = nn.Conv2d if dims == 2 else nn.Conv3d
     return conv(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=bias)
 
@@ -767,9 +801,15 @@ class MedCossForSemanticSegmentation(MedCossPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         dims = self.config.segmentation_spatial_dims
         if pixel_values.ndim != dims + 2:
-            raise ValueError(f"this segmentation model is {dims}D; pixel_values must have " f"{dims + 2} dims, got shape {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"this segmentation model is {dims}D; pixel_values must have "
+                f"{dims + 2} dims, got shape {tuple(pixel_values.shape)}"
+            )
         outputs = self.medcoss(
-            pixel_values=pixel_values, add_cls_token=False, output_hidden_states=True, output_attentions=output_attentions,
+            pixel_values=pixel_values,
+            add_cls_token=False,
+            output_hidden_states=True,
+            output_attentions=output_attentions,
             return_dict=True,
         )
         grid = [side // self.config.patch_size for side in pixel_values.shape[2:]]
@@ -780,7 +820,9 @@ class MedCossForSemanticSegmentation(MedCossPreTrainedModel):
         logits = self.decode_head(pixel_values, maps)
         loss = None if labels is None else dice_bce_loss(logits, labels)
         output = SemanticSegmenterOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states if output_hidden_states else None,
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=outputs.attentions,
         )
         return output

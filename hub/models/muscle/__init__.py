@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from hub.models.family import Family, square_image_inputs
+
 from .configuration_muscle import MuscleConfig
 from .modeling_muscle import (
     MuscleBackbone,
@@ -12,8 +14,6 @@ from .modeling_muscle import (
     MusclePreTrainedModel,
 )
 from .variants import PRESETS, VARIANTS, card_context
-from ..family import Family, square_image_inputs
-
 
 FAMILY = Family(
     model_type="muscle",

@@ -108,7 +108,9 @@ class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
         if self.pooling not in self.poolings:
             raise ValueError(f"pooling={self.pooling!r} is not one of {', '.join(self.poolings)}")
         if len(self.hidden_sizes) != len(self.depths) or len(self.depths) != 4:
-            raise ValueError(f"hidden_sizes and depths must both list 4 stages, got {self.hidden_sizes} and {self.depths}")
+            raise ValueError(
+                f"hidden_sizes and depths must both list 4 stages, got {self.hidden_sizes} and {self.depths}"
+            )
         if len(self.rpn_anchor_sizes) != 5:
             raise ValueError(f"rpn_anchor_sizes must list one size per FPN level (5), got {self.rpn_anchor_sizes}")
         for name in ("output_stride", "segmentation_output_stride"):

@@ -26,13 +26,13 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BackboneOutput,
     BaseModelOutputWithPooling,
     ImageClassifierOutput,
     SemanticSegmenterOutput,
 )
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 
@@ -278,7 +278,9 @@ class MuscleForSemanticSegmentation(MusclePreTrainedModel):
 def segmentation_loss(config: MuscleConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Pixel-wise cross-entropy over (batch, *spatial) class indices; BCE for a single foreground channel."""
     if labels.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:1] + logits.shape[2:])}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape {tuple(logits.shape[:1] + logits.shape[2:])}, got {tuple(labels.shape)}"
+        )
     if config.num_labels == 1:
         valid = labels != config.semantic_loss_ignore_index
         return F.binary_cross_entropy_with_logits(logits[:, 0][valid], labels[valid].to(logits.dtype))
@@ -316,7 +318,10 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         channels = config.fpn_channels
         self.fpn = FeaturePyramidNetwork(config.stage_channels[1:], channels, extra_blocks=LastLevelMaxPool())
         self.transform = GeneralizedRCNNTransform(
-            config.detection_min_size, config.detection_max_size, [0.0] * config.num_channels, [1.0] * config.num_channels
+            config.detection_min_size,
+            config.detection_max_size,
+            [0.0] * config.num_channels,
+            [1.0] * config.num_channels,
         )
         ratios = tuple(config.rpn_aspect_ratios)
         anchors = MuscleAnchorGenerator(tuple((size,) for size in config.rpn_anchor_sizes), (ratios,) * 5)
@@ -360,11 +365,15 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         if labels is not None and not self.training:
             raise ValueError("MuscleForObjectDetection computes losses in training mode only; call model.train() first")
         if labels is None and self.training:
-            raise ValueError("MuscleForObjectDetection in training mode needs labels (boxes and class_labels per image)")
+            raise ValueError(
+                "MuscleForObjectDetection in training mode needs labels (boxes and class_labels per image)"
+            )
         # torchvision reserves class 0 for the background.
-        targets = None if labels is None else [
-            {"boxes": target["boxes"].float(), "labels": target["class_labels"].long() + 1} for target in labels
-        ]
+        targets = (
+            None
+            if labels is None
+            else [{"boxes": target["boxes"].float(), "labels": target["class_labels"].long() + 1} for target in labels]
+        )
         original_sizes = [tuple(image.shape[-2:]) for image in pixel_values]
         images, targets = self.transform(list(pixel_values), targets)
         maps = self.muscle.stage_maps(images.tensors)
@@ -381,7 +390,10 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
             for detection in detections:
                 detection["labels"] = detection["labels"] - 1
         output = MuscleObjectDetectionOutput(
-            loss=loss, loss_dict=loss_dict, detections=detections, hidden_states=tuple(maps) if output_hidden_states else None
+            loss=loss,
+            loss_dict=loss_dict,
+            detections=detections,
+            hidden_states=tuple(maps) if output_hidden_states else None,
         )
         return output
 

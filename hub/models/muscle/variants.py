@@ -6,7 +6,8 @@ mean/std).
 
 from typing import Any
 
-from ..variant import Variant
+from hub.models.variant import Variant
+
 from .configuration_muscle import MuscleConfig
 
 PAPER = "Liao et al., MUSCLE, MICCAI 2022 (arXiv:2310.02000)"
@@ -17,17 +18,30 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "muscle": {
-        "modality": "xray", "spatial_dims": 2, "in_channels": 3, "channel_policy": "repeat",
-        "intensity": {"policy": "scale01"}, "resize": [256, 256], "size": [224, 224],
-        "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
+        "modality": "xray",
+        "spatial_dims": 2,
+        "in_channels": 3,
+        "channel_policy": "repeat",
+        "intensity": {"policy": "scale01"},
+        "resize": [256, 256],
+        "size": [224, 224],
+        "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD,
     },
 }
 
 
 def _muscle(variant_id: str, tiny: bool = False, **config: Any) -> Variant:
     return Variant(
-        id=variant_id, family="muscle", config=config, modality="xray", spatial_dims=2, paper=PAPER,
-        upstream_weights=WEIGHTS, preprocessing="muscle", tiny=tiny,
+        id=variant_id,
+        family="muscle",
+        config=config,
+        modality="xray",
+        spatial_dims=2,
+        paper=PAPER,
+        upstream_weights=WEIGHTS,
+        preprocessing="muscle",
+        tiny=tiny,
     )
 
 
@@ -35,8 +49,13 @@ VARIANTS: tuple[Variant, ...] = (
     _muscle("muscle-resnet18", depths=[2, 2, 2, 2], block_type="basic", image_size=224),
     _muscle("muscle-resnet50", depths=[3, 4, 6, 3], block_type="bottleneck", image_size=224),
     _muscle(
-        "muscle-resnet18-tiny", tiny=True, depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], stem_width=8,
-        block_type="basic", image_size=64,
+        "muscle-resnet18-tiny",
+        tiny=True,
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[8, 16, 32, 64],
+        stem_width=8,
+        block_type="basic",
+        image_size=64,
     ),
 )
 
@@ -50,4 +69,3 @@ def card_context(config: MuscleConfig) -> dict[str, object]:
         "num_channels": config.num_channels,
         "image_size": config.image_size,
     }
-

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from hub.models.family import Family, square_image_inputs
+
 from .configuration_umedpt import UmedptConfig
 from .modeling_umedpt import (
     UmedptBackbone,
@@ -13,8 +15,6 @@ from .modeling_umedpt import (
     UmedptPreTrainedModel,
 )
 from .variants import PRESETS, VARIANTS, card_context
-from ..family import Family, square_image_inputs
-
 
 FAMILY = Family(
     model_type="umedpt",

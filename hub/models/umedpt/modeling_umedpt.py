@@ -76,7 +76,7 @@ class UmedptWindowAttention(ShiftedWindowAttentionV2):
                     count += 1
             regions = regions.view(rows, window[0], cols, window[1]).permute(0, 2, 1, 3).reshape(rows * cols, -1)
             mask = (regions[:, None, :] != regions[:, :, None]).to(scores.dtype) * -100.0
-            scores = (scores.view(batch, rows * cols, self.num_heads, *scores.shape[2:]) + mask[None, :, None])
+            scores = scores.view(batch, rows * cols, self.num_heads, *scores.shape[2:]) + mask[None, :, None]
             scores = scores.view(-1, self.num_heads, *scores.shape[3:])
         return scores.softmax(dim=-1)
 
@@ -107,11 +107,16 @@ def _swin_features(config: UmedptConfig) -> nn.Sequential:
         for position in range(depth):
             blocks.append(
                 UmedptSwinBlock(
-                    width, heads, window_size=window,
+                    width,
+                    heads,
+                    window_size=window,
                     shift_size=[0 if position % 2 == 0 else w // 2 for w in window],
-                    mlp_ratio=config.mlp_ratio, dropout=config.dropout, attention_dropout=config.attention_dropout,
+                    mlp_ratio=config.mlp_ratio,
+                    dropout=config.dropout,
+                    attention_dropout=config.attention_dropout,
                     stochastic_depth_prob=config.stochastic_depth_prob * block_id / max(total - 1, 1),
-                    norm_layer=norm_layer, attn_layer=UmedptWindowAttention,
+                    norm_layer=norm_layer,
+                    attn_layer=UmedptWindowAttention,
                 )
             )
             block_id += 1
@@ -129,7 +134,8 @@ class UmedptSqueezer(nn.Module):
         in_channels = config.stage_channels[-1]
         self.conv = (
             nn.Conv2d(in_channels, config.squeezer_channels, 1, bias=config.squeezer_bias)
-            if config.squeezer_channels else None
+            if config.squeezer_channels
+            else None
         )
         self.norm = nn.GroupNorm(1, config.hidden_size)
         self.activation = nn.GELU()
@@ -224,14 +230,17 @@ class UmedptModel(UmedptPreTrainedModel):
         """The patch embedding (conv, permute, LayerNorm)."""
         return self.features[0]
 
-    def stage_maps(self, pixel_values: torch.Tensor, attentions: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def stage_maps(
+        self, pixel_values: torch.Tensor, attentions: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """The stem (patch embedding) and the four Swin stage outputs as (batch, C, H/s, W/s) maps, s = 4, 4, 8,
         16, 32, in `config.stage_names` order, without the final norm. When `attentions` is a list, every block's
         attention probabilities are appended to it."""
         config = self.config
         if pixel_values.ndim != 4 or pixel_values.shape[1] != config.num_channels:
             raise ValueError(
-                f"pixel_values must have shape (batch, {config.num_channels}, " f"height, width), got {tuple(pixel_values.shape)}"
+                f"pixel_values must have shape (batch, {config.num_channels}, "
+                f"height, width), got {tuple(pixel_values.shape)}"
             )
         if any(side % config.input_multiple for side in pixel_values.shape[2:]):
             raise ValueError(
@@ -266,7 +275,9 @@ class UmedptModel(UmedptPreTrainedModel):
         maps = self.stage_maps(pixel_values, attentions)
         latent, pooled = self.squeezer(maps[-1])
         output = BaseModelOutputWithPooling(
-            last_hidden_state=latent, pooler_output=pooled, hidden_states=tuple(maps) if output_hidden_states else None,
+            last_hidden_state=latent,
+            pooler_output=pooled,
+            hidden_states=tuple(maps) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
         return output
@@ -298,7 +309,10 @@ class UmedptForImageClassification(UmedptPreTrainedModel):
         **kwargs,
     ) -> ImageClassifierOutput:
         outputs = self.umedpt(
-            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         logits = self.classifier(outputs.pooler_output)
         loss = None if labels is None else log_scaled_classification_loss(self.config, logits, labels)
@@ -410,12 +424,16 @@ class UmedptForSemanticSegmentation(UmedptPreTrainedModel):
         loss = None
         if labels is not None:
             if labels.shape != (pixel_values.shape[0],) + pixel_values.shape[2:]:
-                raise ValueError(f"labels must have shape (batch, height, width) of the input, got {tuple(labels.shape)}")
+                raise ValueError(
+                    f"labels must have shape (batch, height, width) of the input, got {tuple(labels.shape)}"
+                )
             small = F.interpolate(labels[:, None].float(), size=half.shape[2:], mode="nearest")[:, 0].long()
             loss = dice_focal_loss(self.config, half, small)
         logits = F.interpolate(half, size=pixel_values.shape[2:], mode="bilinear", align_corners=False)
         output = SemanticSegmenterOutput(
-            loss=loss, logits=logits, hidden_states=tuple(maps) if output_hidden_states else None,
+            loss=loss,
+            logits=logits,
+            hidden_states=tuple(maps) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
         return output
@@ -435,7 +453,10 @@ def dice_focal_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Te
     present = one_hot.sum(dims) > 0
     dice_loss = (dice * present).mean()
     focal = sigmoid_focal_loss(
-        logits.permute(0, 2, 3, 1)[valid], one_hot.permute(0, 2, 3, 1)[valid], alpha=-1, gamma=config.focal_gamma,
+        logits.permute(0, 2, 3, 1)[valid],
+        one_hot.permute(0, 2, 3, 1)[valid],
+        alpha=-1,
+        gamma=config.focal_gamma,
         reduction="sum",
     ) / valid.sum().clamp_min(1)
     return dice_loss + focal * _inverse_log_classes(num_classes)
@@ -474,7 +495,11 @@ class UmedptFCOSHead(nn.Module):
             logits.append(self._flatten(self.cls_logits(cls_features)))
             boxes.append(self._flatten(F.relu(self.bbox_reg(reg_features) * self.scales[level])))
             centerness.append(self._flatten(self.ctrness(reg_features)))
-        return {"cls_logits": torch.cat(logits, 1), "bbox_regression": torch.cat(boxes, 1), "bbox_ctrness": torch.cat(centerness, 1)}
+        return {
+            "cls_logits": torch.cat(logits, 1),
+            "bbox_regression": torch.cat(boxes, 1),
+            "bbox_ctrness": torch.cat(centerness, 1),
+        }
 
     def compute_loss(
         self,
@@ -500,20 +525,28 @@ class UmedptFCOSHead(nn.Module):
         logits = head_outputs["cls_logits"]
         class_targets = torch.zeros_like(logits)
         class_targets[foreground, classes[foreground]] = 1.0
-        loss_cls = sigmoid_focal_loss(
-            logits, class_targets, alpha=config.detection_focal_alpha, gamma=config.focal_gamma, reduction="sum"
-        ) / num_foreground * _inverse_log_classes(config.num_labels)
+        loss_cls = (
+            sigmoid_focal_loss(
+                logits, class_targets, alpha=config.detection_focal_alpha, gamma=config.focal_gamma, reduction="sum"
+            )
+            / num_foreground
+            * _inverse_log_classes(config.num_labels)
+        )
         predicted = decode_side_distances(head_outputs["bbox_regression"][foreground], anchors[foreground])
         distances = encode_side_distances(anchors[foreground], boxes[foreground])
         left_right, top_bottom = distances[:, [0, 2]], distances[:, [1, 3]]
         centerness = torch.sqrt(
-            (left_right.min(-1).values / left_right.max(-1).values) * (top_bottom.min(-1).values / top_bottom.max(-1).values)
+            (left_right.min(-1).values / left_right.max(-1).values)
+            * (top_bottom.min(-1).values / top_bottom.max(-1).values)
         )
         iou = _paired_iou(predicted, boxes[foreground])
         loss_iou = (-(iou.clamp_min(1e-6).log()) * centerness).sum() / centerness.sum().clamp_min(1e-6)
-        loss_ctr = F.binary_cross_entropy_with_logits(
-            head_outputs["bbox_ctrness"][foreground][:, 0], centerness, reduction="sum"
-        ) / num_foreground
+        loss_ctr = (
+            F.binary_cross_entropy_with_logits(
+                head_outputs["bbox_ctrness"][foreground][:, 0], centerness, reduction="sum"
+            )
+            / num_foreground
+        )
         return {
             "classification": loss_cls,
             "bbox_regression": loss_iou * config.detection_iou_weight,
@@ -527,8 +560,13 @@ def encode_side_distances(anchors: torch.Tensor, boxes: torch.Tensor) -> torch.T
     centre_x, centre_y = (anchors[..., 0] + anchors[..., 2]) / 2, (anchors[..., 1] + anchors[..., 3]) / 2
     width, height = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
     return torch.stack(
-        ((centre_x - boxes[..., 0]) / width, (centre_y - boxes[..., 1]) / height,
-         (boxes[..., 2] - centre_x) / width, (boxes[..., 3] - centre_y) / height), dim=-1,
+        (
+            (centre_x - boxes[..., 0]) / width,
+            (centre_y - boxes[..., 1]) / height,
+            (boxes[..., 2] - centre_x) / width,
+            (boxes[..., 3] - centre_y) / height,
+        ),
+        dim=-1,
     )
 
 
@@ -538,8 +576,13 @@ def decode_side_distances(distances: torch.Tensor, anchors: torch.Tensor) -> tor
     centre_x, centre_y = (anchors[..., 0] + anchors[..., 2]) / 2, (anchors[..., 1] + anchors[..., 3]) / 2
     width, height = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
     return torch.stack(
-        (centre_x - distances[..., 0] * width, centre_y - distances[..., 1] * height,
-         centre_x + distances[..., 2] * width, centre_y + distances[..., 3] * height), dim=-1,
+        (
+            centre_x - distances[..., 0] * width,
+            centre_y - distances[..., 1] * height,
+            centre_x + distances[..., 2] * width,
+            centre_y + distances[..., 3] * height,
+        ),
+        dim=-1,
     )
 
 
@@ -623,8 +666,10 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
         config = self.config
         boxes, scores, labels = [], [], []
         for logits, regression, centerness, level_points in zip(
-            outputs["cls_logits"].split(per_level), outputs["bbox_regression"].split(per_level),
-            outputs["bbox_ctrness"].split(per_level), points.split(per_level),
+            outputs["cls_logits"].split(per_level),
+            outputs["bbox_regression"].split(per_level),
+            outputs["bbox_ctrness"].split(per_level),
+            points.split(per_level),
         ):
             level_scores = torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(centerness)).flatten()
             kept = torch.where(level_scores > config.detection_score_threshold)[0]
@@ -670,12 +715,19 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
             loss = sum(loss_dict.values())
         if not self.training:
             detections = [
-                self._detections({name: value[index] for name, value in head_outputs.items()}, anchors[index],
-                                 per_level, images.image_sizes[index])
+                self._detections(
+                    {name: value[index] for name, value in head_outputs.items()},
+                    anchors[index],
+                    per_level,
+                    images.image_sizes[index],
+                )
                 for index in range(pixel_values.shape[0])
             ]
         output = UmedptObjectDetectionOutput(
-            loss=loss, loss_dict=loss_dict, detections=detections, hidden_states=tuple(maps) if output_hidden_states else None
+            loss=loss,
+            loss_dict=loss_dict,
+            detections=detections,
+            hidden_states=tuple(maps) if output_hidden_states else None,
         )
         return output
 
