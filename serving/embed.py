@@ -18,9 +18,10 @@ from hub.embed import (
     EmbedError,
     EmbedSource,
     Runner,
-    TorchBackend,
+    backend_names,
     embed_batches,
     embed_dataset,
+    get_backend,
 )
 from hub.errors import MedhubError
 from hub.export.resolve import repo_revision, resolve_repo
@@ -58,7 +59,9 @@ def int8_backend(device: str = "auto", threads: int | None = None, onnx_cache: P
 
 
 def _backend(name: str, device: str, threads: int | None) -> Backend:
-    return OnnxBackend(device, threads) if name == "onnx" else TorchBackend(device)
+    """The backend `name` from `hub.embed`'s registry: torch, a registered one, or a `medhub.embed_backends` entry
+    point (this package's onnx and onnx-int8); every factory takes `device` and `threads`."""
+    return get_backend(name, device=device, threads=threads)
 
 
 class _EmbedActor:
@@ -148,7 +151,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--layers", default="", help="hidden-state indices to add as columns, e.g. 0,4")
     embed.add_argument("--batch-size", type=int, default=16)
     embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    embed.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
+    embed.add_argument(
+        "--backend",
+        default="onnx",
+        help=f"embedding backend: {', '.join(backend_names())} or one registered through hub.embed (default: onnx)",
+    )
     embed.add_argument(
         "--workers",
         type=int,
@@ -192,6 +199,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     )
     workers = default_workers(args.engine) if args.workers is None else args.workers
     if args.engine == "ray":
+        _backend(args.backend, args.device, 1)  # an unknown name fails here, in one line, not in every actor
         batches = ray_batches(args.model, args.backend, args.device, args.batch_size, layers, max(1, workers))
         result = embed_dataset(args.model, args.data, args.out, batches=batches, **common)
         where = f"ray ({max(1, workers)} actors)"

@@ -6,9 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from embed_fixtures import image_folder, tiny_encoder_repo
+
+from hub.cli.main import main
+from hub.embed import TorchBackend, backends, register_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # each command is a new process that imports torch (~5 s)
@@ -95,3 +99,41 @@ def test_a_bad_model_or_data_is_one_line(setup, model, data, expected):
     assert done.returncode == 1
     assert done.stderr.startswith("medhub embed: error: ") and done.stderr.count("\n") == 1
     assert expected in done.stderr
+
+
+class DoubledTorch:
+    """A backend from outside serving: torch's features times two, named so that the command's last line shows it."""
+
+    name = "doubled"
+    made_with: dict = {}
+
+    def __init__(self, device: str = "auto", threads: int | None = None) -> None:
+        DoubledTorch.made_with = {"device": device, "threads": threads}
+        self.torch = TorchBackend(device)
+
+    def open(self, repo_dir: Path, repo_id: str, revision: str):
+        run = self.torch.open(repo_dir, repo_id, revision)
+        return lambda pixel_values: [2 * output for output in run(pixel_values)]
+
+    def describe(self) -> str:
+        return f"doubled:{self.torch.describe()}"
+
+
+def test_the_backend_is_looked_up_in_the_registry(setup, monkeypatch, capsys):
+    monkeypatch.setattr(backends, "_FACTORIES", dict(backends._FACTORIES))
+    register_backend("doubled", DoubledTorch)
+    common = ["embed", str(setup["repo"]), "--data", str(setup["images"]), "--device", "cpu", "--no-progress"]
+    embeddings = {}
+    for name in ("torch", "doubled"):
+        assert main([*common, "--out", str(setup["root"] / name), "--backend", name]) == 0
+        table = pq.read_table(setup["root"] / name / "data").sort_by("id")
+        embeddings[name] = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert capsys.readouterr().out.rstrip().endswith("on doubled:torch:cpu; 0 file(s) in errors.parquet")
+    assert DoubledTorch.made_with["device"] == "cpu" and DoubledTorch.made_with["threads"] >= 1
+    np.testing.assert_allclose(embeddings["doubled"], 2 * embeddings["torch"], rtol=1e-5, atol=1e-6)
+
+    unknown = medhub_embed(
+        setup, setup["repo"], "--data", setup["images"], "--out", setup["root"] / "tpu", "--backend", "tpu"
+    )
+    assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
+    assert "embedding backend 'tpu' is not one of onnx, onnx-int8, torch" in unknown.stderr

@@ -34,14 +34,18 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """The repo's ``AutoModel`` in eager torch, on CUDA for ``device="auto"`` when one is visible."""
+    """The repo's ``AutoModel`` in eager torch, on CUDA for ``device="auto"`` when one is visible; ``threads``, when
+    given, sets torch's intra-op threads of this process (a Ray actor: 1)."""
 
     name = "torch"
 
-    def __init__(self, device: str = "auto") -> None:
+    def __init__(self, device: str = "auto", threads: int | None = None) -> None:
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.threads = threads
 
     def open(self, repo_dir: Path, repo_id: str, revision: str) -> Runner:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         model = AutoModel.from_pretrained(repo_dir).eval().to(self.device)
 
         @torch.inference_mode()
