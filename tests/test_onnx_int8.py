@@ -2,9 +2,11 @@
 one constant image; the cache holds fp32, fp16 and int8 side by side."""
 
 import io
+from collections import Counter
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +19,7 @@ from hub.io import ReadLimits
 from hub.models import get_family
 from hub.processing import MedicalImageProcessor
 from serving.models import load_served_model, repo_revision
+from serving.onnx_export import export_onnx
 from serving.quantize import Gate, QuantizationGateError, dice, export_int8, gate_figure, phantom_arrays
 
 pytestmark = pytest.mark.slow
@@ -154,3 +157,31 @@ def test_cache_holds_fp32_fp16_and_int8_side_by_side(tmp_path):
         name: {p.key: p.value for p in onnx.load(str(folder / name)).metadata_props}["precision"] for name in names
     }
     assert precisions == {"features.fp16.onnx": "fp16", "features.int8.onnx": "int8", "features.onnx": "fp32"}
+
+
+def test_residual_blocks_run_in_int8_end_to_end(tmp_path):
+    """Each residual Add runs as QLinearAdd and each Relu folds into its QLinearConv once ONNX Runtime has fused
+    the QDQ graph: no float32 Add or Relu, and no Quantize/Dequantize pair between one block and the next."""
+    repo = _repo(tmp_path, "muscle-resnet18-tiny", "features")
+    revision = repo_revision(repo)
+    fp32 = export_onnx(repo, "features", tmp_path / "features.onnx", repo_id=str(repo), revision=revision).path
+    int8 = export_int8(
+        repo,
+        "features",
+        tmp_path / "features.int8.onnx",
+        repo_id=str(repo),
+        revision=revision,
+        processor=MedicalImageProcessor.from_pretrained(repo),
+        fp32_path=fp32,
+        methods=("minmax",),
+    )
+    assert int8.plan == "all"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # QDQ fusion, no layouts
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(int8.path), options, providers=["CPUExecutionProvider"])
+    fused = Counter(node.op_type for node in onnx.load(str(tmp_path / "fused.onnx")).graph.node)
+    original = Counter(node.op_type for node in onnx.load(str(fp32)).graph.node)
+    assert fused["QLinearConv"] == original["Conv"] and fused["QLinearAdd"] == original["Add"] > 0
+    assert fused["Relu"] == fused["Add"] == fused["Conv"] == 0
+    assert fused["QuantizeLinear"] == 1  # the input; the outputs' DequantizeLinear feed the pooling
