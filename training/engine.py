@@ -21,7 +21,7 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from hub.catalogue import get_variant
+
 from . import checkpoint, distributed
 from .config import EngineSettings, OptimSettings
 from .distributed import DistInfo
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingConfigError
 from .sync_batchnorm import convert_sync_batchnorm, set_synchronised
 
 
@@ -86,6 +88,22 @@ class Recipe(ABC):
     def signature(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this recipe."""
         return {"recipe": self.name}
+
+
+class ManifestRecipe(Recipe):
+    """A recipe of a catalogue variant (`settings.variant`) trained on `--data` manifests; its signature is its
+    settings without `engine` (how it runs, not what it computes) and the manifests' names."""
+
+    def __init__(self, settings: Any, manifests: list[Path], dist: DistInfo, data_needed: str = "manifest"):
+        if not manifests:
+            raise TrainingConfigError(f"the {self.name} recipe needs at least one --data {data_needed}")
+        self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
+        self.variant = get_variant(settings.variant)
+
+    def signature(self) -> dict[str, Any]:
+        settings = asdict(self.settings)
+        settings.pop("engine")
+        return {"recipe": self.name, "settings": settings, "data": [m.name for m in self.manifests]}
 
 
 @dataclass

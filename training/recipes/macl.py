@@ -21,21 +21,19 @@ learning rate 0.01 (paper 0.1), photometric views with jitter and blur (paper: i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from hub.catalogue import get_variant
 from hub.export import Provenance, export_repo
 from hub.models.macl import MaclForPreTraining
 from training.config import EngineSettings, OptimSettings
 from training.data import IndexStream, StepLoader, read_split, sample_generator
 from training.distributed import DistInfo
-from training.engine import Recipe, Stage
+from training.engine import ManifestRecipe, Stage
 from training.errors import TrainingConfigError
 from training.slices import ELASTIC_3D, SliceDataset, SubVolumeDataset, ViewSettings, macl_views, random_window
 
@@ -119,18 +117,15 @@ class MaclStage(Stage):
         return output.loss, metrics
 
 
-class MaclRecipe(Recipe):
+class MaclRecipe(ManifestRecipe):
     name = "macl"
 
     def __init__(self, settings: MaclSettings, manifests: list[Path], dist: DistInfo):
-        if not manifests:
-            raise TrainingConfigError("the macl recipe needs at least one --data manifest of CT or MRI volumes")
-        if settings.modality not in VOLUME_MODALITIES:
+        if manifests and settings.modality not in VOLUME_MODALITIES:
             raise TrainingConfigError(
                 f"modality {settings.modality!r} is not a volume modality ({', '.join(VOLUME_MODALITIES)})"
             )
-        self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
-        self.variant = get_variant(settings.variant)
+        super().__init__(settings, manifests, dist, "manifest of CT or MRI volumes")
         if self.variant.family != "macl":
             raise TrainingConfigError(
                 f"variant {settings.variant!r} is not a MACL variant "
@@ -182,11 +177,6 @@ class MaclRecipe(Recipe):
                 f"{input_multiple})"
             )
         return crop
-
-    def signature(self) -> dict[str, Any]:
-        settings = asdict(self.settings)
-        settings.pop("engine")
-        return {"recipe": self.name, "settings": settings, "data": [m.name for m in self.manifests]}
 
     def stages(self) -> list[Stage]:
         window = None if self.crop is None else (self.crop[1], self.crop[2])

@@ -18,7 +18,7 @@ or a WordPiece tokenizer trained on the text stage's reports) and the variant's 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset
 
-from hub.catalogue import get_variant
 from hub.data.manifest import load_manifest
 from hub.export import Provenance, export_repo
 from hub.export.checksums import write_checksums
@@ -36,7 +35,7 @@ from hub.processing.processor import MedicalImageProcessor
 from training.config import AugmentSettings, EngineSettings, OptimSettings
 from training.data import ManifestDataset, augment, read_split, sample_generator
 from training.distributed import DistInfo
-from training.engine import Recipe, Stage
+from training.engine import ManifestRecipe, Stage
 from training.errors import TrainingConfigError
 from training.rehearsal import distillation_loss, image_mixup, kmeans_buffer, text_mixup
 from training.text import Encoded, encode, load_tokenizer, train_wordpiece, whole_word_mask
@@ -272,14 +271,11 @@ class ModalityStage(Stage):
         self.recipe.buffers.update({m: list(v) for m, v in state["buffers"].items()})
 
 
-class MedCossRecipe(Recipe):
+class MedCossRecipe(ManifestRecipe):
     name = "medcoss"
 
     def __init__(self, settings: MedCossSettings, manifests: list[Path], dist: DistInfo):
-        if not manifests:
-            raise TrainingConfigError("the medcoss recipe needs at least one --data manifest")
-        self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
-        self.variant = get_variant(settings.variant)
+        super().__init__(settings, manifests, dist)
         if self.variant.family != "medcoss":
             raise TrainingConfigError(
                 f"variant {settings.variant!r} is not a MedCoSS variant (e.g. medcoss-vitb, medcoss-tiny)"
@@ -323,11 +319,6 @@ class MedCossRecipe(Recipe):
                 f"the tokenizer has {len(self.tokenizer)} tokens, more than the model's vocab_size {config.vocab_size}"
             )
         return TextData(texts, encode(self.tokenizer, texts, s.text_length))
-
-    def signature(self) -> dict[str, Any]:
-        settings = asdict(self.settings)
-        settings.pop("engine")
-        return {"recipe": self.name, "settings": settings, "data": [m.name for m in self.manifests]}
 
     def stages(self) -> list[Stage]:
         return [ModalityStage(index, self) for index in range(len(self.settings.stages))]
