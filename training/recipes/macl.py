@@ -40,29 +40,30 @@ from training.slices import ELASTIC_3D, SliceDataset, SubVolumeDataset, ViewSett
 VOLUME_MODALITIES = ("ct", "mri")
 
 
-@dataclass
+# The recipe's values live in macl.yaml only: a field it sets has no default here (tests/test_training_config.py).
+@dataclass(kw_only=True)
 class LossSettings:
     """Written into the model config (`MaclConfig`), which computes the losses."""
 
-    slice_threshold: float = 0.1
-    temperature: float = 0.1
-    base_temperature: float = 0.07
-    global_weight: float = 1.0
-    dense_weight: float = 0.5
-    equivariance_weight: float = 1.0
+    slice_threshold: float
+    temperature: float
+    base_temperature: float
+    global_weight: float
+    dense_weight: float
+    equivariance_weight: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MaclSettings:
-    variant: str = "macl-unet2d"
-    modality: str = "ct"
-    crop: list[int] | None = None
-    seed: int = 1234
-    steps: int = 1000
+    variant: str
+    modality: str
+    crop: list[int] | None
+    seed: int
+    steps: int
     engine: EngineSettings = field(default_factory=EngineSettings)
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    views: ViewSettings = field(default_factory=ViewSettings)
-    loss: LossSettings = field(default_factory=LossSettings)
+    optim: OptimSettings
+    views: ViewSettings
+    loss: LossSettings
 
 
 class MaclStage(Stage):

@@ -18,7 +18,7 @@ or a WordPiece tokenizer trained on the text stage's reports) and the variant's 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,31 +52,32 @@ HEADS = (
 )
 
 
-@dataclass
+# The recipe's values live in medcoss.yaml only: a field it sets has no default here (tests/test_training_config.py).
+@dataclass(kw_only=True)
 class RehearsalSettings:
-    enabled: bool = True
-    buffer_ratio: float = 0.05
-    center_ratio: float = 0.01
-    mixup: bool = True
-    kmeans_iterations: int = 100
-    feature_batch_size: int = 64
+    enabled: bool
+    buffer_ratio: float
+    center_ratio: float
+    mixup: bool
+    kmeans_iterations: int
+    feature_batch_size: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MedCossSettings:
-    variant: str = "medcoss-vitb"
-    seed: int = 0
-    stages: list[str] = field(default_factory=lambda: list(MODALITIES))
-    steps_per_stage: int = 1000
-    tokenizer: str | None = None
-    tokenizer_vocab_size: int = 28996
-    text_length: int = 112
-    mlm_probability: float = 0.15
-    teacher_train_mode: bool = True
-    engine: EngineSettings = field(default_factory=EngineSettings)
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
-    rehearsal: RehearsalSettings = field(default_factory=RehearsalSettings)
+    variant: str
+    seed: int
+    stages: list[str]
+    steps_per_stage: int
+    tokenizer: str | None
+    tokenizer_vocab_size: int
+    text_length: int
+    mlm_probability: float
+    teacher_train_mode: bool
+    engine: EngineSettings
+    optim: OptimSettings
+    augment: AugmentSettings
+    rehearsal: RehearsalSettings
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.stages if m not in MODALITIES]

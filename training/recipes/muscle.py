@@ -36,40 +36,41 @@ from training.tasks import (
 )
 
 
-@dataclass
+# The recipe's values live in muscle.yaml only: a field it sets has no default here (tests/test_training_config.py).
+@dataclass(kw_only=True)
 class MocoSettings:
-    steps: int = 1000
-    queue_size: int = 65536
-    momentum: float = 0.999
-    temperature: float = 0.2
-    projection_hidden: int | None = None
-    projection_dim: int = 128
-    shuffle_bn: bool = True
-    dataset_weights: list[float] | None = None
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    steps: int
+    queue_size: int
+    momentum: float
+    temperature: float
+    projection_hidden: int | None
+    projection_dim: int
+    shuffle_bn: bool
+    dataset_weights: list[float] | None
+    optim: OptimSettings
+    augment: AugmentSettings
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ContinualSettings:
-    rounds: int = 10
-    steps_per_task: int = 500
-    reshuffle: bool = True
-    l2sp: bool = True
-    alpha: float = 0.1
-    beta: float = 0.01
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
-    tasks: list[TaskSettings] = field(default_factory=list)
+    rounds: int
+    steps_per_task: int
+    reshuffle: bool
+    l2sp: bool
+    alpha: float
+    beta: float
+    optim: OptimSettings
+    augment: AugmentSettings
+    tasks: list[TaskSettings]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MuscleSettings:
-    variant: str = "muscle-resnet18"
-    seed: int = 0
+    variant: str
+    seed: int
     engine: EngineSettings = field(default_factory=EngineSettings)
-    moco: MocoSettings = field(default_factory=MocoSettings)
-    continual: ContinualSettings = field(default_factory=ContinualSettings)
+    moco: MocoSettings
+    continual: ContinualSettings
 
 
 class MocoStage(Stage):

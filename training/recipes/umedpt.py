@@ -19,7 +19,7 @@ multiplies the averaged shared gradients by the world size, a sum).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,24 +45,22 @@ from training.tasks import (
     task_head_classes,
 )
 
-# The UMedPT models' blocks that upstream shares between the tasks of a kind (dotted module paths).
-SHARED_BLOCKS = {"segmentation": ["decoder"], "detection": ["fpn", "head.cls_tower", "head.reg_tower"]}
 
-
-@dataclass
+@dataclass(kw_only=True)
 class UmedptSettings:
     """`optim` is the shared blocks' optimiser and every task's batch size; heads use it with lr x `lr_factor_tasks`.
-    `shared_blocks`: per task kind, the modules every task of that kind shares (empty: each head owns them)."""
+    `shared_blocks`: per task kind, the modules (dotted paths) every task of that kind shares (empty: each head
+    owns them). The recipe's values live in umedpt.yaml only: a field it sets has no default here."""
 
-    variant: str = "umedpt-swinv2-t"
-    seed: int = 0
-    steps: int = 1000
-    lr_factor_tasks: float = 1.0
-    engine: EngineSettings = field(default_factory=EngineSettings)
-    optim: OptimSettings = field(default_factory=lambda: OptimSettings(optimizer="adamw", lr=1e-4, weight_decay=1e-2))
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
-    tasks: list[TaskSettings] = field(default_factory=list)
-    shared_blocks: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in SHARED_BLOCKS.items()})
+    variant: str
+    seed: int
+    steps: int
+    lr_factor_tasks: float
+    engine: EngineSettings
+    optim: OptimSettings
+    augment: AugmentSettings
+    tasks: list[TaskSettings]
+    shared_blocks: dict[str, list[str]]
 
 
 class _Relay(torch.autograd.Function):
