@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from hub.export import Provenance, export_repo
+from hub.export import Provenance, export_variant
 from hub.models import Family
 from hub.models.variant import Variant
 from hub.processing.processor import MedicalImageProcessor
@@ -113,22 +113,10 @@ def batch_to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.
 
 
 def export_task_repos(
-    encoder: nn.Module,
-    tasks: list[Task],
-    out_dir: Path,
-    variant: Variant,
-    provenance: Provenance,
-    processor: MedicalImageProcessor,
+    encoder: nn.Module, tasks: list[Task], out_dir: Path, variant: Variant, provenance: Provenance
 ) -> list[Path]:
     """The encoder's repo (`out_dir/encoder`) and one repo per task head (`out_dir/<task name>`)."""
-    common = {
-        "variant": variant.id,
-        "provenance": provenance,
-        "processor": processor,
-        "modality": variant.modality,
-        "overwrite": True,
-    }
-    written = [export_repo(encoder, out_dir / "encoder", **common)]
+    written = [export_variant(encoder, out_dir / "encoder", variant, provenance, overwrite=True)]
     for task in tasks:
-        written.append(export_repo(task.model, out_dir / task.settings.name, **common))
+        written.append(export_variant(task.model, out_dir / task.settings.name, variant, provenance, overwrite=True))
     return written

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from hub.data.manifest import load_manifest
-from hub.export import Provenance, export_repo
+from hub.export import Provenance, export_variant
 from hub.export.checksums import write_checksums
 from hub.models.medcoss import MedCossForPreTraining, MedCossModel
 from hub.processing.presets import preset
@@ -345,15 +345,7 @@ class MedCossRecipe(ManifestRecipe):
     def export(self, out_dir: Path) -> list[Path]:
         model = self.network.model
         model.cpu()
-        repo = export_repo(
-            model,
-            out_dir / "medcoss",
-            variant=self.variant.id,
-            provenance=self._provenance(),
-            processor=self.variant.build_processor(),
-            modality=self.variant.modality,
-            overwrite=True,
-        )
+        repo = export_variant(model, out_dir / "medcoss", self.variant, self._provenance(), overwrite=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(repo)
             write_checksums(repo)

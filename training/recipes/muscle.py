@@ -254,6 +254,6 @@ class MuscleRecipe(ManifestRecipe):
     def export(self, out_dir: Path) -> list[Path]:
         provenance = self._provenance()
         self.network.cpu()
-        written = export_task_repos(self.encoder, self.tasks, out_dir, self.variant, provenance, self.processor)
+        written = export_task_repos(self.encoder, self.tasks, out_dir, self.variant, provenance)
         self.network.to(self.dist.device)
         return written
