@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 from transformers import AutoBackbone, AutoModelForImageClassification
+from umedpt_fixtures import torchvision_swin_v2
 
 from hub.catalogue import get_variant
 from hub.models.umedpt import (
@@ -41,15 +42,7 @@ def test_paper_scale_encoder_is_torchvision_swin_v2_t_without_head_plus_squeezer
 
 def test_stage_maps_reproduce_torchvision_swin_v2_features():
     config = UmedptConfig(embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, image_size=64)
-    reference = torchvision.models.swin_transformer.SwinTransformer(
-        patch_size=[4, 4],
-        embed_dim=24,
-        depths=[1, 1, 2, 1],
-        num_heads=[1, 2, 4, 8],
-        window_size=[4, 4],
-        block=torchvision.models.swin_transformer.SwinTransformerBlockV2,
-        downsample_layer=torchvision.models.swin_transformer.PatchMergingV2,
-    ).eval()
+    reference = torchvision_swin_v2(embed_dim=24).eval()
     model = UmedptModel(config).eval()
     missing, unexpected = model.load_state_dict(
         {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}, strict=False
