@@ -16,11 +16,13 @@ what the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hub.catalogue import get_variant
+from hub.export import Provenance
 
 from . import checkpoint, distributed
 from .config import EngineSettings, OptimSettings
@@ -104,6 +107,20 @@ class ManifestRecipe(Recipe):
         settings = asdict(self.settings)
         settings.pop("engine")
         return {"recipe": self.name, "settings": settings, "data": [m.name for m in self.manifests]}
+
+    def trained_provenance(self, description: str, training_data: str, **details: str) -> Provenance:
+        """The exported repos' provenance: `details` follow the recipe, its seed and the variant."""
+        facts = {"recipe": self.name, "seed": str(self.settings.seed), "variant": self.settings.variant, **details}
+        return Provenance(kind="trained", description=description, training_data=training_data, details=facts)
+
+    @contextlib.contextmanager
+    def network_on_cpu(self) -> Iterator[None]:
+        """The network on the CPU while the repos are written, back on the run's device afterwards."""
+        self.network.cpu()
+        try:
+            yield
+        finally:
+            self.network.to(self.dist.device)
 
 
 @dataclass

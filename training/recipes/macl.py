@@ -203,19 +203,17 @@ class MaclRecipe(ManifestRecipe):
             f"{s.loss.global_weight}/{s.loss.dense_weight}/{s.loss.equivariance_weight}"
         )
         data = f"{len(self.dataset)} {s.modality} {self._samples} from {', '.join(m.name for m in self.manifests)}"
-        details = {"recipe": self.name, "seed": str(s.seed), "variant": s.variant}
-        return Provenance(kind="trained", description=description, training_data=data, details=details)
+        return self.trained_provenance(description, data)
 
     def export(self, out_dir: Path) -> list[Path]:
-        self.network.cpu()
-        written = export_repo(
-            self.network,
-            out_dir / "macl",
-            variant=self.variant.id,
-            provenance=self._provenance(),
-            processor=self.processor,
-            modality=self.settings.modality,
-            overwrite=True,
-        )
-        self.network.to(self.dist.device)
+        with self.network_on_cpu():
+            written = export_repo(
+                self.network,
+                out_dir / "macl",
+                variant=self.variant.id,
+                provenance=self._provenance(),
+                processor=self.processor,
+                modality=self.settings.modality,
+                overwrite=True,
+            )
         return [written]

@@ -339,8 +339,7 @@ class MedCossRecipe(ManifestRecipe):
             f"{rehearsal}"
         )
         data = f"train samples per stage ({sizes}) from {', '.join(m.name for m in self.manifests)}"
-        details = {"recipe": self.name, "seed": str(s.seed), "variant": s.variant, "stages": ",".join(s.stages)}
-        return Provenance(kind="trained", description=description, training_data=data, details=details)
+        return self.trained_provenance(description, data, stages=",".join(s.stages))
 
     def export(self, out_dir: Path) -> list[Path]:
         model = self.network.model

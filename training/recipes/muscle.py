@@ -248,12 +248,8 @@ class MuscleRecipe(ManifestRecipe):
         )
         sources = ", ".join(m.name for m in self.manifests)
         data = f"{images} training images from {sources} (modality {self.variant.modality})"
-        details = {"recipe": self.name, "seed": str(s.seed), "variant": s.variant}
-        return Provenance(kind="trained", description=description, training_data=data, details=details)
+        return self.trained_provenance(description, data)
 
     def export(self, out_dir: Path) -> list[Path]:
-        provenance = self._provenance()
-        self.network.cpu()
-        written = export_task_repos(self.encoder, self.tasks, out_dir, self.variant, provenance)
-        self.network.to(self.dist.device)
-        return written
+        with self.network_on_cpu():
+            return export_task_repos(self.encoder, self.tasks, out_dir, self.variant, self._provenance())
