@@ -11,7 +11,6 @@ from .modeling_umedpt import (
     UmedptForObjectDetection,
     UmedptForSemanticSegmentation,
     UmedptModel,
-    UmedptObjectDetectionOutput,
     UmedptPreTrainedModel,
 )
 from .variants import PRESETS, VARIANTS, card_context
@@ -41,6 +40,5 @@ __all__ = [
     "UmedptForObjectDetection",
     "UmedptForSemanticSegmentation",
     "UmedptModel",
-    "UmedptObjectDetectionOutput",
     "UmedptPreTrainedModel",
 ]
