@@ -356,11 +356,11 @@ def log_scaled_classification_loss(config: UmedptConfig, logits: torch.Tensor, l
     """UMedPT's task weighting of `classification_loss`: cross-entropy / ln C, BCE / ln 2, MSE as it is."""
     loss = classification_loss(config, logits, labels)
     problem_type = problem_type_of(config, labels)
+    if problem_type == "regression":
+        return loss
     if problem_type == "single_label_classification":
         return loss * _inverse_log_classes(config.num_labels)
-    if problem_type == "multi_label_classification":
-        return loss / math.log(2)
-    return loss
+    return loss / math.log(2)
 
 
 def _conv_norm_act(in_channels: int, out_channels: int, activation: type[nn.Module]) -> nn.Sequential:
