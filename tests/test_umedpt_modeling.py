@@ -16,6 +16,7 @@ from hub.models.umedpt import (
     UmedptForSemanticSegmentation,
     UmedptModel,
 )
+from hub.models.umedpt.modeling_umedpt import log_scaled_classification_loss
 
 
 def tiny(**overrides) -> UmedptConfig:
@@ -86,6 +87,20 @@ def test_classification_head_and_loss_divided_by_ln_classes(tmp_path):
     assert outputs.logits.shape == (2, 5)
     expected = torch.nn.functional.cross_entropy(outputs.logits, labels) / math.log(5)
     torch.testing.assert_close(outputs.loss, expected)
+
+
+@pytest.mark.parametrize(
+    ("problem_type", "logits", "labels", "expected"),
+    [
+        ("single_label_classification", torch.zeros(2, 4), torch.tensor([0, 3]), 1.0),  # ln 4 / ln 4
+        ("multi_label_classification", torch.zeros(2, 3), torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), 1.0),
+        ("regression", torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0]), 2.5),  # MSE, not scaled
+    ],
+)
+def test_log_scaled_classification_loss_weighs_by_problem_type(problem_type, logits, labels, expected):
+    config = tiny(num_labels=logits.shape[1], problem_type=problem_type)
+    loss = log_scaled_classification_loss(config, logits, labels)
+    torch.testing.assert_close(loss, torch.tensor(expected))
 
 
 def test_segmentation_logits_and_dice_focal_loss():

@@ -10,7 +10,6 @@ from .modeling_umedpt import (
     UmedptForObjectDetection,
     UmedptForSemanticSegmentation,
     UmedptModel,
-    UmedptObjectDetectionOutput,
     UmedptPreTrainedModel,
 )
 
@@ -34,6 +33,5 @@ __all__ = [
     "UmedptForObjectDetection",
     "UmedptForSemanticSegmentation",
     "UmedptModel",
-    "UmedptObjectDetectionOutput",
     "UmedptPreTrainedModel",
 ]
