@@ -7,10 +7,12 @@ the int8 graph's in-process and HTTP throughput (8 and 32 clients; 1 and 2 worke
 (pooled-feature cosine to float32: minimum and mean over the calibration inputs), and the service's resident
 memory, side by side. Throughput on this shared CPU drifts by about 6% from one 8 s run
 to the next, so ORT at batch 8 is measured again right before each HTTP run and the mean is the baseline.
-Goals (issue #8): ORT/eager >= 1.5 for ResNet-50; HTTP with 8+ clients >= 0.85 of ORT in process. Goals (issue
-#17): int8 >= 2.5x float32 ORT for ResNet-50 in process, >= 2.2x over HTTP at 8+ clients.
+Flags run a part (e.g. `--models muscle-resnet50 --clients 32 --int8-clients` for ResNet-50's float32 service at
+32 clients only). Goals (issue #8): ORT/eager >= 1.5 for ResNet-50; HTTP with 8+ clients >= 0.85 of ORT in process.
+Goals (issue #17): int8 >= 2.5x float32 ORT for ResNet-50 in process, >= 2.2x over HTTP at 8+ clients.
 """
 
+import argparse
 import concurrent.futures
 import http.client
 import io
@@ -43,7 +45,9 @@ from serving.quantize import export_int8
 from serving.runtime import create_session
 
 MODELS = [name for name in ("muscle-resnet50", "medcoss-vitb") if name in VARIANTS]
-BATCH, SECONDS, CLIENTS, INT8_CLIENTS, WORKERS = 8, 8.0, (1, 8, 32), (8, 32), (1, 2)
+BATCH, CLIENTS, INT8_CLIENTS, WORKERS = 8, (1, 8, 32), (8, 32), (1, 2)
+SECONDS = 8.0  # per measurement; --seconds changes it
+ROUNDS = 3  # in process, float32 and int8 alternate this many times at each batch size; the medians are printed
 
 
 def build_repo(variant_id: str, root: Path) -> Path:
@@ -60,10 +64,10 @@ def build_repo(variant_id: str, root: Path) -> Path:
     )
 
 
-def images_per_second(run, batch: int) -> float:
+def images_per_second(run, batch: int, seconds: float | None = None) -> float:
     run()  # warm-up
     count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < SECONDS:
+    while time.perf_counter() - start < (seconds or SECONDS):
         run()
         count += batch
     return count / (time.perf_counter() - start)
@@ -119,7 +123,31 @@ def service_rss_mib(process: subprocess.Popen) -> float:
     return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2**20
 
 
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
+    parser.add_argument("--clients", nargs="*", type=int, default=list(CLIENTS), help="float32 HTTP client counts")
+    parser.add_argument("--int8-clients", nargs="*", type=int, default=list(INT8_CLIENTS), help="int8 HTTP clients")
+    parser.add_argument("--workers", nargs="+", type=int, default=list(WORKERS), help="int8 service worker counts")
+    parser.add_argument("--seconds", type=float, default=SECONDS, help="length of each measurement")
+    return parser.parse_args()
+
+
+def in_process(run_fp32, run_int8, batch: int) -> tuple[float, float]:
+    """Median images/s of float32 and int8, alternating ROUNDS times (half-length runs), so that drift of the
+    shared CPU hits both alike."""
+    fp32, int8 = [], []
+    for _ in range(ROUNDS):
+        fp32.append(images_per_second(run_fp32, batch, SECONDS / 2))
+        int8.append(images_per_second(run_int8, batch, SECONDS / 2))
+    return float(np.median(fp32)), float(np.median(int8))
+
+
 def main() -> None:
+    global SECONDS
+    args = parse_args()
+    SECONDS = args.seconds
+    clients, int8_clients, worker_counts = tuple(args.clients), tuple(args.int8_clients), tuple(args.workers)
     torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(0)
     buffer = io.BytesIO()
@@ -127,7 +155,7 @@ def main() -> None:
     png = buffer.getvalue()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        repos = {name: build_repo(name, root) for name in MODELS}
+        repos = {name: build_repo(name, root) for name in args.models}
         rows, ort_runs, int8_rows, int8_runs, gates = {}, {}, {}, {}, {}
         for name, repo in repos.items():
             model = get_family(get_variant(name).family).encoder_class.from_pretrained(repo).eval()
@@ -152,30 +180,32 @@ def main() -> None:
                 with torch.no_grad():
                     rows[name].append(images_per_second(partial(model, pixel_values=pixels), batch))
                 feed = {"pixel_values": pixels.numpy()}
-                rows[name].append(images_per_second(partial(session.run, None, feed), batch))
-                int8_rows[name].append(images_per_second(partial(int8_session.run, None, feed), batch))
+                fp32, int8 = in_process(partial(session.run, None, feed), partial(int8_session.run, None, feed), batch)
+                rows[name].append(fp32)
+                int8_rows[name].append(int8)
             pixels = np.random.default_rng(1).standard_normal((BATCH, 3, 224, 224), dtype=np.float32)
             ort_runs[name] = lambda session=session, pixels=pixels: session.run(None, {"pixel_values": pixels})
             int8_runs[name] = lambda session=int8_session, pixels=pixels: session.run(None, {"pixel_values": pixels})
             del model
-        with live_server(list(repos.values()), root / "server.log", server_env(root / "onnx-cache"), 600) as live:
-            http, ort_samples = {}, {}
-            for name in repos:
-                ort_samples[name], http[name] = [rows[name][3]], []
-                for clients in CLIENTS:  # the in-process baseline again before each HTTP run, under the same conditions
-                    ort_samples[name].append(images_per_second(ort_runs[name], BATCH))
-                    http[name].append(http_load(live.url, str(repos[name]), png, clients))
-            memory = service_rss_mib(live.process)
-        int8_http = {}  # (name, workers) -> [(img/s, p50, p99)] for INT8_CLIENTS
-        for workers in WORKERS:
+        http, ort_samples = {name: [] for name in repos}, {name: [rows[name][3]] for name in repos}
+        memory = None
+        if clients:
+            with live_server(list(repos.values()), root / "server.log", server_env(root / "onnx-cache"), 600) as live:
+                for name in repos:
+                    for count in clients:  # the in-process baseline again before each HTTP run, in the same conditions
+                        ort_samples[name].append(images_per_second(ort_runs[name], BATCH))
+                        http[name].append(http_load(live.url, str(repos[name]), png, count))
+                memory = service_rss_mib(live.process)
+        int8_http = {}  # (name, workers) -> [(img/s, p50, p99)] for int8_clients
+        for workers in worker_counts if int8_clients else ():
             env = server_env(root / "onnx-cache", int8=True, workers=workers)
             with live_server(list(repos.values()), root / "server.log", env, 600) as live:
                 for name in repos:
-                    int8_http[name, workers] = [http_load(live.url, str(repos[name]), png, c) for c in INT8_CLIENTS]
+                    int8_http[name, workers] = [http_load(live.url, str(repos[name]), png, c) for c in int8_clients]
     print(
         f"{'model':<16}"
         + "".join(f"{f'eager b{b}':>10}{f'ORT b{b}':>9}{'ORT/eager':>10}" for b in (1, BATCH))
-        + "".join(f"{f'HTTP c={c} img/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'/ORT':>6}" for c in CLIENTS)
+        + "".join(f"{f'HTTP c={c} img/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'/ORT':>6}" for c in clients)
     )
     for name, (eager1, ort1, eager_b, _) in rows.items():
         ort_b = float(np.mean(ort_samples[name]))
@@ -189,35 +219,38 @@ def main() -> None:
             + " ".join(f"{value:.1f}" for value in samples)
             + " img/s"
         )
-    print(f"service resident memory: {memory:.0f} MiB ({len(repos)} models)")
+    if memory is not None:
+        print(f"service resident memory: {memory:.0f} MiB ({len(repos)} models)")
     print()
+    int8_http_columns = [(w, c) for w in worker_counts for c in int8_clients]
     print(
         f"{'int8':<16}{'ORT fp32 b1':>12}{'int8 b1':>9}{'x':>6}{f'ORT fp32 b{BATCH}':>12}{f'int8 b{BATCH}':>9}{'x':>6}"
-        + "".join(f"{f'HTTP int8 c={c} w={w}':>22}{'x fp32':>7}" for w in WORKERS for c in INT8_CLIENTS)
+        + "".join(f"{f'HTTP int8 c={c} w={w}':>22}{'x fp32':>7}" for w, c in int8_http_columns)
         + f"{'cos min':>9}{'cos mean':>9}  calibration"
     )
     for name, (_, ort1, _, _) in rows.items():
         ort_b = float(np.mean(ort_samples[name]))
-        fp32_http = dict(zip(CLIENTS, (ips for ips, _, _ in http[name])))
+        fp32_http = dict(zip(clients, (ips for ips, _, _ in http[name])))
         int8_1, int8_b = int8_rows[name][0], int8_rows[name][1]
         line = f"{name:<16}{ort1:>12.1f}{int8_1:>9.1f}{int8_1 / ort1:>6.2f}"
         line += f"{ort_b:>12.1f}{int8_b:>9.1f}{int8_b / ort_b:>6.2f}"
-        for workers in WORKERS:
-            line += "".join(
-                f"{ips:>22.1f}{ips / fp32_http[c]:>7.2f}"
-                for c, (ips, _, _) in zip(INT8_CLIENTS, int8_http[name, workers])
-            )
+        for workers, count in int8_http_columns:
+            ips = int8_http[name, workers][int8_clients.index(count)][0]
+            ratio = f"{ips / fp32_http[count]:>7.2f}" if count in fp32_http else f"{'-':>7}"  # no float32 run there
+            line += f"{ips:>22.1f}{ratio}"
         gate = gates[name]
         line += f"{gate.value:>9.4f}{gate.cosine:>9.4f}  {gate.method}, {gate.plan}, {gate.calibration_size} inputs"
         print(line)
+    if not int8_http_columns:
+        return
     print(
         "x fp32 over HTTP: int8 img/s / float32 img/s of the 1-worker float32 service at the same client count; "
         "int8 p50/p99 ms: "
         + "; ".join(
             f"{name} w={w} "
-            + " ".join(f"c={c} {p50:.0f}/{p99:.0f}" for c, (_, p50, p99) in zip(INT8_CLIENTS, int8_http[name, w]))
+            + " ".join(f"c={c} {p50:.0f}/{p99:.0f}" for c, (_, p50, p99) in zip(int8_clients, int8_http[name, w]))
             for name in rows
-            for w in WORKERS
+            for w in worker_counts
         )
     )
 
