@@ -49,7 +49,9 @@ METHODS = {
 # float32 they put a DequantizeLinear / QuantizeLinear pair on every block's output (ResNet-50: 34 Q and 39 DQ nodes
 # in the optimized graph against 1 and 6), and ONNX Runtime then runs the Add as QLinearAdd and folds each Relu into
 # its QLinearConv (ResNet-50 int8 about 10% faster; see benchmarks/bench_serving.py). Normalisations, softmax and
-# GELU stay float32.
+# GELU stay float32. Segmentation graphs quantize only the compute ops: a decoder's skip-connection Adds carry
+# per-pixel logits near the decision boundary (umedpt-tiny's random segmenter: Dice 0 to float32 on a phantom with
+# them quantized).
 COMPUTE_OPS = ["Conv", "MatMul", "Gemm"]
 QUANTIZED_OPS = [*COMPUTE_OPS, "Add", "Relu", "MaxPool", "GlobalAveragePool"]
 DEFAULT_CALIBRATION_SIZE = 16
@@ -75,7 +77,7 @@ class Int8Export:
     path: Path
     task: str
     method: str
-    plan: str  # "all" (every Conv/MatMul/Gemm quantized) or "fp32-edges" (see `sensitive_nodes`)
+    plan: str  # "all" (every node of QUANTIZED_OPS quantized) or "fp32-edges" (see `sensitive_nodes`)
     calibration: str
     calibration_size: int
     metric: str  # cosine, agreement or dice
@@ -242,7 +244,7 @@ def export_int8(
                         activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
                         calibrate_method=METHODS[method],
-                        op_types_to_quantize=QUANTIZED_OPS,
+                        op_types_to_quantize=COMPUTE_OPS if task == "segmentation" else QUANTIZED_OPS,
                         nodes_to_exclude=excluded,
                         extra_options={"CalibTensorRangeSymmetric": False},
                     )
