@@ -1,14 +1,23 @@
-"""Service settings, read from the environment once per process (`medhub serve` sets them from its flags)."""
+"""Service settings, read from the environment once per process (`medhub serve` sets them from its flags).
+
+Light to import (no hub, torch or ONNX Runtime): BentoML's arbiter process reads the service's configuration."""
+
+from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hub.io import ReadLimits
-
-from .runtime import default_threads
+if TYPE_CHECKING:
+    from hub.io import ReadLimits
 
 MIB = 1024 * 1024
+
+
+def default_threads() -> int:
+    """Intra-op threads per session: the cores this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _int(name: str, default: int) -> int:
@@ -53,7 +62,7 @@ class ServeSettings:
     dicomweb_token: str | None = None
 
     @classmethod
-    def from_env(cls) -> "ServeSettings":
+    def from_env(cls) -> ServeSettings:
         models = tuple(item.strip() for item in os.environ.get("MEDHUB_MODELS", "").split(",") if item.strip())
         cache = os.environ.get("MEDHUB_ONNX_CACHE")
         return cls(
@@ -83,4 +92,6 @@ class ServeSettings:
         return self.workers or max(1, default_threads() // 8)
 
     def read_limits(self) -> ReadLimits:
+        from hub.io import ReadLimits
+
         return ReadLimits(max_bytes=self.max_body_bytes, max_pixels=self.max_pixels, max_voxels=self.max_voxels)
