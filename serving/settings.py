@@ -33,7 +33,9 @@ def _int(name: str, default: int) -> int:
 @dataclass(frozen=True)
 class ServeSettings:
     """`MEDHUB_MODELS`: comma-separated repo ids or folders. Limits: `MEDHUB_MAX_BODY_MB` (413 above it),
-    `MEDHUB_MAX_PIXELS` / `MEDHUB_MAX_VOXELS` (reader budgets), `MEDHUB_MAX_CONCURRENCY` (429 above it),
+    `MEDHUB_MAX_PIXELS` / `MEDHUB_MAX_VOXELS` (reader budgets), `MEDHUB_MAX_ARRAY_MB` (one array that processing
+    builds, such as a volume's float32 copy or its sliding-window tiles; 413 above it), `MEDHUB_MAX_CONCURRENCY`
+    (429 above it),
     `MEDHUB_TIMEOUT` (seconds), `MEDHUB_API_TOKEN` (bearer token; unset = open), `MEDHUB_DEVICE`
     (auto|cpu|cuda), `MEDHUB_FP16` (1 = float16 ONNX graphs), `MEDHUB_RUNNERS` (2D batches in flight per model
     and task; 0 = cores + 1 on CPU, 1 on CUDA), `MEDHUB_MAX_BATCH` (images per 2D run; 0 = 2 on CPU, 8 on
@@ -47,6 +49,7 @@ class ServeSettings:
     max_body_bytes: int = 64 * MIB
     max_pixels: int = 50_000_000
     max_voxels: int = 512 * 512 * 1024
+    max_array_bytes: int = 512 * MIB
     max_concurrency: int = 32
     timeout: int = 120
     token: str | None = None
@@ -70,6 +73,7 @@ class ServeSettings:
             max_body_bytes=_int("MEDHUB_MAX_BODY_MB", 64) * MIB,
             max_pixels=_int("MEDHUB_MAX_PIXELS", cls.max_pixels),
             max_voxels=_int("MEDHUB_MAX_VOXELS", cls.max_voxels),
+            max_array_bytes=_int("MEDHUB_MAX_ARRAY_MB", cls.max_array_bytes // MIB) * MIB,
             max_concurrency=_int("MEDHUB_MAX_CONCURRENCY", cls.max_concurrency),
             timeout=_int("MEDHUB_TIMEOUT", cls.timeout),
             token=os.environ.get("MEDHUB_API_TOKEN") or None,
@@ -94,4 +98,9 @@ class ServeSettings:
     def read_limits(self) -> ReadLimits:
         from hub.io import ReadLimits
 
-        return ReadLimits(max_bytes=self.max_body_bytes, max_pixels=self.max_pixels, max_voxels=self.max_voxels)
+        return ReadLimits(
+            max_bytes=self.max_body_bytes,
+            max_pixels=self.max_pixels,
+            max_voxels=self.max_voxels,
+            max_array_bytes=self.max_array_bytes,
+        )
