@@ -1,6 +1,7 @@
 """Fuzz a real `medhub` service with N mutated inputs per format (the fuzzer of tests/fuzzing.py) and print, per
 format: status counts, p50/p99/max seconds, 5xx and unanswered counts; then the server's peak RSS (all its
-processes), its RSS at start and end, worker restarts, and the exception classes in the server log.
+processes), its RSS at start and end, worker restarts, each process's RSS and USS (the arbiter, then its
+workers), and the exception classes in the server log.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/fuzz_serving.py --per-format 2000
 
@@ -93,6 +94,7 @@ def main() -> None:
         with serve([Path(m) for m in models.values()], root / "server") as server:
             warm_up(server.url, models)
             server.rss_start = server.rss()
+            start = server.memory(), server.memory(unique=True)
             with tqdm(total=args.per_format * len(FORMATS), disable=args.no_progress, unit="req") as bar:
                 outcomes = campaign(
                     server,
@@ -104,6 +106,7 @@ def main() -> None:
                     progress=bar.update,
                 )
             rss_end = server.rss()
+            end = server.memory(), server.memory(unique=True)
             ready = ready_status(server)
             exceptions = server_exceptions(server.log)
 
@@ -130,6 +133,12 @@ def main() -> None:
         f"peak {server.rss_peak / MIB:.0f} MiB; worker restarts {server.restarts}; "
         f"killed for memory: {server.killed_for_memory}; /readyz after: {ready}"
     )
+    for role, pid in zip(["arbiter"] + ["worker"] * (len(start[0]) - 1), start[0]):
+        print(
+            f"  {role} {pid}: RSS start {start[0][pid] / MIB:.0f}, end {end[0].get(pid, 0) / MIB:.0f}, "
+            f"peak {server.process_peaks.get(pid, 0) / MIB:.0f} MiB; USS start {start[1].get(pid, 0) / MIB:.0f}, "
+            f"end {end[1].get(pid, 0) / MIB:.0f} MiB"
+        )
     print(f"server log exceptions: {exceptions or 'none'}")
     failures = [o for o in outcomes if o.status >= 500 or o.status == 0]
     for outcome in failures[:20]:

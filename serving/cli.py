@@ -71,6 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"default: MEDHUB_MAX_BODY_MB, else {ServeSettings.max_body_bytes // (1024 * 1024)}",
     )
     serve.add_argument(
+        "--max-array-mb",
+        type=int,
+        help="MiB of one array built from an input (a volume's float32 copy, its sliding-window tiles); "
+        f"default: MEDHUB_MAX_ARRAY_MB, else {ServeSettings.max_array_bytes // (1024 * 1024)}",
+    )
+    serve.add_argument(
         "--max-concurrency", type=int, help=f"default: MEDHUB_MAX_CONCURRENCY, else {ServeSettings.max_concurrency}"
     )
     serve.add_argument(
@@ -156,6 +162,7 @@ def serve_environment(args: argparse.Namespace, environ: Mapping[str, str]) -> d
         "MEDHUB_INT8": "1" if args.int8 else None,
         "MEDHUB_WORKERS": args.workers,
         "MEDHUB_MAX_BODY_MB": args.max_body_mb,
+        "MEDHUB_MAX_ARRAY_MB": args.max_array_mb,
         "MEDHUB_MAX_CONCURRENCY": args.max_concurrency,
         "MEDHUB_TIMEOUT": args.timeout,
     }

@@ -109,7 +109,7 @@ class ServedModel:
         a 3D volume's sliding-window tiles are pooled by their mean, as in `medhub embed`."""
         outputs = [
             pool_tiles(output)
-            for output in self._run("features", model_inputs(self.processor, self._image(data, limits)))
+            for output in self._run("features", model_inputs(self.processor, self._image(data, limits), limits))
         ]
         result: dict[str, Any] = {"embedding": outputs[0], "dim": int(outputs[0].shape[0])}
         if layers:
@@ -121,10 +121,10 @@ class ServedModel:
         return result
 
     def classify(self, data: ImageSource, limits: ReadLimits) -> list[dict[str, Any]]:
-        return self._classify_image(self._image(data, limits))
+        return self._classify_image(self._image(data, limits), limits)
 
-    def _classify_image(self, image: MedicalImage) -> list[dict[str, Any]]:
-        pixel_values = self.processor.prepare(image).pixel_values[None]
+    def _classify_image(self, image: MedicalImage, limits: ReadLimits) -> list[dict[str, Any]]:
+        pixel_values = self.processor.prepare(image, limits).pixel_values[None]
         logits = self._run("classification", pixel_values)[0][0].astype(np.float64)
         if self.config.get("problem_type") == "multi_label_classification":
             probabilities = 1.0 / (1.0 + np.exp(-logits))
@@ -150,7 +150,7 @@ class ServedModel:
     ) -> tuple[np.ndarray, MedicalImage]:
         """Labels on the input's grid: argmax over classes (foreground > 0 for a single-channel head)."""
         image = self._image(data, limits)
-        logits, image = self.processor.predict(image, self._dense(deadline))
+        logits, image = self.processor.predict(image, self._dense(deadline), limits=limits)
         return label_mask(logits), image
 
     @property
@@ -161,7 +161,7 @@ class ServedModel:
         """A DICOM SEG of the input's mask (binary; fractional probabilities where the repo's config says
         `"dicom_seg_type": "fractional"`, with coded concepts from its `label_codes`)."""
         image = self._image(data, limits)
-        logits, image = self.processor.predict(image, self._dense(deadline))
+        logits, image = self.processor.predict(image, self._dense(deadline), limits=limits)
         if logits.shape[0] == 1:
             foreground = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
             probabilities = np.concatenate([1.0 - foreground, foreground])
@@ -183,7 +183,7 @@ class ServedModel:
     def classification_sr(self, data: ImageSource, limits: ReadLimits) -> bytes:
         """A DICOM Comprehensive SR of the labels and probabilities `classify` returns."""
         image = self._image(data, limits)
-        return dicom_bytes(build_classification_sr(self._classify_image(image), image, self.algorithm))
+        return dicom_bytes(build_classification_sr(self._classify_image(image, limits), image, self.algorithm))
 
     def mask_summary(self, mask: np.ndarray, image: MedicalImage) -> dict[str, Any]:
         """Per-label counts with area (mm², 2D) or volume (mL, 3D); ``shape`` and ``spacing`` in ``axes`` order."""

@@ -1,17 +1,13 @@
 """ONNX Runtime sessions: CUDA when it really loads, else CPU; the active provider is read back, not assumed."""
 
-import os
 from pathlib import Path
 
 import onnxruntime as ort
 import torch
 
+from .settings import default_threads
+
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-
-
-def default_threads() -> int:
-    """Intra-op threads per session: the cores this process may use."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def create_session(path: Path, threads: int | None = None, device: str = "auto") -> ort.InferenceSession:

@@ -2,6 +2,10 @@
 
 Models, limits and the token come from the environment (see `serving.settings.ServeSettings`); `medhub serve`
 sets them from its flags. Preprocessing is each repo's `preprocessor_config.json`, applied by hub's processor.
+
+BentoML's arbiter process imports this module too, only to read the service's configuration: the request path
+(torch, ONNX Runtime, hub's readers and models, pydicom) is imported inside the functions that run in the worker,
+so that the arbiter stays small: it held 994 MiB RSS with those imports here (tests/test_serving.py bounds it).
 """
 
 import logging
@@ -10,42 +14,32 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 import bentoml
 import orjson
-import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from hub.errors import CorruptFileError, InputError, LimitExceededError, MedhubError, UnsupportedFormatError
-from hub.io import ImageSource
-
-from .batching import ServiceOverloaded
-from .dicomweb import DicomwebNotFoundError, DicomwebUnavailableError, fetch, store_result
 from .memory import keep_large_arrays_in_their_own_mappings, release_free_memory
 from .middleware import RequestGuard
-from .models import (
-    DeadlinePassedError,
-    DimensionalityError,
-    ServedModel,
-    TaskNotAvailableError,
-    UnknownModelError,
-    load_served_model,
-)
 from .settings import ServeSettings
+
+if TYPE_CHECKING:
+    from hub.errors import MedhubError
+    from hub.io import ImageSource
+
+    from .models import ServedModel
 
 logger = logging.getLogger("medhub.serving")
 logging.getLogger("medhub").setLevel(logging.INFO)  # BentoML's root handler then shows loads and exports
-# Request threads preprocess in parallel; torch's own thread pool (used for resizing) would fight ONNX Runtime's.
-torch.set_num_threads(1)
 keep_large_arrays_in_their_own_mappings()
 SETTINGS = ServeSettings.from_env()
-LOADED: dict[str, ServedModel] = {}  # this worker's models, shared with the /models route and the guard
+LOADED: dict[str, "ServedModel"] = {}  # this worker's models, shared with the /models route and the guard
 MASK_MEDIA = {"png": "image/png", "nifti": "application/gzip"}
 DICOM_MEDIA = "application/dicom"
 NO_UPLOAD = Path()  # the `file` default when a `dicomweb` reference replaces it (BentoML rejects `Path | None` uploads)
@@ -66,8 +60,14 @@ class JSONResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def status_for(error: MedhubError) -> int:
+def status_for(error: "MedhubError") -> int:
     """The HTTP status of a user error; the message is safe to return (no file names, no header values)."""
+    from hub.errors import CorruptFileError, LimitExceededError, UnsupportedFormatError
+
+    from .batching import ServiceOverloaded
+    from .dicomweb import DicomwebNotFoundError, DicomwebUnavailableError
+    from .models import DeadlinePassedError, DimensionalityError, TaskNotAvailableError, UnknownModelError
+
     if isinstance(error, (UnknownModelError, DicomwebNotFoundError)):
         return 404
     if isinstance(error, DicomwebUnavailableError):
@@ -85,7 +85,7 @@ def status_for(error: MedhubError) -> int:
     return 400
 
 
-def error_response(error: MedhubError) -> JSONResponse:
+def error_response(error: "MedhubError") -> JSONResponse:
     status = status_for(error)
     logger.info("request refused with %d (%s)", status, type(error).__name__)
     return JSONResponse({"error": str(error)}, status_code=status)
@@ -117,6 +117,13 @@ class MedhubService:
     def __init__(self) -> None:
         if not SETTINGS.models:
             raise RuntimeError("no models to serve: set MEDHUB_MODELS or pass --model to `medhub serve`")
+        import torch
+
+        from .models import load_served_model
+
+        # Request threads preprocess in parallel; torch's own thread pool (used for resizing) would fight ONNX
+        # Runtime's.
+        torch.set_num_threads(1)
         for model_id in SETTINGS.models:
             LOADED[model_id] = load_served_model(
                 model_id,
@@ -139,7 +146,7 @@ class MedhubService:
         """Pooled embedding (`pooler_output`) of the upload; `layers` = comma-separated hidden-state indices
         (BentoML json-decodes form text, so a single index arrives as an int)."""
 
-        def run(served: ServedModel, data: ImageSource) -> Response:
+        def run(served: "ServedModel", data: "ImageSource") -> Response:
             text = str(layers)
             wanted = [int(item) for item in text.split(",") if item.strip()] if text else None
             result = served.embed(data, SETTINGS.read_limits(), wanted)
@@ -152,7 +159,9 @@ class MedhubService:
         """Label probabilities (softmax, or per-label sigmoid for multi-label models), most likely first;
         `format=dicom-sr`: the same as a DICOM Comprehensive SR (DICOM inputs)."""
 
-        def run(served: ServedModel, data: ImageSource) -> Response:
+        def run(served: "ServedModel", data: "ImageSource") -> Response:
+            from hub.errors import InputError
+
             if format == "dicom-sr":
                 return Response(served.classification_sr(data, SETTINGS.read_limits()), media_type=DICOM_MEDIA)
             if format not in ("", "json"):
@@ -172,7 +181,12 @@ class MedhubService:
 
         deadline = time.monotonic() + SETTINGS.timeout  # BentoML answers 504 then; the tile loop stops too
 
-        def run(served: ServedModel, data: ImageSource) -> Response:
+        def run(served: "ServedModel", data: "ImageSource") -> Response:
+            from hub.errors import InputError
+            from hub.io import encode_mask
+
+            from .dicomweb import store_result
+
             if store:
                 if not dicomweb:
                     raise InputError(
@@ -191,14 +205,17 @@ class MedhubService:
                 return JSONResponse(served.mask_summary(mask, image))
             if wanted not in MASK_MEDIA:
                 raise InputError(f"format {wanted!r} is unknown; expected png, nifti, json or dicom-seg")
-            from hub.io import encode_mask
-
             return Response(encode_mask(mask, image, wanted), media_type=MASK_MEDIA[wanted])
 
         return _handle(file, dicomweb, model, run)
 
 
-def _handle(file: Path, dicomweb: str, model: str, run: Callable[[ServedModel, ImageSource], Response]) -> Response:
+def _handle(file: Path, dicomweb: str, model: str, run: "Callable[[ServedModel, ImageSource], Response]") -> Response:
+    from hub.errors import InputError, MedhubError
+
+    from .dicomweb import fetch
+    from .models import UnknownModelError
+
     try:
         if not dicomweb and (
             not isinstance(file, Path) or file == NO_UPLOAD

@@ -1,14 +1,23 @@
-"""Service settings, read from the environment once per process (`medhub serve` sets them from its flags)."""
+"""Service settings, read from the environment once per process (`medhub serve` sets them from its flags).
+
+Light to import (no hub, torch or ONNX Runtime): BentoML's arbiter process reads the service's configuration."""
+
+from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hub.io import ReadLimits
-
-from .runtime import default_threads
+if TYPE_CHECKING:
+    from hub.io import ReadLimits
 
 MIB = 1024 * 1024
+
+
+def default_threads() -> int:
+    """Intra-op threads per session: the cores this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _int(name: str, default: int) -> int:
@@ -24,7 +33,9 @@ def _int(name: str, default: int) -> int:
 @dataclass(frozen=True)
 class ServeSettings:
     """`MEDHUB_MODELS`: comma-separated repo ids or folders. Limits: `MEDHUB_MAX_BODY_MB` (413 above it),
-    `MEDHUB_MAX_PIXELS` / `MEDHUB_MAX_VOXELS` (reader budgets), `MEDHUB_MAX_CONCURRENCY` (429 above it),
+    `MEDHUB_MAX_PIXELS` / `MEDHUB_MAX_VOXELS` (reader budgets), `MEDHUB_MAX_ARRAY_MB` (one array that processing
+    builds, such as a volume's float32 copy or its sliding-window tiles; 413 above it), `MEDHUB_MAX_CONCURRENCY`
+    (429 above it),
     `MEDHUB_TIMEOUT` (seconds), `MEDHUB_API_TOKEN` (bearer token; unset = open), `MEDHUB_DEVICE`
     (auto|cpu|cuda), `MEDHUB_FP16` (1 = float16 ONNX graphs), `MEDHUB_RUNNERS` (2D batches in flight per model
     and task; 0 = cores + 1 on CPU, 1 on CUDA), `MEDHUB_MAX_BATCH` (images per 2D run; 0 = 2 on CPU, 8 on
@@ -38,6 +49,7 @@ class ServeSettings:
     max_body_bytes: int = 64 * MIB
     max_pixels: int = 50_000_000
     max_voxels: int = 512 * 512 * 1024
+    max_array_bytes: int = 512 * MIB
     max_concurrency: int = 32
     timeout: int = 120
     token: str | None = None
@@ -53,7 +65,7 @@ class ServeSettings:
     dicomweb_token: str | None = None
 
     @classmethod
-    def from_env(cls) -> "ServeSettings":
+    def from_env(cls) -> ServeSettings:
         models = tuple(item.strip() for item in os.environ.get("MEDHUB_MODELS", "").split(",") if item.strip())
         cache = os.environ.get("MEDHUB_ONNX_CACHE")
         return cls(
@@ -61,6 +73,7 @@ class ServeSettings:
             max_body_bytes=_int("MEDHUB_MAX_BODY_MB", 64) * MIB,
             max_pixels=_int("MEDHUB_MAX_PIXELS", cls.max_pixels),
             max_voxels=_int("MEDHUB_MAX_VOXELS", cls.max_voxels),
+            max_array_bytes=_int("MEDHUB_MAX_ARRAY_MB", cls.max_array_bytes // MIB) * MIB,
             max_concurrency=_int("MEDHUB_MAX_CONCURRENCY", cls.max_concurrency),
             timeout=_int("MEDHUB_TIMEOUT", cls.timeout),
             token=os.environ.get("MEDHUB_API_TOKEN") or None,
@@ -83,4 +96,11 @@ class ServeSettings:
         return self.workers or max(1, default_threads() // 8)
 
     def read_limits(self) -> ReadLimits:
-        return ReadLimits(max_bytes=self.max_body_bytes, max_pixels=self.max_pixels, max_voxels=self.max_voxels)
+        from hub.io import ReadLimits
+
+        return ReadLimits(
+            max_bytes=self.max_body_bytes,
+            max_pixels=self.max_pixels,
+            max_voxels=self.max_voxels,
+            max_array_bytes=self.max_array_bytes,
+        )

@@ -388,11 +388,16 @@ def case(fmt: str, seed: int, index: int) -> tuple[str, bytes]:
 
 def tree_rss(process: psutil.Process) -> int:
     """Resident bytes of a process and all its descendants (BentoML's arbiter, its workers and runners)."""
-    total = 0
+    return sum(process_memory(process).values())
+
+
+def process_memory(process: psutil.Process, unique: bool = False) -> dict[int, int]:
+    """Resident bytes (`unique`: unique set size, slower) of a process and of each descendant, by pid."""
+    memory = {}
     for member in [process, *process.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
-            total += member.memory_info().rss
-    return total
+            memory[member.pid] = member.memory_full_info().uss if unique else member.memory_info().rss
+    return memory
 
 
 @dataclass
@@ -405,9 +410,14 @@ class Server:
     pids: set[int] = field(default_factory=set)
     restarts: int = 0
     killed_for_memory: bool = False
+    process_peaks: dict[int, int] = field(default_factory=dict)  # pid -> peak RSS seen by `watch`
 
     def rss(self) -> int:
         return tree_rss(psutil.Process(self.process.pid))
+
+    def memory(self, unique: bool = False) -> dict[int, int]:
+        """RSS (or USS) by pid: the arbiter (the `bentoml serve` process) first, then its workers."""
+        return process_memory(psutil.Process(self.process.pid), unique)
 
     def watch(self, stop: threading.Event, kill_above: int) -> None:
         """Sample RSS and worker processes every 0.2 s; kill the server if it takes more than ``kill_above`` bytes
@@ -418,7 +428,10 @@ class Server:
                 pids = {child.pid for child in parent.children(recursive=True)}
                 self.restarts += len(pids - self.pids) if self.pids else 0
                 self.pids |= pids
-                rss = tree_rss(parent)
+                memory = process_memory(parent)
+                for pid, resident in memory.items():
+                    self.process_peaks[pid] = max(self.process_peaks.get(pid, 0), resident)
+                rss = sum(memory.values())
                 self.rss_peak = max(self.rss_peak, rss)
                 if rss > kill_above:
                     self.killed_for_memory = True

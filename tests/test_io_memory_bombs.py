@@ -131,6 +131,38 @@ def test_damaged_encapsulated_dicom_is_refused_before_gdcm_allocates(tmp_path):
     assert int(out.stdout.split()[-1]) < 100 * 2**20
 
 
+_UNKNOWN_META_VR_GROWTH = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+from io_fixtures import PYDICOM_TEST_FILES
+from hub.errors import CorruptFileError
+from hub.io import read_image
+data = (PYDICOM_TEST_FILES / "CT_small.dcm").read_bytes()
+element = data.index(b"\\x02\\x00\\x03\\x00UI")  # (0002,0003) Media Storage SOP Instance UID, explicit VR
+flipped = data[: element + 4] + b"EI" + data[element + 6 :]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(2):
+    try:
+        read_image(flipped)
+    except CorruptFileError:
+        pass
+    else:
+        raise AssertionError("a DICOM file with an unknown VR in its meta information was read")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def test_unknown_vr_in_the_file_meta_is_refused_before_gdcm_allocates():
+    """GDCM read the length of (0002,0003) with a bit-flipped VR ("EI") from the UID's first bytes, allocated
+    740 MB per read of the 10 KB file and kept them after its error (the fuzz campaign's worker grew 1.5 GB)."""
+    tests = str(Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", _UNKNOWN_META_VR_GROWTH, tests], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) < 100 * 2**20
+
+
 def _cube(n: int) -> np.ndarray:
     return np.arange(n**3, dtype=np.int16).reshape(n, n, n)
 

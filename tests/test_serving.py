@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pydicom
 import pytest
 import SimpleITK as sitk
@@ -30,6 +31,7 @@ httpx = pytest.importorskip("httpx")
 TOKEN = "s3cret-token"
 ENCODERS_2D = ("umedpt-tiny", "medcoss-tiny", "macl-tiny")  # one per 2D family besides the MUSCLE classifier
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ARBITER_RSS_BOUND = 300 * 1024**2
 
 
 def tiny_head_repo(out: Path, head_class, labels: list[str], variant_id: str = "muscle-resnet18-tiny") -> Path:
@@ -76,7 +78,14 @@ def server(repos, tmp_path_factory, request):
     if getattr(request.module, "OWN_TEMP_DIRS", False):  # the privacy tests read the request temp dirs and home
         env.update(TMPDIR=str(root / "tmp"), BENTOML_HOME=str(root / "bentoml"))
     with live_server(list(repos.values()), root / "server.log", env) as live:
-        yield {"url": live.url, "log": live.log, "repos": repos, "tmp": root / "tmp", "home": root / "bentoml"}
+        yield {
+            "url": live.url,
+            "log": live.log,
+            "repos": repos,
+            "tmp": root / "tmp",
+            "home": root / "bentoml",
+            "pid": live.process.pid,
+        }
 
 
 def post(server, route: str, data: bytes, model: str, headers=AUTH, **fields) -> "httpx.Response":
@@ -113,6 +122,20 @@ def test_readyz_reports_provider_and_models_lists_both(server):
     classifier = by_id[str(server["repos"]["classifier"])]
     assert classifier["family"] == "muscle" and classifier["tasks"] == ["classification", "features"]
     assert classifier["labels"] == ["normal", "nodule"] and classifier["input"]["size"] == [64, 64]
+
+
+def test_the_arbiter_stays_small_and_only_workers_load_torch(server):
+    """BentoML's arbiter (the `bentoml serve` process `medhub serve` becomes) imports the service only for its
+    configuration; it held 994 MiB RSS while the service module imported torch."""
+    arbiter = psutil.Process(server["pid"])
+    workers = arbiter.children(recursive=True)
+
+    def loads_torch(process: psutil.Process) -> bool:
+        return any("libtorch" in Path(region.path).name for region in process.memory_maps())
+
+    assert workers and all(loads_torch(worker) for worker in workers)  # what the arbiter's check looks for is there
+    assert not loads_torch(arbiter)
+    assert arbiter.memory_info().rss < ARBITER_RSS_BOUND, f"arbiter RSS {arbiter.memory_info().rss >> 20} MiB"
 
 
 def test_embed_png_with_layers(server, radiograph):

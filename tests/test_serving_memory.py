@@ -1,6 +1,8 @@
 """The service gives freed array memory back (serving/memory.py): after large arrays are freed between small
-long-lived objects, the worker's RSS returns to where it was (issue 13: the fuzz campaign left RSS 1.7 GiB up)."""
+long-lived objects, the worker's RSS returns to where it was (issue 13: the fuzz campaign left RSS 1.7 GiB up).
+And the service definition, which BentoML's arbiter process imports too, loads no model code."""
 
+import json
 import subprocess
 import sys
 
@@ -40,3 +42,19 @@ def test_freed_arrays_go_back_to_the_system():
     if default < 200:
         pytest.skip(f"this C library returned the memory by itself ({default} MiB kept)")
     assert _retained_mib("service") < 40, f"the allocator kept memory after release (default: {default} MiB)"
+
+
+HEAVY = ("torch", "onnxruntime", "transformers", "hub", "pydicom", "nibabel", "SimpleITK", "highdicom")
+
+
+def test_the_service_definition_imports_no_model_code():
+    code = (
+        "import json, sys, psutil, serving.service; "
+        f"print(json.dumps([[name for name in {HEAVY!r} if name in sys.modules], psutil.Process().memory_info().rss]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True, timeout=120
+    )
+    loaded, rss = json.loads(result.stdout)
+    assert loaded == [], f"importing serving.service loaded {loaded}"
+    assert rss < 150 * 1024**2, f"importing serving.service took {rss >> 20} MiB RSS"  # 870 MiB with torch and hub

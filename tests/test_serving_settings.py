@@ -13,6 +13,7 @@ def test_settings_read_every_variable(monkeypatch, tmp_path):
         "MEDHUB_MAX_BODY_MB": "3",
         "MEDHUB_MAX_PIXELS": "10",
         "MEDHUB_MAX_VOXELS": "20",
+        "MEDHUB_MAX_ARRAY_MB": "7",
         "MEDHUB_MAX_CONCURRENCY": "4",
         "MEDHUB_TIMEOUT": "9",
         "MEDHUB_API_TOKEN": "secret",
@@ -31,6 +32,7 @@ def test_settings_read_every_variable(monkeypatch, tmp_path):
         max_body_bytes=3 * MIB,
         max_pixels=10,
         max_voxels=20,
+        max_array_bytes=7 * MIB,
         max_concurrency=4,
         timeout=9,
         token="secret",
@@ -43,6 +45,7 @@ def test_settings_read_every_variable(monkeypatch, tmp_path):
     )
     limits = settings.read_limits()
     assert (limits.max_bytes, limits.max_pixels, limits.max_voxels) == (3 * MIB, 10, 20)
+    assert limits.max_array_bytes == 7 * MIB
 
 
 def test_unset_variables_give_the_defaults(monkeypatch):
@@ -93,8 +96,10 @@ def test_serve_flags_win_only_when_given(monkeypatch):
         monkeypatch.setenv(name, value)
     settings = ServeSettings.from_env()
     assert (settings.max_concurrency, settings.max_body_bytes, settings.timeout, settings.device) == (2, MIB, 7, "cpu")
-    env = serve_environment(serve_args("--max-concurrency", "5", "--timeout", "10", "--device", "auto"), environ)
+    flags = ("--max-concurrency", "5", "--timeout", "10", "--device", "auto", "--max-array-mb", "9")
+    env = serve_environment(serve_args(*flags), environ)
     assert (env["MEDHUB_MAX_CONCURRENCY"], env["MEDHUB_TIMEOUT"], env["MEDHUB_DEVICE"]) == ("5", "10", "auto")
+    assert env["MEDHUB_MAX_ARRAY_MB"] == "9"
     assert env["MEDHUB_MAX_BODY_MB"] == "1"
     env = serve_environment(serve_args(), {})
     assert not {"MEDHUB_MAX_CONCURRENCY", "MEDHUB_MAX_BODY_MB", "MEDHUB_TIMEOUT", "MEDHUB_FP16"} & set(env)
