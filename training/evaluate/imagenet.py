@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,7 +18,6 @@ from safetensors.torch import load_file
 from hub.catalogue import get_variant
 from hub.convert.checkpoint import load_checkpoint, unwrap_state_dict
 from hub.convert.resnet_ssl import convert_resnet50_ssl
-from hub.errors import ConversionError
 from hub.export import Provenance, export_repo
 from hub.export.checksums import sha256_file
 from hub.models.muscle import MuscleConfig, MuscleModel
@@ -50,7 +50,7 @@ def imagenet_checkpoint(source: str) -> Path:
     return path
 
 
-def _write_once(folder: Path, write) -> Path:
+def _write_once(folder: Path, write: Callable[[Path], Path]) -> Path:
     """`folder` holding a repo that `write(partial_folder)` exports, written once (atomically renamed)."""
     if not (folder / "config.json").is_file():
         partial = folder.with_name(f"{folder.name}.{os.getpid()}")
@@ -61,9 +61,11 @@ def _write_once(folder: Path, write) -> Path:
 
 def imagenet_repo(source: str, folder: Path) -> Path:
     """`folder` holding the converted repo of a `torchvision:` backbone, written once."""
-    checkpoint = imagenet_checkpoint(source) if not (folder / "config.json").is_file() else None
     return _write_once(
-        folder, lambda partial: convert_resnet50_ssl(checkpoint, partial, license="bsd-3-clause", overwrite=True)
+        folder,
+        lambda partial: convert_resnet50_ssl(
+            imagenet_checkpoint(source), partial, license="bsd-3-clause", overwrite=True
+        ),
     )
 
 
@@ -120,10 +122,7 @@ def timm_checkpoint(source: str) -> Path:
 def _timm_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(path)
-    try:
-        return unwrap_state_dict(load_checkpoint(path), path, ("state_dict", "model"))
-    except ConversionError as error:
-        raise TrainingConfigError(str(error)) from None
+    return unwrap_state_dict(load_checkpoint(path), path, ("state_dict", "model"))
 
 
 def muscle_config_of(network: torch.nn.Module, source: str, image_size: int) -> MuscleConfig:
@@ -208,5 +207,4 @@ def convert_timm(source: str, checkpoint: Path, out_dir: Path) -> Path:
 
 def timm_repo(source: str, folder: Path) -> Path:
     """`folder` holding the converted repo of a `timm:` backbone, written once."""
-    checkpoint = timm_checkpoint(source) if not (folder / "config.json").is_file() else None
-    return _write_once(folder, lambda partial: convert_timm(source, checkpoint, partial))
+    return _write_once(folder, lambda partial: convert_timm(source, timm_checkpoint(source), partial))
