@@ -19,6 +19,18 @@ from hub.cli.main import main
 from hub.models.muscle import MuscleConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# What every model card says, whatever the family.
+CARD_SECTIONS = [
+    "## Intended use",
+    "## Out-of-scope use",
+    "not a medical device",
+    "## Training data",
+    "## Preprocessing",
+    "## How to load",
+    "trust_remote_code=True",
+    "## Limitations",
+    "## Citation",
+]
 
 
 @pytest.fixture

@@ -33,18 +33,20 @@ class LiveServer:
         return self.log.read_text(errors="replace")[-characters:]
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    """Poll `url`/readyz until it answers 200; RuntimeError with the log's tail when the process exits or the
-    time runs out."""
+def wait_until_ready(
+    url: str, process: subprocess.Popen, log: Path, timeout: float = 240, path: str = "/readyz", name: str = "server"
+) -> None:
+    """Poll `url` + `path` until it answers 200; RuntimeError with the log's tail when the process exits or the
+    time runs out (`name` says which server)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{log.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(f"{name} exited early:\n{log.read_text(errors='replace')[-3000:]}")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         time.sleep(0.5)
-    raise RuntimeError(f"server did not become ready in {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
+    raise RuntimeError(f"{name} did not become ready in {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 @contextlib.contextmanager

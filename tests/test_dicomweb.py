@@ -4,14 +4,13 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import requests
-from live_server import free_port, live_server
+from live_server import free_port, live_server, wait_until_ready
 
 from hub.data.phantoms import ct_volume, write_dicom_series
 from hub.errors import InputError, LimitExceededError
@@ -59,24 +58,13 @@ def orthanc(tmp_path_factory):
     with open(root / "orthanc.log", "w+") as log:
         process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"Orthanc exited early:\n{log.read()[-3000:]}")
-            try:
-                if requests.get(f"{url}/dicom-web/studies", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        else:
-            process.kill()
-            pytest.fail("Orthanc did not answer in 60 s")
-        yield {"url": url, "dicomweb": f"{url}/dicom-web", "process": process}
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=30)
+        try:
+            wait_until_ready(url, process, root / "orthanc.log", timeout=60, path="/dicom-web/studies", name="Orthanc")
+            yield {"url": url, "dicomweb": f"{url}/dicom-web", "process": process}
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import CARD_SECTIONS
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
@@ -24,17 +25,6 @@ REPO_FILES = {
     "modeling_muscle.py",
     "preprocessor_config.json",
 }
-CARD_SECTIONS = [
-    "## Intended use",
-    "## Out-of-scope use",
-    "not a medical device",
-    "## Training data",
-    "## Preprocessing",
-    "## How to load",
-    "trust_remote_code=True",
-    "## Limitations",
-    "## Citation",
-]
 
 
 @pytest.fixture

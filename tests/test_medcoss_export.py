@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import CARD_SECTIONS
 from huggingface_hub import ModelCard
 
 from hub.export import verify_repo
@@ -36,17 +37,7 @@ def test_tiny_repo_loads_by_id_offline_with_and_without_medhub(tmp_path, load_by
     )
     card = ModelCard.load(repo / "README.md")
     assert card.data.license == "apache-2.0" and {"medcoss", "xray"} <= set(card.data.tags)
-    for section in (
-        "## Intended use",
-        "not a medical device",
-        "## Training data",
-        "## Preprocessing",
-        "## How to load",
-        "trust_remote_code=True",
-        "## Limitations",
-        "## Citation",
-        'AutoModel.from_pretrained("org/medcoss-tiny")',
-    ):
+    for section in (*CARD_SECTIONS, 'AutoModel.from_pretrained("org/medcoss-tiny")'):
         assert section in card.text, section
 
 

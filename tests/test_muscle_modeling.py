@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 from huggingface_hub.errors import StrictDataclassClassValidationError
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from transformers import (
     AutoBackbone,
     AutoModel,
@@ -84,6 +85,7 @@ def test_encoder_rejects_wrong_channels(tiny_config):
         ("block_type", "wide", "block_type='wide'"),
         ("output_stride", 4, "output_stride=4"),
         ("depths", [1, 1], "4 stages"),
+        ("aspp_channels", 0, "aspp_channels must be a positive"),
     ],
 )
 def test_config_rejects_bad_layouts(field, value, message):
@@ -128,6 +130,22 @@ def test_segmentation_head_shapes_and_loss(tiny_config, num_labels):
     outputs = model(torch.randn(2, 3, 64, 64), labels=labels)
     assert outputs.logits.shape == (2, num_labels, 64, 64)
     assert torch.isfinite(outputs.loss)
+
+
+def test_deeplab_head_is_torchvisions_at_aspp_channels_wide(tiny_config):
+    tiny_config.num_labels = 3
+    model = MuscleForSemanticSegmentation(tiny_config).eval()
+    reference = DeepLabHead(tiny_config.hidden_size, 3, list(tiny_config.atrous_rates)).eval()
+    model.decode_head.load_state_dict(reference.state_dict())  # default 256 channels: the same keys and shapes
+    features = torch.randn(2, tiny_config.hidden_size, 8, 8)
+    torch.testing.assert_close(model.decode_head(features), reference(features), rtol=0, atol=0)
+
+    tiny_config.aspp_channels = 16
+    narrow = MuscleForSemanticSegmentation(tiny_config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in narrow.decode_head.state_dict().items()}
+    assert shapes.keys() == reference.state_dict().keys()
+    assert shapes["0.project.0.weight"] == (16, 16 * 5, 1, 1) and shapes["4.weight"] == (3, 16, 1, 1)
+    assert narrow(torch.randn(2, 3, 64, 64)).logits.shape == (2, 3, 64, 64)
 
 
 def detection_labels() -> list[dict[str, torch.Tensor]]:

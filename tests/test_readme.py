@@ -10,18 +10,16 @@ a free port. Each block runs in its own shell or interpreter in a fresh folder. 
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
+from live_server import free_port, wait_until_ready
 from test_training_demo import SMALL
 
 pytestmark = pytest.mark.slow
-httpx = pytest.importorskip("httpx")
 
 README = REPO_ROOT / "README.md"
 _BLOCK = re.compile(
@@ -43,12 +41,6 @@ def readme_blocks() -> list[tuple[str, str, str, str | None]]:
 
 
 BLOCKS = readme_blocks()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +71,7 @@ def served_demo(tmp_path_factory):
         [sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=900, check=False
     )
     assert built.returncode == 0, built.stderr[-3000:]
-    port = _free_port()
+    port = free_port()
     models = [arg for repo_id in (demo / "models.txt").read_text().split() for arg in ("--model", repo_id)]
     examples = [arg for path in sorted((demo / "examples").iterdir()) for arg in ("--example", str(path))]
     log = open(home / "server.log", "w+")  # noqa: SIM115  (open for the server's lifetime, closed below)
@@ -92,19 +84,7 @@ def served_demo(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"medhub serve exited early:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("medhub serve did not become ready in 300 s")
-            time.sleep(1)
+        wait_until_ready(url, server, home / "server.log", timeout=300, name="medhub serve")
         yield {"env": env, "port": port, "demo": demo}
     finally:
         server.terminate()

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from training_fixtures import MEDHUB, MICRO_MUSCLE, torchrun, write_config, xray_manifest
+from training_fixtures import MICRO_MUSCLE, rank_results, train_on_two_ranks, write_config, xray_manifest
 
 from hub.data.phantoms import generate
 from hub.export import verify_repo
@@ -46,19 +46,12 @@ result = {
     "queue": moco.queue[:, :6].T.tolist(),
     "pointer": int(moco.queue_pointer),
 }
-with open(os.path.join(sys.argv[1], f"rank{info.rank}.json"), "w") as stream:
-    json.dump(result, stream)
-distributed.shutdown()
 """
 
 
 @pytest.mark.slow
 def test_keys_from_every_rank_enter_the_queue_once_and_identically(tmp_path):
-    script = tmp_path / "queue_check.py"
-    script.write_text(QUEUE_CHECK)
-    done = torchrun([str(script), str(tmp_path)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = rank_results(tmp_path, QUEUE_CHECK)
     assert all(r["local_matches_direct"] for r in ranks)  # shuffled-BN keys come back to their own samples
     assert ranks[0]["queue"] == ranks[1]["queue"] and ranks[0]["pointer"] == ranks[1]["pointer"] == 6
     import torch
@@ -73,24 +66,7 @@ def test_torchrun_with_two_processes_trains_and_exports_the_tiny_recipe(tmp_path
     manifest = xray_manifest(tmp_path / "phantoms")
     config = write_config(tmp_path / "micro.yaml", MICRO_MUSCLE)
     run = tmp_path / "run"
-    done = torchrun(
-        [
-            "--no-python",
-            MEDHUB,
-            "train",
-            "muscle",
-            "--preset",
-            "tiny",
-            "--config",
-            str(config),
-            "--data",
-            str(manifest),
-            "--out",
-            str(run),
-            "--no-progress",
-        ]
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = train_on_two_ranks("muscle", manifest, run, "--config", str(config))
     assert done.stdout.count(f"exported {run / 'repos' / 'encoder'}") == 1  # rank 0 exports, once
     assert {p.name for p in (run / "repos").iterdir()} == {"encoder", "nodule", "lungs"}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -111,22 +87,7 @@ def test_torchrun_with_two_processes_trains_and_exports_the_tiny_macl_and_medcos
 ):
     manifest = generate(tmp_path / "phantoms", seed=0, n_mri=0, n_pathology=0, progress=False, **phantoms)
     run = tmp_path / "run"
-    done = torchrun(
-        [
-            "--no-python",
-            MEDHUB,
-            "train",
-            recipe,
-            "--preset",
-            "tiny",
-            "--data",
-            str(manifest),
-            "--out",
-            str(run),
-            "--no-progress",
-        ]
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = train_on_two_ranks(recipe, manifest, run)
     assert done.stdout.count(f"exported {run / 'repos' / repo}") == 1  # rank 0 exports, once
     verify_repo(run / "repos" / repo)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -2,13 +2,11 @@
 it normalises as one process over the concatenated batch; the MUSCLE supervised stage on two ranks ends with
 the weights of one process with the same global batch."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from training_fixtures import MEDHUB, torchrun, write_config, xray_manifest
+from training_fixtures import MEDHUB, rank_results, torchrun, write_config, xray_manifest
 
 from training.config import load_recipe_config
 from training.distributed import DistInfo
@@ -139,20 +137,12 @@ local, reference = AllReduceBatchNorm(3), nn.BatchNorm1d(3)
 local.synchronised = False  # a stage with per-rank statistics (MoCo's shuffled BatchNorm)
 inputs = torch.randn(4, 3) + info.rank
 worst["per-rank"] = largest(local(inputs) - reference(inputs))
-with open(os.path.join(sys.argv[1], f"rank{info.rank}.json"), "w") as stream:
-    json.dump(worst, stream)
-distributed.shutdown()
 """
 
 
 @pytest.mark.slow
 def test_two_ranks_with_unequal_batches_normalise_as_one_process_over_the_concatenated_batch(tmp_path):
-    script = tmp_path / "ranks_check.py"
-    script.write_text(RANKS_CHECK)
-    done = torchrun([str(script), str(tmp_path)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    for rank in (0, 1):
-        worst = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for worst in rank_results(tmp_path, RANKS_CHECK, result="worst"):
         assert set(worst) == {"1d", "2d", "3d", "per-rank"} and max(worst.values()) < 1e-5, worst
 
 

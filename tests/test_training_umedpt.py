@@ -15,8 +15,8 @@ from training.distributed import DistInfo
 from training.engine import Engine, make_optimizer, warmup_cosine
 from training.errors import TrainingConfigError
 from training.launch import train
-from training.recipes.muscle import TaskSettings
 from training.recipes.umedpt import UmedptRecipe, UmedptSettings, relay_gradients
+from training.tasks import TaskSettings
 
 CPU = DistInfo(0, 1, torch.device("cpu"), None)
 MICRO = {

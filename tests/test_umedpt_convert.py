@@ -11,9 +11,9 @@ import zipfile
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from transformers import AutoModel
+from umedpt_fixtures import torchvision_swin_v2
 
 from hub.convert.pickled_modules import read_module_zip
 from hub.export import weights_metadata
@@ -81,15 +81,7 @@ def obj_classes(obj) -> set[type]:
 def upstream_zip(tmp_path):
     torch.manual_seed(0)
     classes = _upstream_classes()
-    swin = torchvision.models.swin_transformer.SwinTransformer(
-        patch_size=[4, 4],
-        embed_dim=16,
-        depths=[1, 1, 2, 1],
-        num_heads=[1, 2, 4, 8],
-        window_size=[4, 4],
-        block=torchvision.models.swin_transformer.SwinTransformerBlockV2,
-        downsample_layer=torchvision.models.swin_transformer.PatchMergingV2,
-    )
+    swin = torchvision_swin_v2(embed_dim=16)
     del swin.head
     encoder = classes["PyramidEncoder"](swin).eval()
     squeezer = classes["Squeezer"](128, 32).eval()

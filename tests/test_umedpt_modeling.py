@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 from transformers import AutoBackbone, AutoModelForImageClassification
+from umedpt_fixtures import torchvision_swin_v2
 
 from hub.catalogue import get_variant
 from hub.models.umedpt import (
@@ -15,6 +16,7 @@ from hub.models.umedpt import (
     UmedptForSemanticSegmentation,
     UmedptModel,
 )
+from hub.models.umedpt.modeling_umedpt import log_scaled_classification_loss
 
 
 def tiny(**overrides) -> UmedptConfig:
@@ -41,15 +43,7 @@ def test_paper_scale_encoder_is_torchvision_swin_v2_t_without_head_plus_squeezer
 
 def test_stage_maps_reproduce_torchvision_swin_v2_features():
     config = UmedptConfig(embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, image_size=64)
-    reference = torchvision.models.swin_transformer.SwinTransformer(
-        patch_size=[4, 4],
-        embed_dim=24,
-        depths=[1, 1, 2, 1],
-        num_heads=[1, 2, 4, 8],
-        window_size=[4, 4],
-        block=torchvision.models.swin_transformer.SwinTransformerBlockV2,
-        downsample_layer=torchvision.models.swin_transformer.PatchMergingV2,
-    ).eval()
+    reference = torchvision_swin_v2(embed_dim=24).eval()
     model = UmedptModel(config).eval()
     missing, unexpected = model.load_state_dict(
         {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}, strict=False
@@ -93,6 +87,20 @@ def test_classification_head_and_loss_divided_by_ln_classes(tmp_path):
     assert outputs.logits.shape == (2, 5)
     expected = torch.nn.functional.cross_entropy(outputs.logits, labels) / math.log(5)
     torch.testing.assert_close(outputs.loss, expected)
+
+
+@pytest.mark.parametrize(
+    ("problem_type", "logits", "labels", "expected"),
+    [
+        ("single_label_classification", torch.zeros(2, 4), torch.tensor([0, 3]), 1.0),  # ln 4 / ln 4
+        ("multi_label_classification", torch.zeros(2, 3), torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), 1.0),
+        ("regression", torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0]), 2.5),  # MSE, not scaled
+    ],
+)
+def test_log_scaled_classification_loss_weighs_by_problem_type(problem_type, logits, labels, expected):
+    config = tiny(num_labels=logits.shape[1], problem_type=problem_type)
+    loss = log_scaled_classification_loss(config, logits, labels)
+    torch.testing.assert_close(loss, torch.tensor(expected))
 
 
 def test_segmentation_logits_and_dice_focal_loss():

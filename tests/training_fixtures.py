@@ -1,5 +1,6 @@
 """Shared helpers of the training tests: phantom X-ray manifests, a very small MUSCLE configuration, torchrun."""
 
+import json
 import os
 import subprocess
 import sys
@@ -48,3 +49,28 @@ def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+
+
+def rank_results(folder: Path, script: str, result: str = "result") -> list[dict]:
+    """Run `script` under `torchrun` on 2 ranks (it calls `training.distributed.init_distributed()` and leaves
+    a JSON-able dict in the variable `result`); every rank's dict, in rank order."""
+    path = folder / "rank_script.py"
+    path.write_text(
+        f"{script}\nimport json, os, sys\n"
+        f'with open(os.path.join(sys.argv[1], f"rank{{info.rank}}.json"), "w") as stream:\n'
+        f"    json.dump({result}, stream)\n"
+        "distributed.shutdown()\n"
+    )
+    done = torchrun([str(path), str(folder)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def train_on_two_ranks(recipe: str, manifest: Path, run: Path, *options: str) -> subprocess.CompletedProcess:
+    """`medhub train RECIPE --preset tiny` under `torchrun` on 2 ranks; asserts that it succeeded."""
+    done = torchrun(
+        ["--no-python", MEDHUB, "train", recipe, "--preset", "tiny", *options]
+        + ["--data", str(manifest), "--out", str(run), "--no-progress"]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

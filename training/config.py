@@ -4,6 +4,11 @@ A recipe file `training/recipes/<recipe>.yaml` has a `defaults` mapping and a `p
 minutes; `paper`: the reference hyper-parameters). The effective configuration is
 `defaults` <- `presets[preset]` <- the user's `--config FILE`, merged key by key (nested mappings merge, lists
 and scalars replace). Unknown keys are errors that name the key, so a typo never silently trains with a default.
+
+A value has one source. A recipe's own settings dataclasses have no default for a field its YAML `defaults` set
+(the YAML holds the recipe's values); `EngineSettings`' defaults are every recipe's, so a YAML names only what it
+changes there; components that several stages use (`OptimSettings`, `AugmentSettings`, the MACL views) keep
+defaults for what a config leaves out. `tests/test_training_config.py` checks all three.
 """
 
 from __future__ import annotations

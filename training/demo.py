@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import SimpleITK as sitk
-import torch
 import yaml
 from huggingface_hub import snapshot_download
 
@@ -26,9 +25,8 @@ from hub.catalogue import get_variant
 from hub.data.manifest import load_manifest, write_manifest
 from hub.data.phantoms import generate
 from hub.errors import MedhubError
-from hub.export import Provenance, export_repo, install_in_cache, validate_repo_id, verify_checksums
+from hub.export import export_variant, install_in_cache, random_init, validate_repo_id, verify_checksums
 from hub.io import read_image
-from hub.models import get_family
 
 from .errors import TrainingConfigError
 from .finetune import TaskSpec, finetune
@@ -94,18 +92,8 @@ def _muscle_config(sizes: DemoSizes, progress: bool) -> dict:
 
 def _random_repo(variant_id: str, out: Path) -> Path:
     variant = get_variant(variant_id)
-    torch.manual_seed(0)
-    model = get_family(variant.family).encoder_class(variant.build_config())
-    provenance = Provenance(kind="random-init", description="random initialisation (seed 0)", details={"seed": "0"})
-    return export_repo(
-        model,
-        out,
-        variant=variant.id,
-        provenance=provenance,
-        processor=variant.build_processor(),
-        modality=variant.modality,
-        overwrite=True,
-    )
+    model, provenance = random_init(variant, 0)
+    return export_variant(model, out, variant, provenance, overwrite=True)
 
 
 def build_muscle(work: Path, sizes: DemoSizes, progress: bool) -> tuple[Path, Path]:

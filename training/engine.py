@@ -16,12 +16,14 @@ what the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from hub.catalogue import get_variant
+from hub.export import Provenance
+
 from . import checkpoint, distributed
 from .config import EngineSettings, OptimSettings
 from .distributed import DistInfo
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingConfigError
 from .sync_batchnorm import convert_sync_batchnorm, set_synchronised
 
 
@@ -86,6 +91,36 @@ class Recipe(ABC):
     def signature(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this recipe."""
         return {"recipe": self.name}
+
+
+class ManifestRecipe(Recipe):
+    """A recipe of a catalogue variant (`settings.variant`) trained on `--data` manifests; its signature is its
+    settings without `engine` (how it runs, not what it computes) and the manifests' names."""
+
+    def __init__(self, settings: Any, manifests: list[Path], dist: DistInfo, data_needed: str = "manifest"):
+        if not manifests:
+            raise TrainingConfigError(f"the {self.name} recipe needs at least one --data {data_needed}")
+        self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
+        self.variant = get_variant(settings.variant)
+
+    def signature(self) -> dict[str, Any]:
+        settings = asdict(self.settings)
+        settings.pop("engine")
+        return {"recipe": self.name, "settings": settings, "data": [m.name for m in self.manifests]}
+
+    def trained_provenance(self, description: str, training_data: str, **details: str) -> Provenance:
+        """The exported repos' provenance: `details` follow the recipe, its seed and the variant."""
+        facts = {"recipe": self.name, "seed": str(self.settings.seed), "variant": self.settings.variant, **details}
+        return Provenance(kind="trained", description=description, training_data=training_data, details=facts)
+
+    @contextlib.contextmanager
+    def network_on_cpu(self) -> Iterator[None]:
+        """The network on the CPU while the repos are written, back on the run's device afterwards."""
+        self.network.cpu()
+        try:
+            yield
+        finally:
+            self.network.to(self.dist.device)
 
 
 @dataclass

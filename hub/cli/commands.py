@@ -4,13 +4,20 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from hub.catalogue import VARIANTS, get_variant
 from hub.convert import CONVERTERS
 from hub.data import generate
 from hub.errors import InputError, RepoError
-from hub.export import Provenance, export_repo, install_in_cache, resolve_repo, validate_repo_id, verify_repo
+from hub.export import (
+    Provenance,
+    export_repo,
+    export_variant,
+    install_in_cache,
+    random_init,
+    resolve_repo,
+    validate_repo_id,
+    verify_repo,
+)
 from hub.export.publish import upload_plan, upload_to_hub
 from hub.export.resolve import read_config
 from hub.models import get_family
@@ -112,21 +119,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     variant = get_variant(args.variant)
     if args.repo_id:
         validate_repo_id(args.repo_id)
-    torch.manual_seed(args.seed)
-    model = get_family(variant.family).encoder_class(variant.build_config())
-    provenance = Provenance(
-        kind="random-init", description=f"random initialisation (seed {args.seed})", details={"seed": str(args.seed)}
-    )
-    out = export_repo(
-        model,
-        args.out,
-        variant=variant.id,
-        provenance=provenance,
-        processor=variant.build_processor(),
-        modality=variant.modality,
-        repo_id=args.repo_id,
-        overwrite=args.overwrite,
-    )
+    model, provenance = random_init(variant, args.seed)
+    out = export_variant(model, args.out, variant, provenance, repo_id=args.repo_id, overwrite=args.overwrite)
     print(f"wrote {variant.id} ({model.num_parameters():,} parameters) to {out}")
     return 0
 

@@ -49,3 +49,12 @@ def unwrap_state_dict(checkpoint: Any, path: Path, wrappers: tuple[str, ...]) ->
     if not tensors:
         raise ConversionError(f"checkpoint {path} holds no tensors")
     return tensors
+
+
+def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path, of: str = "") -> None:
+    """Name the first tensor of `state` whose shape differs from the model's (`of`: whose shape was expected)."""
+    for key, value in state.items():
+        if key in expected and value.shape != expected[key].shape:
+            raise ConversionError(
+                f"checkpoint {path} key {key} has shape {tuple(value.shape)}, expected {of}{tuple(expected[key].shape)}"
+            )

@@ -19,12 +19,12 @@ import torch
 
 from hub.catalogue import get_variant
 from hub.errors import ConversionError
-from hub.export.checksums import sha256_file
-from hub.export.repo import Provenance, export_repo
+from hub.export.repo import export_repo
 from hub.models.macl import MaclForPreTraining, MaclModel
 from hub.processing.processor import MedicalImageProcessor
 
-from .checkpoint import load_checkpoint, unwrap_state_dict
+from .checkpoint import check_shapes, load_checkpoint, unwrap_state_dict
+from .provenance import converted_provenance
 from .registry import Converter
 
 WRAPPERS = ("net", "state_dict", "model")
@@ -96,13 +96,12 @@ def convert_macl(
             {k.removeprefix("macl."): v for k, v in state.items() if k.startswith("macl.")},
             checkpoint,
         )
-    digest = sha256_file(checkpoint)
     modality = "mri" if source_channels == 4 else variant.modality
     processor = MedicalImageProcessor(**{**variant.processor_spec(), "modality": modality, "in_channels": num_channels})
-    provenance = Provenance(
-        kind="converted",
-        description=f"converted from `{checkpoint.name}` (sha256 `{digest}`) with `medhub convert macl`; "
-        f"upstream licence: {UPSTREAM_LICENSE}",
+    provenance = converted_provenance(
+        checkpoint,
+        "macl",
+        licence_note=UPSTREAM_LICENSE,
         license=license,
         training_data=(
             "The authors' MACL pre-training on unlabelled slices: CHD (cardiac CT, 17,525 slices), BraTS 2018 "
@@ -110,14 +109,10 @@ def convert_macl(
             "depending on the converted file. medhub did not train these weights."
         ),
         base_model=base_model,
-        details={
-            "file": checkpoint.name,
-            "sha256": digest,
-            "upstream_license": UPSTREAM_LICENSE,
-            "task": task,
-            "source_in_channels": str(source_channels),
-            "in_channels_policy": in_channels,
-        },
+        upstream_license=UPSTREAM_LICENSE,
+        task=task,
+        source_in_channels=str(source_channels),
+        in_channels_policy=in_channels,
     )
     return export_repo(
         model,
@@ -136,11 +131,7 @@ def _load(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) ->
     missing = sorted(expected.keys() - state.keys())
     if missing:
         raise ConversionError(f"checkpoint {path} has no tensor for {missing[0]} ({len(missing)} missing)")
-    for key, value in state.items():
-        if key in expected and value.shape != expected[key].shape:
-            raise ConversionError(
-                f"checkpoint {path} key {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-            )
+    check_shapes(state, expected, path)
     model.load_state_dict({key: state[key] for key in expected}, strict=True)
     return model
 

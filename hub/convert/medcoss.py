@@ -17,11 +17,12 @@ import torch
 
 from hub.catalogue import get_variant
 from hub.errors import ConversionError
-from hub.export.checksums import sha256_file, write_checksums
-from hub.export.repo import Provenance, export_repo
+from hub.export.checksums import write_checksums
+from hub.export.repo import export_variant
 from hub.models.medcoss import MedCossForPreTraining, MedCossModel
 
-from .checkpoint import load_checkpoint, unwrap_state_dict
+from .checkpoint import check_shapes, load_checkpoint, unwrap_state_dict
+from .provenance import converted_provenance
 from .registry import Converter
 
 VARIANT = "medcoss-vitb"
@@ -131,12 +132,7 @@ def check_against(model_class: type, config, state: dict[str, torch.Tensor], pat
     missing = sorted(expected.keys() - state.keys())
     if missing:
         raise ConversionError(f"checkpoint {path} lacks {len(missing)} key(s) of the model, first {missing[0]!r}")
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise ConversionError(
-                f"checkpoint {path} key for {key!r} has shape "
-                f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-            )
+    check_shapes(state, expected, path)
 
 
 def copy_tokenizer(tokenizer_dir: Path, out_dir: Path, vocab_size: int) -> list[str]:
@@ -187,34 +183,18 @@ def convert_medcoss(
     check_against(model_class, config, state, checkpoint)
     model = model_class(config)
     model.load_state_dict(state, strict=True)
-    digest = sha256_file(checkpoint)
-    provenance = Provenance(
-        kind="converted",
-        description=(
-            f"converted from `{checkpoint.name}` (sha256 `{digest}`) with `medhub convert medcoss`; "
-            f"upstream licence: {LICENSE_TERMS}"
-        ),
+    provenance = converted_provenance(
+        checkpoint,
+        "medcoss",
+        licence_note=LICENSE_TERMS,
         license=license,
         training_data=TRAINING_DATA,
         base_model=base_model,
-        details={
-            "file": checkpoint.name,
-            "sha256": digest,
-            "license_terms": LICENSE_TERMS,
-            "pretraining_heads": str(keep_pretraining_heads).lower(),
-            "text_mask_mode": "faithful",
-        },
+        license_terms=LICENSE_TERMS,
+        pretraining_heads=str(keep_pretraining_heads).lower(),
+        text_mask_mode="faithful",
     )
-    out = export_repo(
-        model,
-        out_dir,
-        variant=variant.id,
-        provenance=provenance,
-        processor=variant.build_processor(),
-        modality=variant.modality,
-        repo_id=repo_id,
-        overwrite=overwrite,
-    )
+    out = export_variant(model, out_dir, variant, provenance, repo_id=repo_id, overwrite=overwrite)
     if tokenizer_dir is not None:
         copy_tokenizer(Path(tokenizer_dir), out, model.config.vocab_size)
         write_checksums(out)

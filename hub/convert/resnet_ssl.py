@@ -12,11 +12,11 @@ import torch
 
 from hub.catalogue import get_variant
 from hub.errors import ConversionError
-from hub.export.checksums import sha256_file
-from hub.export.repo import Provenance, export_repo
+from hub.export.repo import export_variant
 from hub.models.muscle import MuscleModel
 
-from .checkpoint import load_checkpoint, unwrap_state_dict
+from .checkpoint import check_shapes, load_checkpoint, unwrap_state_dict
+from .provenance import converted_provenance
 from .registry import Converter
 
 WRAPPERS = ("state_dict", "model", "resnet")
@@ -70,32 +70,17 @@ def convert_resnet50_ssl(
     expected = set(model.state_dict())
     tensors = unwrap_state_dict(load_checkpoint(checkpoint), checkpoint, WRAPPERS)
     state, prefix = encoder_state_dict(tensors, expected, checkpoint)
-    for key, value in state.items():
-        if value.shape != model.state_dict()[key].shape:
-            raise ConversionError(
-                f"checkpoint {checkpoint} key {key} has shape {tuple(value.shape)}, "
-                f"expected ResNet-50's {tuple(model.state_dict()[key].shape)}"
-            )
+    check_shapes(state, model.state_dict(), checkpoint, of="ResNet-50's ")
     model.load_state_dict(state, strict=True)
-    digest = sha256_file(checkpoint)
-    provenance = Provenance(
-        kind="converted",
-        description=f"converted from `{checkpoint.name}` (sha256 `{digest}`) with `medhub convert resnet50-ssl`",
+    provenance = converted_provenance(
+        checkpoint,
+        "resnet50-ssl",
         license=license,
         training_data="See the upstream release of the converted checkpoint; medhub did not train these weights.",
         base_model=base_model,
-        details={"file": checkpoint.name, "sha256": digest, "stripped_prefix": prefix},
+        stripped_prefix=prefix,
     )
-    return export_repo(
-        model,
-        out_dir,
-        variant=VARIANT,
-        provenance=provenance,
-        processor=variant.build_processor(),
-        modality=variant.modality,
-        repo_id=repo_id,
-        overwrite=overwrite,
-    )
+    return export_variant(model, out_dir, variant, provenance, repo_id=repo_id, overwrite=overwrite)
 
 
 CONVERTER = Converter(

@@ -18,11 +18,12 @@ import torch
 
 from hub.catalogue import get_variant
 from hub.errors import ConversionError
-from hub.export.checksums import sha256_file
-from hub.export.repo import Provenance, export_repo
+from hub.export.repo import export_variant
 from hub.models.umedpt import UmedptModel
 
+from .checkpoint import check_shapes
 from .pickled_modules import read_module_zip
+from .provenance import converted_provenance
 from .registry import Converter
 
 VARIANT = "umedpt-swinv2-t"
@@ -126,21 +127,13 @@ def convert_umedpt(
             f"checkpoint {checkpoint} does not match Swin V2 + squeezer: "
             f"{'missing' if missing else 'unexpected'} key {key}"
         )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise ConversionError(
-                f"checkpoint {checkpoint} key {key} has shape "
-                f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-            )
+    check_shapes(state, expected, checkpoint)
     model.load_state_dict(state, strict=True)
-    digest = sha256_file(checkpoint)
     skipped = sorted(set(modules) - {"encoder", "squeezer"})
-    provenance = Provenance(
-        kind="converted",
-        description=(
-            f"converted from `{checkpoint.name}` (sha256 `{digest}`) with `medhub convert umedpt`; upstream licence: "
-            f"{UPSTREAM_LICENSE}"
-        ),
+    provenance = converted_provenance(
+        checkpoint,
+        "umedpt",
+        licence_note=UPSTREAM_LICENSE,
         license=license,
         training_data=(
             "The authors' multi-task pre-training on biomedical classification, segmentation and detection tasks "
@@ -148,24 +141,11 @@ def convert_umedpt(
             "is not published in a form we could read. medhub did not train these weights."
         ),
         base_model=base_model,
-        details={
-            "file": checkpoint.name,
-            "sha256": digest,
-            "upstream_license": UPSTREAM_LICENSE,
-            "encoder_prefix": prefix,
-            "skipped_modules": ", ".join(skipped),
-        },
+        upstream_license=UPSTREAM_LICENSE,
+        encoder_prefix=prefix,
+        skipped_modules=", ".join(skipped),
     )
-    return export_repo(
-        model,
-        out_dir,
-        variant=VARIANT,
-        provenance=provenance,
-        processor=variant.build_processor(),
-        modality=variant.modality,
-        repo_id=repo_id,
-        overwrite=overwrite,
-    )
+    return export_variant(model, out_dir, variant, provenance, repo_id=repo_id, overwrite=overwrite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

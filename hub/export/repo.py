@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
@@ -15,6 +16,7 @@ from transformers.image_processing_base import ImageProcessingMixin
 from hub import __version__
 from hub.errors import RepoError
 from hub.models import get_family
+from hub.models.variant import Variant
 
 from .card import CardFacts, render_card
 from .checksums import write_checksums
@@ -103,6 +105,32 @@ def export_repo(
     write_checksums(out_dir)
     _make_readable(out_dir)
     return out_dir
+
+
+def export_variant(
+    model: PreTrainedModel, out_dir: Path, variant: Variant, provenance: Provenance, **options: Any
+) -> Path:
+    """`export_repo` of a catalogue variant's model with the variant's processor and modality; `options` are
+    `export_repo`'s other keywords (`repo_id`, `eval_results`, `overwrite`)."""
+    return export_repo(
+        model,
+        out_dir,
+        variant=variant.id,
+        provenance=provenance,
+        processor=variant.build_processor(),
+        modality=variant.modality,
+        **options,
+    )
+
+
+def random_init(variant: Variant, seed: int) -> tuple[PreTrainedModel, Provenance]:
+    """The variant's encoder initialised under `torch.manual_seed(seed)`, and the provenance that says so."""
+    torch.manual_seed(seed)
+    model = get_family(variant.family).encoder_class(variant.build_config())
+    provenance = Provenance(
+        kind="random-init", description=f"random initialisation (seed {seed})", details={"seed": str(seed)}
+    )
+    return model, provenance
 
 
 def _make_readable(out_dir: Path) -> None:

@@ -1,8 +1,10 @@
 """What the hub needs to know about a model family to register, export and verify it."""
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import transformers
@@ -12,6 +14,13 @@ from .variant import Variant
 
 ExampleInputs = Callable[[PreTrainedConfig, int, int], dict[str, torch.Tensor]]
 CardContext = Callable[[PreTrainedConfig], dict[str, object]]
+
+
+def square_image_inputs(config: PreTrainedConfig, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded standard-normal `pixel_values` of shape (batch, num_channels, image_size, image_size)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch_size, config.num_channels, config.image_size, config.image_size)
+    return {"pixel_values": torch.randn(shape, generator=generator)}
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,27 @@ class Family:
     card_context: CardContext
     variants: tuple[Variant, ...]
     presets: dict[str, dict[str, object]]
+
+    @classmethod
+    def declare(
+        cls,
+        config_class: type[PreTrainedConfig],
+        auto_classes: dict[str, type[PreTrainedModel]],
+        variants: ModuleType,
+        example_inputs: ExampleInputs = square_image_inputs,
+    ) -> "Family":
+        """The family of a model package: `model_type` from its config class, `source_dir` the folder of the
+        config's module, and `variants`, `presets` and `card_context` from its `variants` module."""
+        return cls(
+            model_type=config_class.model_type,
+            config_class=config_class,
+            auto_classes=auto_classes,
+            source_dir=Path(inspect.getfile(config_class)).parent,
+            example_inputs=example_inputs,
+            card_context=variants.card_context,
+            variants=variants.VARIANTS,
+            presets=variants.PRESETS,
+        )
 
     @property
     def encoder_class(self) -> type[PreTrainedModel]:
@@ -59,10 +89,3 @@ class Family:
         for auto_name, model_class in self.auto_classes.items():
             entries[auto_name] = f"modeling_{self.model_type}.{model_class.__name__}"
         return entries
-
-
-def square_image_inputs(config: PreTrainedConfig, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded standard-normal `pixel_values` of shape (batch, num_channels, image_size, image_size)."""
-    generator = torch.Generator().manual_seed(seed)
-    shape = (batch_size, config.num_channels, config.image_size, config.image_size)
-    return {"pixel_values": torch.randn(shape, generator=generator)}

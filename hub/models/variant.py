@@ -1,5 +1,6 @@
 """A catalogue entry: one buildable model of a family. Each family lists its own in `<family>/variants.py`."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,3 +50,33 @@ class Variant:
         from hub.processing.processor import MedicalImageProcessor
 
         return MedicalImageProcessor(**self.processor_spec())
+
+
+def variant_maker(
+    family: str,
+    *,
+    modality: str,
+    spatial_dims: int,
+    paper: str,
+    upstream_weights: str,
+    preprocessing: str,
+    config: dict[str, Any] | None = None,
+) -> Callable[..., Variant]:
+    """How a family's `variants.py` declares its table: `make(variant_id, tiny=False, **config)` gives a Variant
+    with the fields every variant of the maker shares; `config` holds config entries they all carry."""
+    shared_config = dict(config or {})
+
+    def make(variant_id: str, tiny: bool = False, **variant_config: Any) -> Variant:
+        return Variant(
+            id=variant_id,
+            family=family,
+            config={**variant_config, **shared_config},
+            modality=modality,
+            spatial_dims=spatial_dims,
+            paper=paper,
+            upstream_weights=upstream_weights,
+            preprocessing=preprocessing,
+            tiny=tiny,
+        )
+
+    return make

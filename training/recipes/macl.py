@@ -21,50 +21,49 @@ learning rate 0.01 (paper 0.1), photometric views with jitter and blur (paper: i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from hub.catalogue import get_variant
 from hub.export import Provenance, export_repo
 from hub.models.macl import MaclForPreTraining
 from training.config import EngineSettings, OptimSettings
 from training.data import IndexStream, StepLoader, read_split, sample_generator
 from training.distributed import DistInfo
-from training.engine import Recipe, Stage
+from training.engine import ManifestRecipe, Stage
 from training.errors import TrainingConfigError
 from training.slices import ELASTIC_3D, SliceDataset, SubVolumeDataset, ViewSettings, macl_views, random_window
 
 VOLUME_MODALITIES = ("ct", "mri")
 
 
-@dataclass
+# The recipe's values live in macl.yaml only: a field it sets has no default here (tests/test_training_config.py).
+@dataclass(kw_only=True)
 class LossSettings:
     """Written into the model config (`MaclConfig`), which computes the losses."""
 
-    slice_threshold: float = 0.1
-    temperature: float = 0.1
-    base_temperature: float = 0.07
-    global_weight: float = 1.0
-    dense_weight: float = 0.5
-    equivariance_weight: float = 1.0
+    slice_threshold: float
+    temperature: float
+    base_temperature: float
+    global_weight: float
+    dense_weight: float
+    equivariance_weight: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MaclSettings:
-    variant: str = "macl-unet2d"
-    modality: str = "ct"
-    crop: list[int] | None = None
-    seed: int = 1234
-    steps: int = 1000
+    variant: str
+    modality: str
+    crop: list[int] | None
+    seed: int
+    steps: int
     engine: EngineSettings = field(default_factory=EngineSettings)
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    views: ViewSettings = field(default_factory=ViewSettings)
-    loss: LossSettings = field(default_factory=LossSettings)
+    optim: OptimSettings
+    views: ViewSettings
+    loss: LossSettings
 
 
 class MaclStage(Stage):
@@ -119,18 +118,15 @@ class MaclStage(Stage):
         return output.loss, metrics
 
 
-class MaclRecipe(Recipe):
+class MaclRecipe(ManifestRecipe):
     name = "macl"
 
     def __init__(self, settings: MaclSettings, manifests: list[Path], dist: DistInfo):
-        if not manifests:
-            raise TrainingConfigError("the macl recipe needs at least one --data manifest of CT or MRI volumes")
-        if settings.modality not in VOLUME_MODALITIES:
+        if manifests and settings.modality not in VOLUME_MODALITIES:
             raise TrainingConfigError(
                 f"modality {settings.modality!r} is not a volume modality ({', '.join(VOLUME_MODALITIES)})"
             )
-        self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
-        self.variant = get_variant(settings.variant)
+        super().__init__(settings, manifests, dist, "manifest of CT or MRI volumes")
         if self.variant.family != "macl":
             raise TrainingConfigError(
                 f"variant {settings.variant!r} is not a MACL variant "
@@ -183,11 +179,6 @@ class MaclRecipe(Recipe):
             )
         return crop
 
-    def signature(self) -> dict[str, Any]:
-        settings = asdict(self.settings)
-        settings.pop("engine")
-        return {"recipe": self.name, "settings": settings, "data": [m.name for m in self.manifests]}
-
     def stages(self) -> list[Stage]:
         window = None if self.crop is None else (self.crop[1], self.crop[2])
         return [MaclStage(self.network, self.dataset, self.settings, self.dist, window)]
@@ -212,19 +203,17 @@ class MaclRecipe(Recipe):
             f"{s.loss.global_weight}/{s.loss.dense_weight}/{s.loss.equivariance_weight}"
         )
         data = f"{len(self.dataset)} {s.modality} {self._samples} from {', '.join(m.name for m in self.manifests)}"
-        details = {"recipe": self.name, "seed": str(s.seed), "variant": s.variant}
-        return Provenance(kind="trained", description=description, training_data=data, details=details)
+        return self.trained_provenance(description, data)
 
     def export(self, out_dir: Path) -> list[Path]:
-        self.network.cpu()
-        written = export_repo(
-            self.network,
-            out_dir / "macl",
-            variant=self.variant.id,
-            provenance=self._provenance(),
-            processor=self.processor,
-            modality=self.settings.modality,
-            overwrite=True,
-        )
-        self.network.to(self.dist.device)
+        with self.network_on_cpu():
+            written = export_repo(
+                self.network,
+                out_dir / "macl",
+                variant=self.variant.id,
+                provenance=self._provenance(),
+                processor=self.processor,
+                modality=self.settings.modality,
+                overwrite=True,
+            )
         return [written]

@@ -18,7 +18,7 @@ or a WordPiece tokenizer trained on the text stage's reports) and the variant's 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset
 
-from hub.catalogue import get_variant
 from hub.data.manifest import load_manifest
-from hub.export import Provenance, export_repo
+from hub.export import Provenance, export_variant
 from hub.export.checksums import write_checksums
 from hub.models.medcoss import MedCossForPreTraining, MedCossModel
 from hub.processing.presets import preset
@@ -36,7 +35,7 @@ from hub.processing.processor import MedicalImageProcessor
 from training.config import AugmentSettings, EngineSettings, OptimSettings
 from training.data import ManifestDataset, augment, read_split, sample_generator
 from training.distributed import DistInfo
-from training.engine import Recipe, Stage
+from training.engine import ManifestRecipe, Stage
 from training.errors import TrainingConfigError
 from training.rehearsal import distillation_loss, image_mixup, kmeans_buffer, text_mixup
 from training.text import Encoded, encode, load_tokenizer, train_wordpiece, whole_word_mask
@@ -53,31 +52,32 @@ HEADS = (
 )
 
 
-@dataclass
+# The recipe's values live in medcoss.yaml only: a field it sets has no default here (tests/test_training_config.py).
+@dataclass(kw_only=True)
 class RehearsalSettings:
-    enabled: bool = True
-    buffer_ratio: float = 0.05
-    center_ratio: float = 0.01
-    mixup: bool = True
-    kmeans_iterations: int = 100
-    feature_batch_size: int = 64
+    enabled: bool
+    buffer_ratio: float
+    center_ratio: float
+    mixup: bool
+    kmeans_iterations: int
+    feature_batch_size: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MedCossSettings:
-    variant: str = "medcoss-vitb"
-    seed: int = 0
-    stages: list[str] = field(default_factory=lambda: list(MODALITIES))
-    steps_per_stage: int = 1000
-    tokenizer: str | None = None
-    tokenizer_vocab_size: int = 28996
-    text_length: int = 112
-    mlm_probability: float = 0.15
-    teacher_train_mode: bool = True
-    engine: EngineSettings = field(default_factory=EngineSettings)
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
-    rehearsal: RehearsalSettings = field(default_factory=RehearsalSettings)
+    variant: str
+    seed: int
+    stages: list[str]
+    steps_per_stage: int
+    tokenizer: str | None
+    tokenizer_vocab_size: int
+    text_length: int
+    mlm_probability: float
+    teacher_train_mode: bool
+    engine: EngineSettings
+    optim: OptimSettings
+    augment: AugmentSettings
+    rehearsal: RehearsalSettings
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.stages if m not in MODALITIES]
@@ -272,14 +272,11 @@ class ModalityStage(Stage):
         self.recipe.buffers.update({m: list(v) for m, v in state["buffers"].items()})
 
 
-class MedCossRecipe(Recipe):
+class MedCossRecipe(ManifestRecipe):
     name = "medcoss"
 
     def __init__(self, settings: MedCossSettings, manifests: list[Path], dist: DistInfo):
-        if not manifests:
-            raise TrainingConfigError("the medcoss recipe needs at least one --data manifest")
-        self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
-        self.variant = get_variant(settings.variant)
+        super().__init__(settings, manifests, dist)
         if self.variant.family != "medcoss":
             raise TrainingConfigError(
                 f"variant {settings.variant!r} is not a MedCoSS variant (e.g. medcoss-vitb, medcoss-tiny)"
@@ -324,11 +321,6 @@ class MedCossRecipe(Recipe):
             )
         return TextData(texts, encode(self.tokenizer, texts, s.text_length))
 
-    def signature(self) -> dict[str, Any]:
-        settings = asdict(self.settings)
-        settings.pop("engine")
-        return {"recipe": self.name, "settings": settings, "data": [m.name for m in self.manifests]}
-
     def stages(self) -> list[Stage]:
         return [ModalityStage(index, self) for index in range(len(self.settings.stages))]
 
@@ -347,21 +339,12 @@ class MedCossRecipe(Recipe):
             f"{rehearsal}"
         )
         data = f"train samples per stage ({sizes}) from {', '.join(m.name for m in self.manifests)}"
-        details = {"recipe": self.name, "seed": str(s.seed), "variant": s.variant, "stages": ",".join(s.stages)}
-        return Provenance(kind="trained", description=description, training_data=data, details=details)
+        return self.trained_provenance(description, data, stages=",".join(s.stages))
 
     def export(self, out_dir: Path) -> list[Path]:
         model = self.network.model
         model.cpu()
-        repo = export_repo(
-            model,
-            out_dir / "medcoss",
-            variant=self.variant.id,
-            provenance=self._provenance(),
-            processor=self.variant.build_processor(),
-            modality=self.variant.modality,
-            overwrite=True,
-        )
+        repo = export_variant(model, out_dir / "medcoss", self.variant, self._provenance(), overwrite=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(repo)
             write_checksums(repo)

@@ -7,83 +7,70 @@ task head. MUSCLE-- (the paper's ablation) is `continual: {l2sp: false, reshuffl
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from hub.catalogue import get_variant
-from hub.export import Provenance, export_repo
+from hub.export import Provenance
 from hub.models import get_family
 from training.config import AugmentSettings, EngineSettings, OptimSettings
 from training.continual import l2sp_penalty, task_order
-from training.data import (
-    IndexStream,
-    ManifestDataset,
-    StepLoader,
-    Target,
-    augment,
-    collate,
-    read_split,
-    sample_generator,
-)
+from training.data import IndexStream, ManifestDataset, StepLoader, augment, read_split, sample_generator
 from training.distributed import DistInfo
-from training.engine import Recipe, Stage
+from training.engine import ManifestRecipe, Stage
 from training.errors import TrainingConfigError
-from training.heads import head_class, head_parameters, label_config, share_encoder
+from training.heads import head_parameters
 from training.moco import Moco
+from training.tasks import (
+    Task,
+    TaskSettings,
+    batch_to_device,
+    build_tasks,
+    export_task_repos,
+    task_batches,
+    task_datasets,
+    task_head_classes,
+)
 
 
-@dataclass
-class TaskSettings:
-    """One labelled task: `kind` (classification, segmentation, detection), class names (segmentation: index =
-    mask value; detection: the box classes), the manifest `labels` key (classification), an optional manifest
-    (default: the first `--data`) and head config overrides."""
-
-    name: str
-    kind: str
-    class_names: list[str]
-    label: str | None = None
-    manifest: str | None = None
-    head: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
+# The recipe's values live in muscle.yaml only: a field it sets has no default here (tests/test_training_config.py).
+@dataclass(kw_only=True)
 class MocoSettings:
-    steps: int = 1000
-    queue_size: int = 65536
-    momentum: float = 0.999
-    temperature: float = 0.2
-    projection_hidden: int | None = None
-    projection_dim: int = 128
-    shuffle_bn: bool = True
-    dataset_weights: list[float] | None = None
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    steps: int
+    queue_size: int
+    momentum: float
+    temperature: float
+    projection_hidden: int | None
+    projection_dim: int
+    shuffle_bn: bool
+    dataset_weights: list[float] | None
+    optim: OptimSettings
+    augment: AugmentSettings
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ContinualSettings:
-    rounds: int = 10
-    steps_per_task: int = 500
-    reshuffle: bool = True
-    l2sp: bool = True
-    alpha: float = 0.1
-    beta: float = 0.01
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
-    tasks: list[TaskSettings] = field(default_factory=list)
+    rounds: int
+    steps_per_task: int
+    reshuffle: bool
+    l2sp: bool
+    alpha: float
+    beta: float
+    optim: OptimSettings
+    augment: AugmentSettings
+    tasks: list[TaskSettings]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MuscleSettings:
-    variant: str = "muscle-resnet18"
-    seed: int = 0
+    variant: str
+    seed: int
     engine: EngineSettings = field(default_factory=EngineSettings)
-    moco: MocoSettings = field(default_factory=MocoSettings)
-    continual: ContinualSettings = field(default_factory=ContinualSettings)
+    moco: MocoSettings
+    continual: ContinualSettings
 
 
 class MocoStage(Stage):
@@ -135,13 +122,6 @@ class MocoStage(Stage):
         self._keys = None
 
 
-@dataclass
-class Task:
-    settings: TaskSettings
-    model: nn.Module
-    dataset: ManifestDataset
-
-
 class ContinualStage(Stage):
     """Step s belongs to visit s // steps_per_task; visit v is round v // T, position v % T of that round's order.
     A task's data position is (round * steps_per_task + step within the visit): every task reads its own stream."""
@@ -164,19 +144,11 @@ class ContinualStage(Stage):
             for i, t in enumerate(tasks)
         ]
         per_task_steps = settings.rounds * settings.steps_per_task
-        self.loaders = [StepLoader(self._batch_fn(i), per_task_steps, num_workers) for i in range(len(tasks))]
+        self.loaders = [
+            StepLoader(task_batches(t.dataset, stream, settings.augment, seed, i), per_task_steps, num_workers)
+            for i, (t, stream) in enumerate(zip(tasks, self.streams))
+        ]
         self.anchors: list[torch.Tensor] | None = None
-
-    def _batch_fn(self, task_index: int):
-        def batch(step: int) -> dict[str, Any]:
-            task = self.tasks[task_index]
-            items = []
-            for index, epoch in self.streams[task_index].batch(step):
-                generator = sample_generator(self.seed, 1 + task_index, epoch, index)
-                items.append(augment(task.dataset.sample(index), self.settings.augment, generator))
-            return collate(items)
-
-        return batch
 
     def position(self, step: int) -> tuple[int, int, int]:
         """(task index, round, step within the visit) of stage step `step`."""
@@ -194,13 +166,7 @@ class ContinualStage(Stage):
         if within == 0:
             self.anchors = [p.detach().clone() for p in self.encoder.parameters()]
         batch = self.loaders[index].get(round_index * self.settings.steps_per_task + within)
-        pixel_values = batch["pixel_values"].to(self.device, non_blocking=True)
-        labels = batch["labels"]
-        labels = (
-            [{k: v.to(self.device) for k, v in t.items()} for t in labels]
-            if isinstance(labels, list)
-            else labels.to(self.device)
-        )
+        pixel_values, labels = batch_to_device(batch, self.device)
         task.model.train()
         task_loss = task.model(pixel_values=pixel_values, labels=labels).loss
         metrics = {"task": index, "round": round_index, "task_loss": float(task_loss.detach())}
@@ -233,36 +199,20 @@ class MuscleNetwork(nn.Module):
         self.heads = nn.ModuleDict(heads)
 
 
-class MuscleRecipe(Recipe):
+class MuscleRecipe(ManifestRecipe):
     name = "muscle"
 
     def __init__(self, settings: MuscleSettings, manifests: list[Path], dist: DistInfo):
-        if not manifests:
-            raise TrainingConfigError("the muscle recipe needs at least one --data manifest")
-        self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
-        self.variant = get_variant(settings.variant)
+        super().__init__(settings, manifests, dist)
         self.family = get_family(self.variant.family)
         self.processor = self.variant.build_processor()
         continual = settings.continual
-        names = [t.name for t in continual.tasks]
-        if len(set(names)) != len(names):
-            raise TrainingConfigError(f"task names must be unique, got {names}")
         if continual.rounds < 1 or continual.steps_per_task < 1 or not continual.tasks:
             raise TrainingConfigError("continual needs rounds >= 1, steps_per_task >= 1 and at least one task")
-        head_classes = [head_class(self.family, t.kind, t.name) for t in continual.tasks]
-        for task in continual.tasks:
-            if task.kind == "classification" and not task.label:
-                raise TrainingConfigError(f"task {task.name!r}: classification needs `label` (a manifest labels key)")
+        head_classes = task_head_classes(self.family, continual.tasks)
         modality = self.variant.modality
         self.pretrain_sets = [ManifestDataset(read_split(m, "train", modality), self.processor) for m in self.manifests]
-        task_sets = [
-            ManifestDataset(
-                read_split(Path(t.manifest) if t.manifest else self.manifests[0], "train", modality),
-                self.processor,
-                Target(t.kind, tuple(t.class_names), t.label),
-            )
-            for t in continual.tasks
-        ]
+        task_sets = task_datasets(continual.tasks, self.manifests[0], modality, self.processor)
         config = self.variant.build_config()
         self.encoder = self.family.encoder_class(config)
         moco_settings = settings.moco
@@ -276,17 +226,8 @@ class MuscleRecipe(Recipe):
             moco_settings.momentum,
             moco_settings.temperature,
         )
-        heads = {}
-        for task, cls in zip(continual.tasks, head_classes):
-            head_config = self.variant.build_config(**label_config(task.class_names), **task.head)
-            heads[task.name] = share_encoder(cls(head_config), self.encoder)
-        self.tasks = [Task(t, heads[t.name], d) for t, d in zip(continual.tasks, task_sets)]
-        self.network = MuscleNetwork(moco, heads)
-
-    def signature(self) -> dict[str, Any]:
-        settings = asdict(self.settings)
-        settings.pop("engine")
-        return {"recipe": self.name, "settings": settings, "data": [m.name for m in self.manifests]}
+        self.tasks = build_tasks(self.variant, continual.tasks, head_classes, task_sets, self.encoder)
+        self.network = MuscleNetwork(moco, {t.settings.name: t.model for t in self.tasks})
 
     def stages(self) -> list[Stage]:
         workers = self.settings.engine.num_workers
@@ -307,21 +248,8 @@ class MuscleRecipe(Recipe):
         )
         sources = ", ".join(m.name for m in self.manifests)
         data = f"{images} training images from {sources} (modality {self.variant.modality})"
-        details = {"recipe": self.name, "seed": str(s.seed), "variant": s.variant}
-        return Provenance(kind="trained", description=description, training_data=data, details=details)
+        return self.trained_provenance(description, data)
 
     def export(self, out_dir: Path) -> list[Path]:
-        provenance = self._provenance()
-        common = {
-            "variant": self.variant.id,
-            "provenance": provenance,
-            "processor": self.processor,
-            "modality": self.variant.modality,
-            "overwrite": True,
-        }
-        self.network.cpu()
-        written = [export_repo(self.encoder, out_dir / "encoder", **common)]
-        for task in self.tasks:
-            written.append(export_repo(task.model, out_dir / task.settings.name, **common))
-        self.network.to(self.dist.device)
-        return written
+        with self.network_on_cpu():
+            return export_task_repos(self.encoder, self.tasks, out_dir, self.variant, self._provenance())

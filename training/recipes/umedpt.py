@@ -19,54 +19,48 @@ multiplies the averaged shared gradients by the world size, a sum).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from hub.catalogue import get_variant
-from hub.export import Provenance, export_repo
+from hub.export import Provenance
 from hub.models import get_family
 from training import distributed
 from training.config import AugmentSettings, EngineSettings, OptimSettings
-from training.data import (
-    TASK_KINDS,
-    IndexStream,
-    ManifestDataset,
-    StepLoader,
-    Target,
-    augment,
-    collate,
-    read_split,
-    sample_generator,
-)
+from training.data import TASK_KINDS, IndexStream, StepLoader
 from training.distributed import DistInfo
-from training.engine import Recipe, Stage, make_optimizer, warmup_cosine
+from training.engine import ManifestRecipe, Stage, make_optimizer, warmup_cosine
 from training.errors import TrainingConfigError
-from training.heads import head_class, label_config, share_encoder
+from training.tasks import (
+    Task,
+    TaskSettings,
+    batch_to_device,
+    build_tasks,
+    export_task_repos,
+    task_batches,
+    task_datasets,
+    task_head_classes,
+)
 
-from .muscle import Task, TaskSettings
 
-# The UMedPT models' blocks that upstream shares between the tasks of a kind (dotted module paths).
-SHARED_BLOCKS = {"segmentation": ["decoder"], "detection": ["fpn", "head.cls_tower", "head.reg_tower"]}
-
-
-@dataclass
+@dataclass(kw_only=True)
 class UmedptSettings:
     """`optim` is the shared blocks' optimiser and every task's batch size; heads use it with lr x `lr_factor_tasks`.
-    `shared_blocks`: per task kind, the modules every task of that kind shares (empty: each head owns them)."""
+    `shared_blocks`: per task kind, the modules (dotted paths) every task of that kind shares (empty: each head
+    owns them). The recipe's values live in umedpt.yaml only: a field it sets has no default here."""
 
-    variant: str = "umedpt-swinv2-t"
-    seed: int = 0
-    steps: int = 1000
-    lr_factor_tasks: float = 1.0
-    engine: EngineSettings = field(default_factory=EngineSettings)
-    optim: OptimSettings = field(default_factory=lambda: OptimSettings(optimizer="adamw", lr=1e-4, weight_decay=1e-2))
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
-    tasks: list[TaskSettings] = field(default_factory=list)
-    shared_blocks: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in SHARED_BLOCKS.items()})
+    variant: str
+    seed: int
+    steps: int
+    lr_factor_tasks: float
+    engine: EngineSettings
+    optim: OptimSettings
+    augment: AugmentSettings
+    tasks: list[TaskSettings]
+    shared_blocks: dict[str, list[str]]
 
 
 class _Relay(torch.autograd.Function):
@@ -123,15 +117,6 @@ def share_blocks(tasks: list[Task], blocks: dict[str, list[str]]) -> list[nn.Mod
     return [module for _, module in first.values()]
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, Any]:
-    labels = batch["labels"]
-    if isinstance(labels, list):
-        labels = [{key: value.to(device) for key, value in target.items()} for target in labels]
-    else:
-        labels = labels.to(device)
-    return batch["pixel_values"].to(device, non_blocking=True), labels
-
-
 class MultiTaskStage(Stage):
     """One step = every task once, in configuration order; step s of task t reads batch s of task t's stream."""
 
@@ -145,7 +130,10 @@ class MultiTaskStage(Stage):
             IndexStream([len(t.dataset)], batch_size, seed + 1 + i, dist.rank, dist.world) for i, t in enumerate(tasks)
         ]
         self.loaders = [
-            StepLoader(self._batch_fn(i), settings.steps, settings.engine.num_workers) for i in range(len(tasks))
+            StepLoader(
+                task_batches(t.dataset, stream, settings.augment, seed, i), settings.steps, settings.engine.num_workers
+            )
+            for i, (t, stream) in enumerate(zip(tasks, self.streams))
         ]
         shared_ids = {id(p) for p in self.shared}
         self.head_parameters = [[p for p in task.model.parameters() if id(p) not in shared_ids] for task in tasks]
@@ -155,17 +143,6 @@ class MultiTaskStage(Stage):
         self.head_schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in self.head_optimizers]
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.engine.amp and dist.device.type == "cuda")
 
-    def _batch_fn(self, task_index: int):
-        def batch(step: int) -> dict[str, Any]:
-            task = self.tasks[task_index]
-            items = []
-            for index, epoch in self.streams[task_index].batch(step):
-                generator = sample_generator(self.settings.seed, 1 + task_index, epoch, index)
-                items.append(augment(task.dataset.sample(index), self.settings.augment, generator))
-            return collate(items)
-
-        return batch
-
     def parameters(self) -> list[nn.Parameter]:
         """The shared blocks' parameters (the engine's optimiser); each head's own are in `head_parameters`."""
         return self.shared
@@ -173,7 +150,7 @@ class MultiTaskStage(Stage):
     def task_loss(self, index: int, step: int) -> torch.Tensor:
         """Task `index`'s loss on its batch of `step` (forward only)."""
         task = self.tasks[index]
-        pixel_values, labels = _to_device(self.loaders[index].get(step), self.device)
+        pixel_values, labels = batch_to_device(self.loaders[index].get(step), self.device)
         task.model.train()
         return task.model(pixel_values=pixel_values, labels=labels).loss
 
@@ -231,49 +208,23 @@ class UmedptNetwork(nn.Module):
         self.heads = nn.ModuleDict(heads)
 
 
-class UmedptRecipe(Recipe):
+class UmedptRecipe(ManifestRecipe):
     name = "umedpt"
 
     def __init__(self, settings: UmedptSettings, manifests: list[Path], dist: DistInfo):
-        if not manifests:
-            raise TrainingConfigError("the umedpt recipe needs at least one --data manifest")
+        super().__init__(settings, manifests, dist)
         if settings.steps < 1 or not settings.tasks:
             raise TrainingConfigError("the umedpt recipe needs steps >= 1 and at least one task")
         if settings.lr_factor_tasks <= 0:
             raise TrainingConfigError(f"lr_factor_tasks must be positive, got {settings.lr_factor_tasks}")
-        names = [t.name for t in settings.tasks]
-        if len(set(names)) != len(names):
-            raise TrainingConfigError(f"task names must be unique, got {names}")
-        self.settings, self.manifests, self.dist = settings, [Path(m) for m in manifests], dist
-        self.variant = get_variant(settings.variant)
         self.family = get_family(self.variant.family)
         self.processor = self.variant.build_processor()
-        head_classes = [head_class(self.family, t.kind, t.name) for t in settings.tasks]
-        for task in settings.tasks:
-            if task.kind == "classification" and not task.label:
-                raise TrainingConfigError(f"task {task.name!r}: classification needs `label` (a manifest labels key)")
-        modality = self.variant.modality
-        datasets = [
-            ManifestDataset(
-                read_split(Path(t.manifest) if t.manifest else self.manifests[0], "train", modality),
-                self.processor,
-                Target(t.kind, tuple(t.class_names), t.label),
-            )
-            for t in settings.tasks
-        ]
+        head_classes = task_head_classes(self.family, settings.tasks)
+        datasets = task_datasets(settings.tasks, self.manifests[0], self.variant.modality, self.processor)
         self.encoder = self.family.encoder_class(self.variant.build_config())
-        heads = {
-            t.name: share_encoder(cls(self.variant.build_config(**label_config(t.class_names), **t.head)), self.encoder)
-            for t, cls in zip(settings.tasks, head_classes)
-        }
-        self.tasks = [Task(t, heads[t.name], d) for t, d in zip(settings.tasks, datasets)]
+        self.tasks = build_tasks(self.variant, settings.tasks, head_classes, datasets, self.encoder)
         self.shared = [self.encoder, *share_blocks(self.tasks, settings.shared_blocks)]
-        self.network = UmedptNetwork(self.encoder, heads)
-
-    def signature(self) -> dict[str, Any]:
-        settings = asdict(self.settings)
-        settings.pop("engine")
-        return {"recipe": self.name, "settings": settings, "data": [m.name for m in self.manifests]}
+        self.network = UmedptNetwork(self.encoder, {t.settings.name: t.model for t in self.tasks})
 
     def stages(self) -> list[Stage]:
         return [MultiTaskStage(self.shared, self.tasks, self.settings, self.dist)]
@@ -288,20 +239,8 @@ class UmedptRecipe(Recipe):
         images = sum(len(t.dataset) for t in self.tasks)
         sources = ", ".join(m.name for m in self.manifests)
         data = f"{images} labelled training images (an image counted once per task using it) from {sources}"
-        details = {"recipe": self.name, "seed": str(s.seed), "variant": s.variant}
-        return Provenance(kind="trained", description=description, training_data=data, details=details)
+        return self.trained_provenance(description, data)
 
     def export(self, out_dir: Path) -> list[Path]:
-        common = {
-            "variant": self.variant.id,
-            "provenance": self._provenance(),
-            "processor": self.processor,
-            "modality": self.variant.modality,
-            "overwrite": True,
-        }
-        self.network.cpu()
-        written = [export_repo(self.encoder, out_dir / "encoder", **common)]
-        for task in self.tasks:
-            written.append(export_repo(task.model, out_dir / task.settings.name, **common))
-        self.network.to(self.dist.device)
-        return written
+        with self.network_on_cpu():
+            return export_task_repos(self.encoder, self.tasks, out_dir, self.variant, self._provenance())

@@ -1,11 +1,10 @@
 """MACL: multi-level asymmetric contrastive pre-training of a U-Net on CT/MRI slices (2D; 3D as medhub's extension)."""
 
-from pathlib import Path
-
 import torch
 
 from hub.models.family import Family
 
+from . import variants
 from .configuration_macl import MaclConfig
 from .modeling_macl import (
     MaclForPreTraining,
@@ -14,7 +13,6 @@ from .modeling_macl import (
     MaclPreTrainedModel,
     MaclPreTrainingOutput,
 )
-from .variants import PRESETS, VARIANTS, card_context
 
 
 def image_or_volume_inputs(config: MaclConfig, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -24,19 +22,15 @@ def image_or_volume_inputs(config: MaclConfig, batch_size: int = 1, seed: int = 
     return {"pixel_values": torch.randn(shape, generator=generator)}
 
 
-FAMILY = Family(
-    model_type="macl",
-    config_class=MaclConfig,
-    auto_classes={
+FAMILY = Family.declare(
+    MaclConfig,
+    {
         "AutoModel": MaclModel,
         "AutoModelForSemanticSegmentation": MaclForSemanticSegmentation,
         "AutoModelForPreTraining": MaclForPreTraining,
     },
-    source_dir=Path(__file__).parent,
-    example_inputs=image_or_volume_inputs,
-    card_context=card_context,
-    variants=VARIANTS,
-    presets=PRESETS,
+    variants,
+    image_or_volume_inputs,
 )
 
 __all__ = [

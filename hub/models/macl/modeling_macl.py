@@ -53,6 +53,18 @@ def check_pixel_values(
         raise ValueError(f"{name} spatial sides must be multiples of {multiple}, got {tuple(pixel_values.shape[2:])}")
 
 
+def _instance_projector(config: MaclConfig, in_channels: int) -> nn.Sequential:
+    """Global average pool, Linear to 4F, ReLU, Linear to `projection_dim`: the authors' instance projectors."""
+    width = config.stage_channels[2]
+    return nn.Sequential(
+        _AVG_POOL[config.spatial_dims](1),
+        nn.Flatten(),
+        nn.Linear(in_channels, width),
+        nn.ReLU(inplace=True),
+        nn.Linear(width, config.projection_dim),
+    )
+
+
 class MaclEncoder(nn.Module):
     """Four stages of two contract blocks with max-pooling between them, then the BN-free ReLU centre."""
 
@@ -146,6 +158,18 @@ class MaclModel(MaclPreTrainedModel):
         check_pixel_values(self.config, pixel_values, self.config.input_multiple)
         return self.encoder(pixel_values)
 
+    # Copied from hub.models.muscle.modeling_muscle.MuscleModel.encode
+    def encode(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...] | None]:
+        """`stage_maps`, and the same maps as an output's `hidden_states` when `output_hidden_states` (default: the
+        config's) asks for them, else None."""
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        maps = self.stage_maps(pixel_values)
+        return maps, tuple(maps) if output_hidden_states else None
+
     # Copied from hub.models.muscle.modeling_muscle.MuscleModel.forward
     @can_return_tuple
     def forward(
@@ -154,12 +178,8 @@ class MaclModel(MaclPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        maps = self.stage_maps(pixel_values)
+        maps, hidden_states = self.encode(pixel_values, output_hidden_states)
         pooled = maps[-1].flatten(2).mean(dim=-1)
-        hidden_states = tuple(maps) if output_hidden_states else None
         return BaseModelOutputWithPooling(last_hidden_state=maps[-1], pooler_output=pooled, hidden_states=hidden_states)
 
 
@@ -184,15 +204,10 @@ class MaclForSemanticSegmentation(MaclPreTrainedModel):
         **kwargs,
     ) -> SemanticSegmenterOutput:
         """`labels`: (batch, *spatial) class indices; the loss is pixel-wise cross-entropy (BCE for one label)."""
-        config = self.config
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        maps = self.macl.stage_maps(pixel_values)
+        maps, hidden_states = self.macl.encode(pixel_values, output_hidden_states)
         logits = self.head(self.decoder(maps)[-1])
         loss = None if labels is None else segmentation_loss(self.config, logits, labels)
-        output = SemanticSegmenterOutput(
-            loss=loss, logits=logits, hidden_states=tuple(maps) if output_hidden_states else None
-        )
-        return output
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
 # Copied from hub.models.muscle.modeling_muscle.segmentation_loss with MuscleConfig->MaclConfig
@@ -246,23 +261,11 @@ class MaclForPreTraining(MaclPreTrainedModel):
 
     def __init__(self, config: MaclConfig):
         super().__init__(config)
-        dims, channels, dim = config.spatial_dims, config.stage_channels, config.projection_dim
+        channels = config.stage_channels
         self.macl = MaclModel(config)
         self.decoder = MaclDecoder(config)
-        self.target_instance_projector = nn.Sequential(
-            _AVG_POOL[dims](1),
-            nn.Flatten(),
-            nn.Linear(channels[4], channels[2]),
-            nn.ReLU(inplace=True),
-            nn.Linear(channels[2], dim),
-        )
-        self.online_instance_projector = nn.Sequential(
-            _AVG_POOL[dims](1),
-            nn.Flatten(),
-            nn.Linear(channels[2], channels[2]),
-            nn.ReLU(inplace=True),
-            nn.Linear(channels[2], dim),
-        )
+        self.target_instance_projector = _instance_projector(config, channels[4])
+        self.online_instance_projector = _instance_projector(config, channels[2])
         self.target_pixel_projector = nn.Sequential(
             *_conv_block(config, channels[4], channels[2]), *_conv_block(config, channels[2], channels[2])
         )

@@ -5,7 +5,7 @@ MACL's U-Net takes one z-scored grey channel (PCL pre-processing).
 
 from typing import Any
 
-from hub.models.variant import Variant
+from hub.models.variant import Variant, variant_maker
 
 from .configuration_macl import MaclConfig
 
@@ -34,25 +34,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _macl(variant_id: str, spatial_dims: int = 2, tiny: bool = False, **config: Any) -> Variant:
-    return Variant(
-        id=variant_id,
-        family="macl",
-        config={**config, "spatial_dims": spatial_dims},
+_macl_2d, _macl_3d = (
+    variant_maker(
+        "macl",
         modality="ct",
-        spatial_dims=spatial_dims,
+        spatial_dims=dims,
         paper=PAPER,
         upstream_weights=WEIGHTS,
-        preprocessing="macl" if spatial_dims == 2 else "macl-3d",
-        tiny=tiny,
+        preprocessing=preprocessing,
+        config={"spatial_dims": dims},
     )
-
+    for dims, preprocessing in ((2, "macl"), (3, "macl-3d"))
+)
 
 VARIANTS: tuple[Variant, ...] = (
-    _macl("macl-unet2d", image_size=256),
-    _macl("macl-unet3d", spatial_dims=3, image_size=64),
-    _macl("macl-tiny", tiny=True, base_filters=4, projection_dim=16, image_size=64),
-    _macl("macl-unet3d-tiny", spatial_dims=3, tiny=True, base_filters=4, projection_dim=16, image_size=32),
+    _macl_2d("macl-unet2d", image_size=256),
+    _macl_3d("macl-unet3d", image_size=64),
+    _macl_2d("macl-tiny", tiny=True, base_filters=4, projection_dim=16, image_size=64),
+    _macl_3d("macl-unet3d-tiny", tiny=True, base_filters=4, projection_dim=16, image_size=32),
 )
 
 

@@ -654,10 +654,9 @@ class MedCossForImageClassification(MedCossPreTrainedModel):
         pooled = outputs.pooler_output if self.fc_norm is None else self.fc_norm(outputs.pooler_output)
         logits = self.classifier(pooled)
         loss = None if labels is None else classification_loss(self.config, logits, labels)
-        output = ImageClassifierOutput(
+        return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output
 
 
 # Copied from hub.models.muscle.modeling_muscle.problem_type_of with MuscleConfig->MedCossConfig
@@ -819,13 +818,12 @@ class MedCossForSemanticSegmentation(MedCossPreTrainedModel):
         ]
         logits = self.decode_head(pixel_values, maps)
         loss = None if labels is None else dice_bce_loss(logits, labels)
-        output = SemanticSegmenterOutput(
+        return SemanticSegmenterOutput(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=outputs.attentions,
         )
-        return output
 
 
 def dice_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ MedCoSS per modality: X-ray and pathology 224x224 in [0, 1] (pathology in BGR or
 
 from typing import Any
 
-from hub.models.variant import Variant
+from hub.models.variant import Variant, variant_maker
 
 from .configuration_medcoss import MedCossConfig
 
@@ -55,19 +55,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _medcoss(variant_id: str, tiny: bool = False, **config: Any) -> Variant:
-    return Variant(
-        id=variant_id,
-        family="medcoss",
-        config=config,
-        modality="xray",
-        spatial_dims=2,
-        paper=PAPER,
-        upstream_weights=WEIGHTS,
-        preprocessing="medcoss-xray",
-        tiny=tiny,
-    )
-
+_medcoss = variant_maker(
+    "medcoss", modality="xray", spatial_dims=2, paper=PAPER, upstream_weights=WEIGHTS, preprocessing="medcoss-xray"
+)
 
 VARIANTS: tuple[Variant, ...] = (
     _medcoss("medcoss-vitb", image_size=224),

@@ -1,9 +1,8 @@
 """MUSCLE: multi-dataset MoCo then multi-task continual learning on X-rays (ResNet-18/50)."""
 
-from pathlib import Path
+from hub.models.family import Family
 
-from hub.models.family import Family, square_image_inputs
-
+from . import variants
 from .configuration_muscle import MuscleConfig
 from .modeling_muscle import (
     MuscleBackbone,
@@ -13,23 +12,17 @@ from .modeling_muscle import (
     MuscleModel,
     MusclePreTrainedModel,
 )
-from .variants import PRESETS, VARIANTS, card_context
 
-FAMILY = Family(
-    model_type="muscle",
-    config_class=MuscleConfig,
-    auto_classes={
+FAMILY = Family.declare(
+    MuscleConfig,
+    {
         "AutoModel": MuscleModel,
         "AutoModelForImageClassification": MuscleForImageClassification,
         "AutoModelForSemanticSegmentation": MuscleForSemanticSegmentation,
         "AutoModelForObjectDetection": MuscleForObjectDetection,
         "AutoBackbone": MuscleBackbone,
     },
-    source_dir=Path(__file__).parent,
-    example_inputs=square_image_inputs,
-    card_context=card_context,
-    variants=VARIANTS,
-    presets=PRESETS,
+    variants,
 )
 
 __all__ = [

@@ -28,7 +28,8 @@ class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
         (default 8, as torchvision's DeepLab-V3); weights are the same, only strides become dilations.
     image_size (`int`): the square input side used for the golden example and export.
     pooling (`str`): how `pooler_output` is made from the last stage map; only `"mean"` (global average pool).
-    aspp_channels / atrous_rates: DeepLab-V3 head (torchvision's defaults: 256 channels, rates 12/24/36).
+    aspp_channels / atrous_rates: the DeepLab-V3 head's width (its ASPP branches and the 3x3 conv after them) and
+        atrous rates (torchvision's defaults: 256 channels, rates 12/24/36).
     fpn_channels / detection_min_size / detection_max_size: Faster R-CNN on an FPN over stages 1-4.
     rpn_*: the region proposal network (torchvision's `fasterrcnn_resnet50_fpn` defaults): one anchor size per
         FPN level (`rpn_anchor_sizes`) with `rpn_aspect_ratios`, IoU thresholds for foreground/background
@@ -95,11 +96,16 @@ class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
         self.atrous_rates = list(self.atrous_rates)
         self.rpn_anchor_sizes = list(self.rpn_anchor_sizes)
         self.rpn_aspect_ratios = list(self.rpn_aspect_ratios)
+        self._set_stage_names(kwargs)
+        super().__post_init__(**kwargs)
+
+    def _set_stage_names(self, kwargs: dict) -> None:
+        """`stage_names` (the stem, then one per stage) and the backbone's `out_features` / `out_indices`, taken out
+        of the constructor's `kwargs`."""
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         self.set_output_features_output_indices(
             out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
         )
-        super().__post_init__(**kwargs)
 
     def validate_architecture(self):
         """Reject layouts the encoder cannot build, naming the field and the accepted values."""
@@ -113,6 +119,8 @@ class MuscleConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if len(self.rpn_anchor_sizes) != 5:
             raise ValueError(f"rpn_anchor_sizes must list one size per FPN level (5), got {self.rpn_anchor_sizes}")
+        if self.aspp_channels < 1:
+            raise ValueError(f"aspp_channels must be a positive channel count, got {self.aspp_channels}")
         for name in ("output_stride", "segmentation_output_stride"):
             if getattr(self, name) not in (8, 16, 32):
                 raise ValueError(f"{name}={getattr(self, name)} is not one of 8, 16, 32")

@@ -21,7 +21,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from transformers import initialization as init
@@ -183,6 +183,17 @@ class MuscleModel(MusclePreTrainedModel):
             maps.append(hidden_states)
         return maps
 
+    def encode(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...] | None]:
+        """`stage_maps`, and the same maps as an output's `hidden_states` when `output_hidden_states` (default: the
+        config's) asks for them, else None."""
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        maps = self.stage_maps(pixel_values)
+        return maps, tuple(maps) if output_hidden_states else None
+
     @can_return_tuple
     def forward(
         self,
@@ -190,12 +201,8 @@ class MuscleModel(MusclePreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        maps = self.stage_maps(pixel_values)
+        maps, hidden_states = self.encode(pixel_values, output_hidden_states)
         pooled = maps[-1].flatten(2).mean(dim=-1)
-        hidden_states = tuple(maps) if output_hidden_states else None
         return BaseModelOutputWithPooling(last_hidden_state=maps[-1], pooler_output=pooled, hidden_states=hidden_states)
 
 
@@ -254,7 +261,7 @@ class MuscleForSemanticSegmentation(MusclePreTrainedModel):
         encoder_config = copy.deepcopy(config)
         encoder_config.output_stride = config.segmentation_output_stride
         self.muscle = MuscleModel(encoder_config)
-        self.decode_head = DeepLabHead(config.hidden_size, config.num_labels, list(config.atrous_rates))
+        self.decode_head = deeplab_head(config)
         self.post_init()
 
     @can_return_tuple
@@ -273,6 +280,19 @@ class MuscleForSemanticSegmentation(MusclePreTrainedModel):
         logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         loss = None if labels is None else segmentation_loss(self.config, logits, labels)
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+def deeplab_head(config: MuscleConfig) -> nn.Sequential:
+    """torchvision's `DeepLabHead` (the same modules and parameter names) with `config.aspp_channels` channels in
+    place of its fixed 256: ASPP at `config.atrous_rates`, 3x3 conv, BatchNorm, ReLU, 1x1 classifier."""
+    width = config.aspp_channels
+    return nn.Sequential(
+        ASPP(config.hidden_size, list(config.atrous_rates), width),
+        nn.Conv2d(width, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, config.num_labels, 1),
+    )
 
 
 def segmentation_loss(config: MuscleConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -360,8 +380,6 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> MuscleObjectDetectionOutput:
-        config = self.config
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         if labels is not None and not self.training:
             raise ValueError("MuscleForObjectDetection computes losses in training mode only; call model.train() first")
         if labels is None and self.training:
@@ -376,7 +394,7 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
         )
         original_sizes = [tuple(image.shape[-2:]) for image in pixel_values]
         images, targets = self.transform(list(pixel_values), targets)
-        maps = self.muscle.stage_maps(images.tensors)
+        maps, hidden_states = self.muscle.encode(images.tensors, output_hidden_states)
         features = self.fpn(OrderedDict((str(index), fmap) for index, fmap in enumerate(maps[1:])))
         proposals, proposal_losses = self.rpn(images, features, targets)
         detections, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
@@ -389,13 +407,9 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
             detections = self.transform.postprocess(detections, images.image_sizes, original_sizes)
             for detection in detections:
                 detection["labels"] = detection["labels"] - 1
-        output = MuscleObjectDetectionOutput(
-            loss=loss,
-            loss_dict=loss_dict,
-            detections=detections,
-            hidden_states=tuple(maps) if output_hidden_states else None,
+        return MuscleObjectDetectionOutput(
+            loss=loss, loss_dict=loss_dict, detections=detections, hidden_states=hidden_states
         )
-        return output
 
 
 class MuscleBackbone(BackboneMixin, MuscleModel):
@@ -414,13 +428,9 @@ class MuscleBackbone(BackboneMixin, MuscleModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BackboneOutput:
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        maps = self.stage_maps(pixel_values)
+        maps, hidden_states = self.encode(pixel_values, output_hidden_states)
         by_name = dict(zip(self.stage_names, maps))
         feature_maps = tuple(by_name[name] for name in self.out_features)
-        hidden_states = tuple(maps) if output_hidden_states else None
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
 
 

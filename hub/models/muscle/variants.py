@@ -6,7 +6,7 @@ mean/std).
 
 from typing import Any
 
-from hub.models.variant import Variant
+from hub.models.variant import Variant, variant_maker
 
 from .configuration_muscle import MuscleConfig
 
@@ -31,19 +31,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _muscle(variant_id: str, tiny: bool = False, **config: Any) -> Variant:
-    return Variant(
-        id=variant_id,
-        family="muscle",
-        config=config,
-        modality="xray",
-        spatial_dims=2,
-        paper=PAPER,
-        upstream_weights=WEIGHTS,
-        preprocessing="muscle",
-        tiny=tiny,
-    )
-
+_muscle = variant_maker(
+    "muscle", modality="xray", spatial_dims=2, paper=PAPER, upstream_weights=WEIGHTS, preprocessing="muscle"
+)
 
 VARIANTS: tuple[Variant, ...] = (
     _muscle("muscle-resnet18", depths=[2, 2, 2, 2], block_type="basic", image_size=224),

@@ -1,9 +1,8 @@
 """UMedPT: a Swin V2 encoder pre-trained on many biomedical tasks at once (classification, segmentation, detection)."""
 
-from pathlib import Path
+from hub.models.family import Family
 
-from hub.models.family import Family, square_image_inputs
-
+from . import variants
 from .configuration_umedpt import UmedptConfig
 from .modeling_umedpt import (
     UmedptBackbone,
@@ -11,26 +10,19 @@ from .modeling_umedpt import (
     UmedptForObjectDetection,
     UmedptForSemanticSegmentation,
     UmedptModel,
-    UmedptObjectDetectionOutput,
     UmedptPreTrainedModel,
 )
-from .variants import PRESETS, VARIANTS, card_context
 
-FAMILY = Family(
-    model_type="umedpt",
-    config_class=UmedptConfig,
-    auto_classes={
+FAMILY = Family.declare(
+    UmedptConfig,
+    {
         "AutoModel": UmedptModel,
         "AutoModelForImageClassification": UmedptForImageClassification,
         "AutoModelForSemanticSegmentation": UmedptForSemanticSegmentation,
         "AutoModelForObjectDetection": UmedptForObjectDetection,
         "AutoBackbone": UmedptBackbone,
     },
-    source_dir=Path(__file__).parent,
-    example_inputs=square_image_inputs,
-    card_context=card_context,
-    variants=VARIANTS,
-    presets=PRESETS,
+    variants,
 )
 
 __all__ = [
@@ -41,6 +33,5 @@ __all__ = [
     "UmedptForObjectDetection",
     "UmedptForSemanticSegmentation",
     "UmedptModel",
-    "UmedptObjectDetectionOutput",
     "UmedptPreTrainedModel",
 ]

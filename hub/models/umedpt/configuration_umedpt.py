@@ -89,11 +89,17 @@ class UmedptConfig(BackboneConfigMixin, PreTrainedConfig):
         self.depths = list(self.depths)
         self.num_heads = list(self.num_heads)
         self.decoder_channels = list(self.decoder_channels)
+        self._set_stage_names(kwargs)
+        super().__post_init__(**kwargs)
+
+    # Copied from hub.models.muscle.configuration_muscle.MuscleConfig._set_stage_names
+    def _set_stage_names(self, kwargs: dict) -> None:
+        """`stage_names` (the stem, then one per stage) and the backbone's `out_features` / `out_indices`, taken out
+        of the constructor's `kwargs`."""
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         self.set_output_features_output_indices(
             out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
         )
-        super().__post_init__(**kwargs)
 
     def validate_architecture(self):
         """Reject layouts the encoder and heads cannot build, naming the field."""

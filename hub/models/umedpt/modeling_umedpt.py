@@ -260,6 +260,22 @@ class UmedptModel(UmedptPreTrainedModel):
             maps.append(hidden_states.permute(0, 3, 1, 2))
         return maps
 
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """`stage_maps`, with an output's `hidden_states` (the same maps) and `attentions` (every block's), each
+        None unless `output_hidden_states` / `output_attentions` (default: the config's) ask for it."""
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        attentions = [] if output_attentions else None
+        maps = self.stage_maps(pixel_values, attentions)
+        hidden_states = tuple(maps) if output_hidden_states else None
+        return maps, hidden_states, tuple(attentions) if output_attentions else None
+
     @can_return_tuple
     def forward(
         self,
@@ -268,19 +284,11 @@ class UmedptModel(UmedptPreTrainedModel):
         output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
-        config = self.config
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        attentions = [] if output_attentions else None
-        maps = self.stage_maps(pixel_values, attentions)
+        maps, hidden_states, attentions = self.encode(pixel_values, output_hidden_states, output_attentions)
         latent, pooled = self.squeezer(maps[-1])
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=latent,
-            pooler_output=pooled,
-            hidden_states=tuple(maps) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
+        return BaseModelOutputWithPooling(
+            last_hidden_state=latent, pooler_output=pooled, hidden_states=hidden_states, attentions=attentions
         )
-        return output
 
 
 def _inverse_log_classes(num_classes: int) -> float:
@@ -316,10 +324,9 @@ class UmedptForImageClassification(UmedptPreTrainedModel):
         )
         logits = self.classifier(outputs.pooler_output)
         loss = None if labels is None else log_scaled_classification_loss(self.config, logits, labels)
-        output = ImageClassifierOutput(
+        return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output
 
 
 # Copied from hub.models.muscle.modeling_muscle.problem_type_of with MuscleConfig->UmedptConfig
@@ -334,14 +341,26 @@ def problem_type_of(config: UmedptConfig, labels: torch.Tensor) -> str:
     return "multi_label_classification"
 
 
-def log_scaled_classification_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy / ln C, BCE / ln 2 or MSE by `config.problem_type` (inferred from the labels when unset)."""
+# Copied from hub.models.muscle.modeling_muscle.classification_loss with MuscleConfig->UmedptConfig
+def classification_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, BCE or MSE by `config.problem_type`, inferred from the labels when unset."""
     problem_type = problem_type_of(config, labels)
     if problem_type == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
     if problem_type == "single_label_classification":
-        return F.cross_entropy(logits, labels.view(-1)) * _inverse_log_classes(config.num_labels)
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype)) / math.log(2)
+        return F.cross_entropy(logits, labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def log_scaled_classification_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """UMedPT's task weighting of `classification_loss`: cross-entropy / ln C, BCE / ln 2, MSE as it is."""
+    loss = classification_loss(config, logits, labels)
+    problem_type = problem_type_of(config, labels)
+    if problem_type == "regression":
+        return loss
+    if problem_type == "single_label_classification":
+        return loss * _inverse_log_classes(config.num_labels)
+    return loss / math.log(2)
 
 
 def _conv_norm_act(in_channels: int, out_channels: int, activation: type[nn.Module]) -> nn.Sequential:
@@ -414,11 +433,7 @@ class UmedptForSemanticSegmentation(UmedptPreTrainedModel):
         **kwargs,
     ) -> SemanticSegmenterOutput:
         """`labels`: (batch, H, W) class indices, `semantic_loss_ignore_index` where unknown."""
-        config = self.config
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        attentions = [] if output_attentions else None
-        maps = self.umedpt.stage_maps(pixel_values, attentions)
+        maps, hidden_states, attentions = self.umedpt.encode(pixel_values, output_hidden_states, output_attentions)
         latent, _ = self.umedpt.squeezer(maps[-1])
         half = self.head(self.dropout(self.decoder(maps[1:], latent)))
         loss = None
@@ -430,13 +445,7 @@ class UmedptForSemanticSegmentation(UmedptPreTrainedModel):
             small = F.interpolate(labels[:, None].float(), size=half.shape[2:], mode="nearest")[:, 0].long()
             loss = dice_focal_loss(self.config, half, small)
         logits = F.interpolate(half, size=pixel_values.shape[2:], mode="bilinear", align_corners=False)
-        output = SemanticSegmenterOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=tuple(maps) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
-        )
-        return output
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
 
 
 def dice_focal_loss(config: UmedptConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -692,9 +701,7 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> UmedptObjectDetectionOutput:
-        config = self.config
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        maps = self.umedpt.stage_maps(pixel_values)
+        maps, hidden_states, _ = self.umedpt.encode(pixel_values, output_hidden_states, output_attentions=False)
         latent, _ = self.umedpt.squeezer(maps[-1])
         pyramid = self.fpn(OrderedDict(zip(("p3", "p4", "p5"), [maps[2], maps[3], latent])))
         features = list(pyramid.values())
@@ -723,13 +730,9 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
                 )
                 for index in range(pixel_values.shape[0])
             ]
-        output = UmedptObjectDetectionOutput(
-            loss=loss,
-            loss_dict=loss_dict,
-            detections=detections,
-            hidden_states=tuple(maps) if output_hidden_states else None,
+        return UmedptObjectDetectionOutput(
+            loss=loss, loss_dict=loss_dict, detections=detections, hidden_states=hidden_states
         )
-        return output
 
 
 class UmedptBackbone(BackboneMixin, UmedptModel):
@@ -748,18 +751,10 @@ class UmedptBackbone(BackboneMixin, UmedptModel):
         output_attentions: bool | None = None,
         **kwargs,
     ) -> BackboneOutput:
-        config = self.config
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        attentions = [] if output_attentions else None
-        maps = self.stage_maps(pixel_values, attentions)
+        maps, hidden_states, attentions = self.encode(pixel_values, output_hidden_states, output_attentions)
         by_name = dict(zip(self.stage_names, maps))
-        output = BackboneOutput(
-            feature_maps=tuple(by_name[name] for name in self.out_features),
-            hidden_states=tuple(maps) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
-        )
-        return output
+        feature_maps = tuple(by_name[name] for name in self.out_features)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=attentions)
 
 
 __all__ = [

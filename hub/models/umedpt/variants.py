@@ -5,7 +5,7 @@ UMedPT takes 3-channel [0, 1] input with no mean/std.
 
 from typing import Any
 
-from hub.models.variant import Variant
+from hub.models.variant import Variant, variant_maker
 
 from .configuration_umedpt import UmedptConfig
 
@@ -27,19 +27,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _umedpt(variant_id: str, tiny: bool = False, **config: Any) -> Variant:
-    return Variant(
-        id=variant_id,
-        family="umedpt",
-        config=config,
-        modality="xray",
-        spatial_dims=2,
-        paper=PAPER,
-        upstream_weights=WEIGHTS,
-        preprocessing="umedpt",
-        tiny=tiny,
-    )
-
+_umedpt = variant_maker(
+    "umedpt", modality="xray", spatial_dims=2, paper=PAPER, upstream_weights=WEIGHTS, preprocessing="umedpt"
+)
 
 VARIANTS: tuple[Variant, ...] = (
     _umedpt("umedpt-swinv2-t", image_size=256),
