@@ -40,6 +40,8 @@ from training.config import load_recipe_config
 from training.data import mask_to_grid
 from training.distributed import DistInfo
 from training.engine import Engine
+from training.evaluate.report import format_p
+from training.evaluate.stats import t_tests
 from training.finetune import Finetuner, FinetuneSettings, FinetuneTaskSettings, TaskSpec, dice_scores, load_head_model
 from training.heads import label_config
 from training.launch import seed_everything
@@ -206,13 +208,13 @@ def main() -> None:
         f"{args.finetune_batch}, Adam {args.lr:g}, Dice + CE; {args.seeds} seeds; pretrained tensors loaded: "
         + ", ".join(f"{same}/{total}" for same, total in checks)
     )
-    print(f"{'test Dice (pooled)':22s} {'MACL':>15s} {'scratch':>15s}")
+    print(f"{'test Dice (pooled)':22s} {'MACL':>15s} {'scratch':>15s} {'p (Welch)':>16s}")
     for metric, label in (("dice", "mean (liver, lesion)"), ("dice_class_1", "liver"), ("dice_class_2", "lesion")):
-        cells = []
-        for name in results:
-            values = np.array([r.get(metric, np.nan) for r in results[name]])
-            cells.append(f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}")
-        print(f"{label:22s} {cells[0]:>15s} {cells[1]:>15s}")
+        arms = {name: np.array([r.get(metric, np.nan) for r in results[name]]) for name in results}
+        cells = [f"{np.nanmean(v):.3f} ± {np.nanstd(v, ddof=1) if len(v) > 1 else np.nan:.3f}" for v in arms.values()]
+        student, welch = t_tests(arms["MACL"][~np.isnan(arms["MACL"])], arms["scratch"][~np.isnan(arms["scratch"])])
+        print(f"{label:22s} {cells[0]:>15s} {cells[1]:>15s} {format_p(student):>7s} ({format_p(welch)})")
+    print("std: sample (ddof 1) over seeds; p: two-sample Student's t-test over seeds, MACL vs scratch (Welch's)")
     print(
         f"liver Dice per seed: MACL {[round(r['dice_class_1'], 3) for r in results['MACL']]}, "
         f"scratch {[round(r['dice_class_1'], 3) for r in results['scratch']]}"

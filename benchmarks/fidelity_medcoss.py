@@ -39,6 +39,8 @@ from training.config import load_recipe_config
 from training.data import ManifestDataset, read_split, sample_generator
 from training.distributed import DistInfo
 from training.engine import Engine, Stage
+from training.evaluate.report import format_p
+from training.evaluate.stats import t_tests
 from training.launch import seed_everything
 from training.recipes.medcoss import MedCossRecipe, MedCossSettings, ModalityStage, modality_processor
 from training.text import encode, whole_word_mask
@@ -184,7 +186,8 @@ def run_arm(
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    """Mean ± sample std (ddof 1) over the seeds."""
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def print_table(title: str, results: dict[str, list[dict[str, dict[str, float]]]], key: str, sign: int) -> None:
@@ -194,17 +197,26 @@ def print_table(title: str, results: dict[str, list[dict[str, dict[str, float]]]
         f"{'arm':18s} {'task':6s} {'at init':>15s} {'after own stage':>17s} {'after last stage':>17s} "
         f"{'forgetting':>15s}"
     )
+    forgetting: dict[tuple[str, str], np.ndarray] = {}
     for arm, runs in results.items():
         for task in TASKS:
             name = key.format(task=task)
             init = mean_std([r["init"][name] for r in runs]) if name in runs[0]["init"] else "-"
             own = [r[task][name] for r in runs]
             last = [r[STAGES[-1]][name] for r in runs]
-            forgetting = [sign * (a - b) for a, b in zip(own, last)]
+            forgetting[arm, task] = np.array([sign * (a - b) for a, b in zip(own, last)])
             print(
                 f"{arm:18s} {task:6s} {init:>15s} {mean_std(own):>17s} {mean_std(last):>17s} "
-                f"{mean_std(forgetting):>15s}"
+                f"{mean_std(list(forgetting[arm, task])):>15s}"
             )
+    plain, medcoss = ARMS
+    for task in TASKS:
+        student, welch = t_tests(forgetting[medcoss, task], forgetting[plain, task])
+        difference = forgetting[medcoss, task].mean() - forgetting[plain, task].mean()
+        print(
+            f"{task} forgetting, {medcoss} - {plain}: {difference:+.3f}; two-sample t-test over seeds: "
+            f"Student's p {format_p(student)}, Welch's {format_p(welch)}"
+        )
 
 
 def main() -> None:
@@ -250,7 +262,7 @@ def main() -> None:
     print(
         f"MedCoSS fidelity (Fig. 5 in miniature): medcoss-tiny, stages {' -> '.join(STAGES)}, "
         f"{args.steps_per_stage} steps x batch {args.batch_size} each, lr {args.lr:g}, seeds {args.seeds}"
-        + (" (mean ± std)" if len(args.seeds) > 1 else "")
+        + (" (mean ± sample std)" if len(args.seeds) > 1 else "")
     )
     print(
         f"pretrain: phantom set seed 0 ({args.n_xray - 2} X-rays with reports, {args.n_ct - 2} CT in the train "

@@ -4,7 +4,8 @@ MoCo pretraining (and after 4x as many MoCo steps) vs random init, and after the
 
 Seed s pretrains on one phantom set (phantom seed 2s, training seed s) and probes a held-out phantom set (phantom
 seed 2s + 1): pooled encoder features, a logistic regression, AUC by stratified 5-fold cross-validation. The table
-gives mean ± std over the seeds and the per-seed values; seed 0 is the former single-seed table. Next to the AUC:
+gives mean ± sample std over the seeds, the per-seed values and the two-sample t-test against random init (the
+evaluate harness's Student's and Welch's p); seed 0 is the former single-seed table. Next to the AUC:
 the mean pairwise cosine of the pooled probe features and their effective rank (exp of the entropy of the
 normalised singular values of the centred features), to see a collapse. The MoCo line prints the InfoNCE loss
 (first step, which scores against the random initial queue, and mean of the last 10 steps) next to its value at
@@ -36,6 +37,8 @@ from training.config import load_recipe_config
 from training.data import ManifestDataset, Target, augment, read_split, sample_generator
 from training.distributed import DistInfo
 from training.engine import Engine, Stage
+from training.evaluate.report import format_p
+from training.evaluate.stats import t_tests
 from training.launch import seed_everything
 from training.recipes.muscle import MuscleRecipe, MuscleSettings
 
@@ -192,6 +195,12 @@ def run_seed(tmp: Path, seed: int, args: argparse.Namespace) -> tuple[dict[str, 
     return results, checks
 
 
+def compared(values: np.ndarray, base: np.ndarray) -> str:
+    """Student's p (Welch's in brackets) of `values` against `base`, as the evaluate report prints them."""
+    student, welch = t_tests(values, base)
+    return f"{format_p(student)} ({format_p(welch)})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-xray", type=int, default=48)
@@ -220,13 +229,22 @@ def main() -> None:
     width = max(8, 6 * args.seeds + 1)
     print(
         f"{'encoder':36s} {'probe AUC mean ± std':>21s}  {'per seed':{width}s} {'feature cos':>11s} {'eff. rank':>9s}"
+        f" {'p vs random (Welch)':>20s}"
     )
+    aucs = {label: np.array([seed[label]["auc"] for seed in per_seed]) for label in labels}
     for label in labels:
         rows = [seed[label] for seed in per_seed]
-        auc = np.array([r["auc"] for r in rows])
+        auc = aucs[label]
         per = "[" + " ".join(f"{a:.3f}" for a in auc) + "]"
         cosine, rank = np.mean([r["cosine"] for r in rows]), np.mean([r["rank"] for r in rows])
-        print(f"{label:36s} {auc.mean():13.3f} ± {auc.std():.3f}  {per:{width}s} {cosine:11.3f} {rank:9.1f}")
+        shown = "baseline" if label == "random init" else compared(auc, aucs["random init"])
+        std = auc.std(ddof=1) if len(auc) > 1 else float("nan")
+        print(f"{label:36s} {auc.mean():13.3f} ± {std:.3f}  {per:{width}s} {cosine:11.3f} {rank:9.1f} {shown:>20s}")
+    muscle, minus = aucs["MUSCLE (L2-SP, reshuffled)"], aucs["MUSCLE-- (no L2-SP, fixed order)"]
+    print(
+        f"std: sample (ddof 1) over seeds; p: two-sample Student's t-test over seeds (Welch's in brackets). "
+        f"MUSCLE vs MUSCLE--: difference {muscle.mean() - minus.mean():+.3f}, p {compared(muscle, minus)}"
+    )
     for label in labels:
         losses = [seed[label]["losses"] for seed in per_seed if seed[label]["losses"]]
         if losses:

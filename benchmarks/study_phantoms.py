@@ -1,9 +1,10 @@
 """The evaluate harness's validity check on the varied X-ray phantoms (`generate_varied_xrays`): random init (a fresh
 initialisation per run) vs an encoder pretrained with labels on a related phantom task (nodule classification on a
 disjoint phantom set, seed 1, whose nodules are brighter, full fine-tuning from random init) vs the demo
-MUSCLE encoder (`demo/muscle-resnet18-tiny-xray` in the HF cache, when `medhub demo` built it), `--runs` runs each of
-the chosen protocols; prints the signal check (the finding in the processor's pixels) and the report
-(mean +- sample std, Student's p vs random init).
+MUSCLE encoder (`demo/muscle-resnet18-tiny-xray` from the default HF cache when `medhub demo` put it there, else
+built by the demo's own recipe, `medhub demo --only muscle`, into an isolated cache `OUT/hf-cache`; never the
+Hub), `--runs` runs each of the chosen protocols; prints the signal check (the finding in the processor's pixels)
+and the report (mean +- sample std, Student's p vs random init).
 Run: PYTHONPATH=$PWD HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/study_phantoms.py [--runs 10] [--protocols linear]
      [--n 240] [--out DIR]
 """
@@ -16,14 +17,16 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from sklearn.metrics import roc_auc_score
 
 from hub.catalogue import get_variant
 from hub.data.manifest import load_manifest
 from hub.data.phantoms import generate_varied_xrays
-from hub.errors import MedhubError
-from hub.export import Provenance, export_repo, resolve_repo
+from hub.export import Provenance, export_repo
 from hub.processing.processor import MedicalImageProcessor
+from training.demo import run_demo
 from training.evaluate.report import write_all
 from training.evaluate.runner import run_study
 from training.evaluate.stats import summarise
@@ -64,6 +67,23 @@ def related_encoder(work: Path, n: int) -> Path:
     )
 
 
+def demo_encoder(out: Path) -> Path:
+    """The snapshot folder of the demo MUSCLE encoder: the default HF cache's, else `OUT/hf-cache`'s, built there
+    by `medhub demo --only muscle`'s recipe when neither holds it (a few minutes on a 2-core CPU)."""
+    isolated = out / "hf-cache"
+    for cache in (None, isolated):
+        try:
+            snapshot = Path(snapshot_download(DEMO, cache_dir=cache, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError):
+            continue
+        print(f"demo arm: {DEMO} from {'the default HF cache' if cache is None else isolated}")
+        return snapshot
+    print(f"demo arm: {DEMO} is in no cache; building it (medhub demo --only muscle) into {isolated}")
+    org, _ = DEMO.split("/")
+    run_demo(out / "demo", org=org, progress=False, only="muscle", cache_dir=isolated)
+    return Path(snapshot_download(DEMO, cache_dir=isolated, local_files_only=True))
+
+
 def pixel_signal(manifest: Path) -> float:
     """AUC of the nodule label from the processor's 64 px pixels alone: the brightest 3x3 mean inside the (eroded)
     lung mask above the lung's median. Near 1 means the finding survives the preprocessing; the harness's job is
@@ -91,11 +111,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     manifest = generate_varied_xrays(out / "phantoms", n=args.n, seed=0, progress=False)
     print(f"signal check: brightest spot in the lungs at the 64 px input, AUC {pixel_signal(manifest):.3f}")
-    backbones = {"random": f"random:{VARIANT}", "related": str(related_encoder(out, args.n))}
-    try:
-        backbones["muscle-demo"] = str(resolve_repo(DEMO))
-    except MedhubError:
-        print(f"{DEMO} is not in the HF cache (run medhub demo): the demo arm is left out")
+    backbones = {
+        "random": f"random:{VARIANT}",
+        "related": str(related_encoder(out, args.n)),
+        "muscle-demo": str(demo_encoder(out)),
+    }
     study = {
         "backbones": backbones,
         "baseline": "random",

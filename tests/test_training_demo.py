@@ -8,6 +8,7 @@ from transformers import AutoModel
 from hub.export import verify_repo
 from training import demo
 from training.demo import DemoSizes, run_demo
+from training.errors import TrainingConfigError
 
 SMALL = DemoSizes(n_xray=9, n_ct=3, moco_steps=2, rounds=1, steps_per_task=1, xray_epochs=1, ct_epochs=1)
 HEADS = {
@@ -49,3 +50,17 @@ def test_demo_publishes_loadable_repos_and_a_complete_demo_is_not_rebuilt(tmp_pa
     for path in (hf_cache / "models--demo-test--macl-unet3d-tiny-ct-liver").rglob("config.json"):
         path.unlink()
     assert demo.published_ids(work) is None
+
+
+@pytest.mark.slow
+def test_demo_only_muscle_publishes_the_encoder_alone_into_the_named_cache(tmp_path, hf_cache):
+    from huggingface_hub import snapshot_download
+
+    isolated = tmp_path / "isolated-cache"
+    ids = run_demo(tmp_path / "demo", org="demo-test", progress=False, sizes=SMALL, only="muscle", cache_dir=isolated)
+    assert ids == ["demo-test/muscle-resnet18-tiny-xray"]
+    snapshot = snapshot_download(ids[0], cache_dir=isolated, local_files_only=True)
+    assert type(AutoModel.from_pretrained(snapshot)).__name__ == "MuscleModel"
+    assert not hf_cache.exists() and not (tmp_path / "demo" / "models.txt").exists()  # not a complete demo
+    with pytest.raises(TrainingConfigError, match="demo part 'ct' is not known"):
+        run_demo(tmp_path / "demo", only="ct")

@@ -117,6 +117,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--org", default="demo", help="organisation of the published repo ids (default demo)")
     demo.add_argument("--force", action="store_true", help="rebuild even when models.txt lists loadable repos")
+    demo.add_argument("--only", choices=["muscle"], help="build and publish the MUSCLE encoder alone")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=cmd_demo)
 
@@ -124,7 +125,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    for repo_id in run_demo(args.out, org=args.org, force=args.force, progress=not args.no_progress):
+    for repo_id in run_demo(args.out, org=args.org, force=args.force, progress=not args.no_progress, only=args.only):
         print(repo_id)
     return 0
 

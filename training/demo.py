@@ -28,6 +28,7 @@ from hub.errors import MedhubError
 from hub.export import export_variant, install_in_cache, random_init, validate_repo_id, verify_checksums
 from hub.io import read_image
 
+from .errors import TrainingConfigError
 from .finetune import TaskSpec, finetune
 from .launch import train
 
@@ -95,8 +96,9 @@ def _random_repo(variant_id: str, out: Path) -> Path:
     return export_variant(model, out, variant, provenance, overwrite=True)
 
 
-def build(work: Path, org: str, sizes: DemoSizes, progress: bool) -> dict[str, Path]:
-    """Train every demo model under `work/runs`; returns repo name -> repo folder."""
+def build_muscle(work: Path, sizes: DemoSizes, progress: bool) -> tuple[Path, Path]:
+    """Write the phantoms and train the tiny MUSCLE recipe under `work/runs` (cleared first); returns the demo
+    manifest and the folder of the recipe's exported repos (`encoder` is the demo's MUSCLE encoder)."""
     runs = work / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
@@ -108,7 +110,16 @@ def build(work: Path, org: str, sizes: DemoSizes, progress: bool) -> dict[str, P
     config = runs / "muscle.yaml"
     config.write_text(yaml.safe_dump(_muscle_config(sizes, progress)))
     train("muscle", [manifest], runs / "muscle", preset="tiny", config_file=config, progress=progress)
-    muscle = runs / "muscle" / "repos"
+    return manifest, runs / "muscle" / "repos"
+
+
+def build(work: Path, org: str, sizes: DemoSizes, progress: bool, only: str | None = None) -> dict[str, Path]:
+    """Train every demo model under `work/runs` (with `only="muscle"`, the MUSCLE encoder alone); returns repo
+    name -> repo folder."""
+    manifest, muscle = build_muscle(work, sizes, progress)
+    if only == "muscle":
+        return {ENCODER: muscle / "encoder"}
+    runs = work / "runs"
     xray_config = runs / "xray.yaml"
     schedule = {"epochs": sizes.xray_epochs, "optim": {"batch_size": 8}}  # batch 8: steadier BatchNorm statistics
     xray_config.write_text(yaml.safe_dump({"progress": progress, "classification": schedule, "segmentation": schedule}))
@@ -189,18 +200,30 @@ def published_ids(work: Path) -> list[str] | None:
 
 
 def run_demo(
-    work: Path, org: str = "demo", force: bool = False, progress: bool = True, sizes: DemoSizes = DemoSizes()
+    work: Path,
+    org: str = "demo",
+    force: bool = False,
+    progress: bool = True,
+    sizes: DemoSizes = DemoSizes(),
+    only: str | None = None,
+    cache_dir: Path | None = None,
 ) -> list[str]:
-    """Build and publish the demo models (or find them already published); return their repo ids."""
+    """Build and publish the demo models (or find them already published) into the HF cache (`cache_dir`, else
+    the default one); return their repo ids. `only="muscle"` builds and publishes the MUSCLE encoder alone and
+    leaves `models.txt` (the list of a complete demo) as it is."""
+    if only not in (None, "muscle"):
+        raise TrainingConfigError(f"demo part {only!r} is not known; the one part that builds alone is 'muscle'")
     work = Path(work).expanduser()
     validate_repo_id(f"{org}/demo")
-    if not force and (ids := published_ids(work)) is not None:
+    if only is None and not force and (ids := published_ids(work)) is not None:
         _log(f"the demo models in {work / MODELS_FILE} are already in the cache; pass --force to rebuild")
         return ids
     work.mkdir(parents=True, exist_ok=True)
-    (work / MODELS_FILE).unlink(missing_ok=True)
+    if only is None:
+        (work / MODELS_FILE).unlink(missing_ok=True)
     ids = []
-    for name, repo_dir in build(work, org, sizes, progress).items():
-        ids.append(install_in_cache(repo_dir, f"{org}/{name}").repo_id)
-    (work / MODELS_FILE).write_text("".join(f"{repo_id}\n" for repo_id in ids))
+    for name, repo_dir in build(work, org, sizes, progress, only).items():
+        ids.append(install_in_cache(repo_dir, f"{org}/{name}", cache_dir).repo_id)
+    if only is None:
+        (work / MODELS_FILE).write_text("".join(f"{repo_id}\n" for repo_id in ids))
     return ids

@@ -21,6 +21,8 @@ EXAMPLE = """\
 # Write the phantoms first: medhub phantoms --out phantoms (their manifest is phantoms/manifest.jsonl).
 backbones:                     # repo folders or ORG/NAME ids, random:<catalogue variant> for scratch, or
                                # torchvision:resnet50[=FILE] (ImageNet weights from torch's hub cache or FILE)
+                               # or timm:<name>[=FILE] (a timm ResNet, e.g. timm:resnet50.a1_in1k, from the
+                               # HF cache's timm/<name> or FILE; nothing is downloaded)
   random: random:muscle-resnet18-tiny   # scratch: a fresh initialisation per run, seeded by the run
   muscle: demo/muscle-resnet18-tiny-xray  # the demo encoder (medhub demo)
 baseline: random               # every backbone is t-tested against this one

@@ -33,18 +33,22 @@ from training.finetune import (
 from training.launch import seed_everything
 
 from .imagenet import PREFIX as IMAGENET_PREFIX
-from .imagenet import imagenet_repo
+from .imagenet import TIMM_PREFIX, imagenet_repo, timm_repo
 from .study import LINEAR_BACKENDS, Study, Unit
 
-GENERATED = ("random:", IMAGENET_PREFIX)  # backbones medhub writes as repo folders under the study's work dir
+GENERATED = ("random:", IMAGENET_PREFIX, TIMM_PREFIX)  # backbones medhub writes as repo folders under the work dir
 
 
 def backbone_repo(source: str, cache: Path, seed: int | None = None) -> Path:
     """A repo folder for a study backbone: a folder or ORG/NAME as it is, `random:<variant>` (initialised with
-    `seed`, 0 when None) and `torchvision:resnet50[=FILE]` (the ImageNet baseline) written once."""
+    `seed`, 0 when None), `torchvision:resnet50[=FILE]` and `timm:<name>[=FILE]` (ImageNet baselines) written
+    once."""
     if source.startswith(IMAGENET_PREFIX):
         name = source.removeprefix(IMAGENET_PREFIX).partition("=")[0]
         return imagenet_repo(source, cache / f"torchvision-{name}")
+    if source.startswith(TIMM_PREFIX):
+        name = source.removeprefix(TIMM_PREFIX).partition("=")[0]
+        return timm_repo(source, cache / f"timm-{name}")
     if source.startswith("random:"):
         variant = get_variant(source.removeprefix("random:"))
         folder = cache / (f"random-{variant.id}" if seed is None else f"random-{variant.id}-seed{seed}")
