@@ -25,7 +25,7 @@ import hub  # noqa: F401
 from hub.catalogue import get_variant
 from hub.data.phantoms import chest_xray, write_dicom_image
 from hub.embed import list_sources, model_inputs
-from hub.export import Provenance, export_repo
+from hub.export import Provenance, export_variant
 from hub.export.resolve import repo_revision
 from hub.models import get_family
 from serving.cli import register
@@ -39,14 +39,7 @@ def build_repo(root: Path) -> Path:
     variant = get_variant("muscle-resnet50")
     torch.manual_seed(0)
     model = get_family(variant.family).encoder_class(variant.build_config())
-    return export_repo(
-        model,
-        root / "muscle-resnet50",
-        variant=variant.id,
-        provenance=Provenance("random-init", "benchmark"),
-        processor=variant.build_processor(),
-        modality=variant.modality,
-    )
+    return export_variant(model, root / "muscle-resnet50", variant, Provenance("random-init", "benchmark"))
 
 
 def phantoms(folder: Path, count: int) -> Path:

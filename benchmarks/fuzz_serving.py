@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -33,37 +32,20 @@ from fuzzing import (
     serve,
     server_exceptions,
 )
+from test_serving import tiny_head_repo
 
 import hub  # noqa: F401
-from hub.catalogue import get_variant
-from hub.export import Provenance, export_repo
 from hub.models.macl import MaclForSemanticSegmentation
 from hub.models.muscle import MuscleForImageClassification
 
 MIB = 1024**2
 
 
-def head_repo(out: Path, head_class, labels: list[str], variant_id: str) -> Path:
-    variant = get_variant(variant_id)
-    config = variant.build_config(
-        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)}
-    )
-    torch.manual_seed(0)
-    return export_repo(
-        head_class(config),
-        out,
-        variant=variant.id,
-        provenance=Provenance("random-init", "benchmark"),
-        processor=variant.build_processor(),
-        modality=variant.modality,
-    )
-
-
 def served_models(root: Path) -> dict[str, str]:
     """The two models the fuzz and soak runs serve: a tiny 2D classifier and a tiny 3D segmenter, by dimensionality."""
     return {
-        "2d": str(head_repo(root / "classifier", MuscleForImageClassification, ["a", "b"], "muscle-resnet18-tiny")),
-        "3d": str(head_repo(root / "volume", MaclForSemanticSegmentation, ["a", "b"], "macl-unet3d-tiny")),
+        "2d": str(tiny_head_repo(root / "classifier", MuscleForImageClassification, ["a", "b"])),
+        "3d": str(tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["a", "b"], "macl-unet3d-tiny")),
     }
 
 

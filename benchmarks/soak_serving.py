@@ -3,6 +3,11 @@ burst (more requests at once than MEDHUB_MAX_CONCURRENCY admits) checks that the
 Prints requests, errors (anything but 200 in the soak; anything but 200/429 in the burst), p50/p99 seconds and
 the server's RSS (all its processes) at start and end.
 
+RSS is read twice as a start: cold (after one request per model) and warm (after a warm-up round: a short soak
+at the same concurrency and one burst). Growth from cold includes the memory a first round of C requests in
+flight and a burst of large images claim once (buffers, allocator pools); growth from warm is what the 60 s then
+keep adding, which is where a leak shows.
+
     PYTHONPATH=$PWD .venv/bin/python benchmarks/soak_serving.py --clients 32 --seconds 60
 
 Acceptance (issue 13): 0 errors and RSS growth under 10 %.
@@ -94,6 +99,7 @@ def main() -> None:
     parser.add_argument("--max-concurrency", type=int, default=32, help="the server's MEDHUB_MAX_CONCURRENCY")
     parser.add_argument("--burst", type=int, default=96, help="requests sent at once after the soak")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--warm-up-seconds", type=float, default=10.0, help="the warm-up round's soak")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,11 +109,14 @@ def main() -> None:
             [Path(m) for m in models.values()], root / "server", MEDHUB_MAX_CONCURRENCY=str(args.max_concurrency)
         ) as server:
             warm_up(server.url, models)
+            rss_cold = server.rss()
+            rng = np.random.default_rng(0)
+            heavy = ("embed", models["2d"], encode((rng.random((1500, 1500)) * 65535).astype(np.uint16), "PNG"))
+            soak(server.url, requests_for(models), args.clients, args.warm_up_seconds, args.timeout)
+            burst(server.url, heavy, args.burst, args.timeout)
             rss_start = server.rss()
             results = soak(server.url, requests_for(models), args.clients, args.seconds, args.timeout)
             rss_soak = server.rss()
-            rng = np.random.default_rng(0)
-            heavy = ("embed", models["2d"], encode((rng.random((1500, 1500)) * 65535).astype(np.uint16), "PNG"))
             burst_results = burst(server.url, heavy, args.burst, args.timeout)
             rss_end = server.rss()
             ready = ready_status(server)
@@ -131,12 +140,13 @@ def main() -> None:
         f"{'':>7} {percentile(burst_seconds, 50):>7.3f} {percentile(burst_seconds, 99):>7.3f}  "
         f"{dict(sorted(burst_statuses.items()))}"
     )
-    print(
-        f"server RSS: start {rss_start / MIB:.0f} MiB, after soak {rss_soak / MIB:.0f} MiB "
-        f"({(rss_soak - rss_start) / rss_start:+.1%}), after burst {rss_end / MIB:.0f} MiB "
-        f"({(rss_end - rss_start) / rss_start:+.1%}); peak {server.rss_peak / MIB:.0f} MiB; "
-        f"worker restarts {server.restarts}; /readyz after: {ready}"
-    )
+    for name, start in (("cold", rss_cold), ("warm", rss_start)):
+        print(
+            f"server RSS from {name} start {start / MIB:.0f} MiB: after soak {rss_soak / MIB:.0f} MiB "
+            f"({(rss_soak - start) / start:+.1%}), after burst {rss_end / MIB:.0f} MiB "
+            f"({(rss_end - start) / start:+.1%})"
+        )
+    print(f"peak {server.rss_peak / MIB:.0f} MiB; worker restarts {server.restarts}; /readyz after: {ready}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hub.catalogue import VARIANTS
-from hub.export import Provenance, export_repo
+from hub.export import Provenance, export_variant
 from hub.models import get_family
 from serving.models import load_served_model, repo_revision
 from serving.onnx_export import FP16_PARITY_RTOL, PARITY_ATOL, TaskGraph, available_tasks, export_onnx
@@ -35,24 +35,16 @@ CASES = [
 ]
 
 
-def _repo(tmp_path: Path, variant_id: str, task: str) -> tuple[torch.nn.Module, Path]:
+def head_repo(tmp_path: Path, variant_id: str, task: str) -> tuple[torch.nn.Module, Path]:
     variant = VARIANTS[variant_id]
     config = variant.build_config(num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
     model = get_family(variant.family).auto_classes[HEADS[task]](config).eval()
-    repo = export_repo(
-        model,
-        tmp_path / "repo",
-        variant=variant.id,
-        provenance=Provenance("trained", "test"),
-        processor=variant.build_processor(),
-        modality=variant.modality,
-    )
-    return model, repo
+    return model, export_variant(model, tmp_path / "repo", variant, Provenance("trained", "test"))
 
 
 @pytest.mark.parametrize(("variant_id", "task"), CASES, ids=[f"{v}-{t}" for v, t in CASES])
 def test_onnx_graph_matches_torch(tmp_path, variant_id, task):
-    _, repo = _repo(tmp_path, variant_id, task)
+    _, repo = head_repo(tmp_path, variant_id, task)
     assert task in available_tasks(repo)
     result = export_onnx(repo, task, tmp_path / "model.onnx", repo_id=f"org/{variant_id}", revision="0" * 40)
     assert result.max_abs_diff <= PARITY_ATOL == result.parity_limit and result.precision == "fp32"
@@ -94,7 +86,7 @@ FP16_CASES = [("umedpt-tiny", "segmentation"), ("macl-unet3d-tiny", "segmentatio
 @pytest.mark.parametrize(("variant_id", "task"), FP16_CASES, ids=[f"{v}-{t}" for v, t in FP16_CASES])
 def test_fp16_graph_keeps_float32_io_and_parity(tmp_path, variant_id, task):
     torch.manual_seed(0)
-    model, repo = _repo(tmp_path, variant_id, task)
+    model, repo = head_repo(tmp_path, variant_id, task)
     result = export_onnx(repo, task, tmp_path / "model.onnx", repo_id=f"org/{variant_id}", revision="0" * 40, fp16=True)
     assert result.precision == "fp16" and result.parity_limit >= FP16_PARITY_RTOL
     assert result.max_abs_diff <= result.parity_limit
@@ -103,7 +95,7 @@ def test_fp16_graph_keeps_float32_io_and_parity(tmp_path, variant_id, task):
 
 def test_cli_onnx_fp16_writes_a_float16_resnet(tmp_path, cli):
     torch.manual_seed(0)
-    model, repo = _repo(tmp_path, "muscle-resnet18-tiny", "features")
+    model, repo = head_repo(tmp_path, "muscle-resnet18-tiny", "features")
     result = cli("onnx", repo, "--task", "features", "--out", tmp_path / "out", "--fp16")
     assert result.code == 0, result.err
     assert "(features, fp16; outputs pooler_output, layer_0" in result.out
@@ -114,7 +106,7 @@ def test_cli_onnx_fp16_writes_a_float16_resnet(tmp_path, cli):
 
 def test_served_model_caches_fp16_graphs_apart_from_fp32(tmp_path):
     torch.manual_seed(0)
-    model, repo = _repo(tmp_path, "muscle-resnet18-tiny", "features")
+    model, repo = head_repo(tmp_path, "muscle-resnet18-tiny", "features")
     folder = tmp_path / "onnx" / repo_revision(repo)
     folder.mkdir(parents=True)
     (folder / "features.onnx").write_bytes(b"a float32 graph from an earlier run")
@@ -156,7 +148,7 @@ def test_bentofile_packages_are_the_project_dependencies():
 def test_served_2d_model_on_cpu_runs_cores_plus_one_single_threaded_batches_of_two_and_lone_items_wide(tmp_path):
     from serving.runtime import default_threads
 
-    _, repo = _repo(tmp_path, "muscle-resnet18-tiny", "features")
+    _, repo = head_repo(tmp_path, "muscle-resnet18-tiny", "features")
     served = load_served_model(str(repo), tmp_path / "onnx", device="cpu")
     batcher, options = served.batchers["features"], served.sessions["features"].get_session_options()
     assert (batcher.workers, batcher.max_batch_size, options.intra_op_num_threads) == (default_threads() + 1, 2, 1)

@@ -3,6 +3,7 @@ one constant image; the cache holds fp32, fp16 and int8 side by side."""
 
 import io
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,13 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
-from test_onnx_export import CASES, HEADS  # every tiny preset's tasks
+from test_onnx_export import CASES, head_repo  # every tiny preset's tasks
 
-from hub.catalogue import VARIANTS
 from hub.data.phantoms import write_nifti
-from hub.export import Provenance, export_repo
 from hub.io import ReadLimits
-from hub.models import get_family
 from hub.processing import MedicalImageProcessor
 from serving.models import load_served_model, repo_revision
 from serving.onnx_export import export_onnx
@@ -26,19 +24,9 @@ pytestmark = pytest.mark.slow
 SEGMENTATION_DICE = 0.6  # random-weight tiny segmenters: 0.74-1.0 measured
 
 
-def _repo(root, variant_id: str, task: str):
-    variant = VARIANTS[variant_id]
+def _repo(root, variant_id: str, task: str) -> Path:
     torch.manual_seed(0)
-    config = variant.build_config(num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
-    model = get_family(variant.family).auto_classes[HEADS[task]](config).eval()
-    return export_repo(
-        model,
-        root / "repo",
-        variant=variant.id,
-        provenance=Provenance("trained", "test"),
-        processor=variant.build_processor(),
-        modality=variant.modality,
-    )
+    return head_repo(root, variant_id, task)[1]
 
 
 def test_gate_figures_are_exact_on_known_values():

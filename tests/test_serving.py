@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 from hub.catalogue import get_variant
-from hub.export import Provenance, export_repo
+from hub.export import Provenance, export_variant
 from hub.io import read_image
 from hub.models.macl import MaclForSemanticSegmentation
 from hub.models.muscle import (
@@ -40,14 +40,7 @@ def tiny_head_repo(out: Path, head_class, labels: list[str], variant_id: str = "
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)}
     )
     torch.manual_seed(0)
-    return export_repo(
-        head_class(config),
-        out,
-        variant=variant.id,
-        provenance=Provenance("trained", "test"),
-        processor=variant.build_processor(),
-        modality=variant.modality,
-    )
+    return export_variant(head_class(config), out, variant, Provenance("trained", "test"))
 
 
 @pytest.fixture(scope="module")
