@@ -6,6 +6,9 @@ the size of every mmapped block freed (up to 32 MiB). After one large request, t
 images and float32 copies (a few MiB each) then land on the heap, whose free holes glibc keeps: the fuzz
 campaign left a worker 1.7 GiB above its start. A fixed threshold keeps arrays of 1 MiB and more in their own
 mappings, returned on free, and `malloc_trim` after a request returns what the heap holds free.
+
+glibc also gives each thread that meets a locked heap an arena of its own (up to 8 per core), and keeps what
+each arena once held: 32 clients left a worker 11.5 % above its start after a 60 s soak, 3.1 % with two arenas.
 """
 
 import ctypes
@@ -13,8 +16,10 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 1 << 20
 TRIM_THRESHOLD_BYTES = 16 << 20
+ARENAS = 2
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -29,13 +34,17 @@ def _libc() -> ctypes.CDLL | None:
 LIBC = _libc()
 
 
-def keep_large_arrays_in_their_own_mappings() -> bool:
-    """Fix glibc's mmap and trim thresholds for this process; False where the C library is not glibc."""
+def tune_allocator() -> bool:
+    """Fix glibc's mmap and trim thresholds and its arena count for this process (before its threads start);
+    False where the C library is not glibc."""
     if LIBC is None:
         return False
-    return bool(LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    settings = (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+        (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+        (M_ARENA_MAX, ARENAS),
     )
+    return all(LIBC.mallopt(option, value) for option, value in settings)
 
 
 def release_free_memory() -> None:

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .memory import keep_large_arrays_in_their_own_mappings, release_free_memory
+from .memory import release_free_memory, tune_allocator
 from .middleware import RequestGuard
 from .settings import ServeSettings
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("medhub.serving")
 logging.getLogger("medhub").setLevel(logging.INFO)  # BentoML's root handler then shows loads and exports
-keep_large_arrays_in_their_own_mappings()
+tune_allocator()
 SETTINGS = ServeSettings.from_env()
 LOADED: dict[str, "ServedModel"] = {}  # this worker's models, shared with the /models route and the guard
 MASK_MEDIA = {"png": "image/png", "nifti": "application/gzip"}

@@ -13,7 +13,7 @@ SCENARIO = """
 import sys, numpy as np, psutil
 if sys.argv[1] == "service":
     import serving.memory as memory
-    assert memory.keep_large_arrays_in_their_own_mappings()
+    assert memory.tune_allocator()
 process = psutil.Process()
 first = np.ones(16 << 20, np.uint8); del first  # a freed 16 MiB mapping raises glibc's own mmap threshold
 start = process.memory_info().rss
