@@ -16,17 +16,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def venv(tmp_path):
+    """A fresh venv, removed after the test whatever its outcome: with torch it takes about 7 GB of disk."""
+    path = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_plain_install_runs_finetune_on_phantoms(tmp_path):
+def test_plain_install_runs_finetune_on_phantoms(tmp_path, venv):
     source = tmp_path / "src"
     shutil.copytree(
         ROOT,
         source,
         ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__", ".pytest_cache"),
     )
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_CACHE=str(tmp_path / "hf"))
     pip = subprocess.run(
