@@ -35,6 +35,7 @@ from sklearn.preprocessing import StandardScaler
 from hub.data.phantoms import generate
 from training.config import load_recipe_config
 from training.data import ManifestDataset, Target, augment, read_split, sample_generator
+from training.demo import MUSCLE_TASKS
 from training.distributed import DistInfo
 from training.engine import Engine, Stage
 from training.evaluate.report import format_p
@@ -45,20 +46,6 @@ from training.recipes.muscle import MuscleRecipe, MuscleSettings
 CPU = DistInfo(0, 1, torch.device("cpu"), None)
 QUEUE = 64
 LONG = 4  # the long MoCo arm runs LONG x --moco-steps
-TASKS = [  # nodule classification first: the earliest task of MUSCLE-- (configured order every round)
-    {
-        "name": "nodule-classification",
-        "kind": "classification",
-        "label": "nodule",
-        "class_names": ["no nodule", "nodule"],
-    },
-    {
-        "name": "lung-segmentation",
-        "kind": "segmentation",
-        "class_names": ["background", "lung", "nodule"],
-        "head": {"aspp_channels": 16},
-    },
-]
 
 
 class _NoExport(MuscleRecipe):
@@ -84,7 +71,7 @@ def settings_for(
             "rounds": rounds,
             "steps_per_task": steps_per_task,
             "optim": {"batch_size": 8},
-            "tasks": TASKS,
+            "tasks": MUSCLE_TASKS,
             **continual,
         },
     }
@@ -223,8 +210,8 @@ def main() -> None:
     )
     print(
         f"MoCo {args.moco_steps} steps (long arm {LONG * args.moco_steps}) x batch 8, queue {QUEUE}; continual "
-        f"{args.rounds} rounds x {len(TASKS)} tasks x {args.steps_per_task} steps x batch 8; earliest task = "
-        f"nodule-classification"
+        f"{args.rounds} rounds x {len(MUSCLE_TASKS)} tasks x {args.steps_per_task} steps x batch 8; earliest task = "
+        f"{MUSCLE_TASKS[0]['name']}"
     )
     width = max(8, 6 * args.seeds + 1)
     print(

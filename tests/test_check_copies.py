@@ -40,6 +40,16 @@ def _tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _tree_with_edited_copy(tmp_path: Path, old: str, new: str) -> tuple[Path, Path]:
+    """The tree, with `old` replaced by `new` in the copying file; returns the root and that file."""
+    root = _tree(tmp_path)
+    copy_file = root / "hub" / "models" / "beta" / "modeling_beta.py"
+    text = copy_file.read_text()
+    assert old in text
+    copy_file.write_text(text.replace(old, new))
+    return root, copy_file
+
+
 def _run(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--root", str(root), *args], capture_output=True, text=True, check=False
@@ -51,9 +61,7 @@ def test_copies_in_sync_pass(tmp_path):
 
 
 def test_drifted_copy_fails_and_fix_restores_it(tmp_path):
-    root = _tree(tmp_path)
-    copy_file = root / "hub" / "models" / "beta" / "modeling_beta.py"
-    copy_file.write_text(copy_file.read_text().replace("return value * 2", "return value * 3"))
+    root, copy_file = _tree_with_edited_copy(tmp_path, "return value * 2", "return value * 3")
     failed = _run(root)
     assert failed.returncode == 1
     assert "modeling_beta.py:9: differs from hub.models.alpha.modeling_alpha.AlphaHead.scale" in failed.stderr
@@ -65,9 +73,7 @@ def test_drifted_copy_fails_and_fix_restores_it(tmp_path):
 
 
 def test_replacements_apply_to_the_original(tmp_path):
-    root = _tree(tmp_path)
-    copy_file = root / "hub" / "models" / "beta" / "modeling_beta.py"
-    copy_file.write_text(copy_file.read_text().replace('"""Beta\'s loss."""', '"""Alpha\'s loss."""'))
+    root, copy_file = _tree_with_edited_copy(tmp_path, '"""Beta\'s loss."""', '"""Alpha\'s loss."""')
     failed = _run(root)
     assert failed.returncode == 1 and "modeling_beta.py:2: differs" in failed.stderr
     _run(root, "--fix")
@@ -75,9 +81,7 @@ def test_replacements_apply_to_the_original(tmp_path):
 
 
 def test_marker_naming_nothing_is_an_error(tmp_path):
-    root = _tree(tmp_path)
-    copy_file = root / "hub" / "models" / "beta" / "modeling_beta.py"
-    copy_file.write_text(copy_file.read_text().replace("alpha_loss with", "gamma_loss with"))
+    root, _ = _tree_with_edited_copy(tmp_path, "alpha_loss with", "gamma_loss with")
     result = _run(root)
     assert result.returncode == 2 and "defines no gamma_loss" in result.stderr
 

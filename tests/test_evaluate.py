@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from scipy import stats
-from training_fixtures import MEDHUB, REPO_ROOT, write_config, xray_manifest
+from training_fixtures import MEDHUB, REPO_ROOT, result_row, write_config, xray_manifest
 
 from hub.data.manifest import load_manifest, write_manifest
 from training.evaluate.report import task_plot, write_report, write_summary_csv
@@ -59,22 +59,12 @@ def test_holm_matches_the_step_down_rule():
     assert adjusted[0] == pytest.approx(0.02) and np.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.03)
 
 
-def _row(backbone, value, run, protocol="linear"):
-    return {
-        "task": "nodule",
-        "protocol": protocol,
-        "fraction": 1.0,
-        "backbone": backbone,
-        "run": run,
-        "metrics": {"roc_auc": value},
-    }
-
-
 def test_p_value_is_undefined_without_spread_or_runs_and_shown_as_n_a(tmp_path):
-    rows = [_row("base", 0.7, r) for r in range(3)] + [_row("other", 0.9, r) for r in range(3)]  # both constant
-    rows += [_row("base", v, r, "finetune") for r, v in enumerate([0.6, 0.7, 0.65])]
-    rows += [_row("other", 0.8, 0, "finetune"), _row("single", 0.9, 0, "finetune")]  # n = 1 arms
-    rows += [_row("spread", v, r, "finetune") for r, v in enumerate([0.8, 0.85, 0.9])]
+    rows = [result_row("base", "linear", r, 0.7) for r in range(3)]  # both linear arms constant
+    rows += [result_row("other", "linear", r, 0.9) for r in range(3)]
+    rows += [result_row("base", "finetune", r, v) for r, v in enumerate([0.6, 0.7, 0.65])]
+    rows += [result_row("other", "finetune", 0, 0.8), result_row("single", "finetune", 0, 0.9)]  # n = 1 arms
+    rows += [result_row("spread", "finetune", r, v) for r, v in enumerate([0.8, 0.85, 0.9])]
     summaries = {(s.protocol, s.backbone): s for s in summarise(rows, "base")}
     constant = summaries["linear", "other"]
     assert constant.identical and constant.std == 0 and np.isnan(constant.p_student) and np.isnan(constant.p_welch)

@@ -13,7 +13,7 @@ import tomllib
 import numpy as np
 import pytest
 from scipy import stats
-from training_fixtures import REPO_ROOT, write_config, xray_manifest
+from training_fixtures import REPO_ROOT, result_row, write_config, xray_manifest
 
 from hub.data.manifest import load_manifest, write_manifest
 from hub.embed import TorchBackend, UnknownBackendError, backends, get_backend, register_backend
@@ -76,21 +76,14 @@ def test_layering(package, forbidden):
     assert not offenders, f"{package} must not import {forbidden} (not even lazily): {offenders}"
 
 
-def _row(protocol, run, value, backbone="b"):
-    return {
-        "task": "nodule",
-        "protocol": protocol,
-        "fraction": 0.5,
-        "backbone": backbone,
-        "run": run,
-        "metrics": {"roc_auc": value},
-    }
-
-
 def test_int8_difference_is_paired_by_run():
     fp32, int8 = [0.70, 0.80, 0.75, 0.90], [0.69, 0.78, 0.75, 0.87]
-    rows = [_row("linear", r, v) for r, v in enumerate(fp32)] + [_row("linear-int8", r, v) for r, v in enumerate(int8)]
-    rows += [_row("finetune", r, 0.5) for r in range(4)] + [_row("linear", 0, 0.7, backbone="fp32-only")]
+    rows = [
+        result_row("b", p, r, v)
+        for p, values in (("linear", fp32), ("linear-int8", int8))
+        for r, v in enumerate(values)
+    ]
+    rows += [result_row("b", "finetune", r, 0.5) for r in range(4)] + [result_row("fp32-only", "linear", 0, 0.7)]
     (d,) = int8_differences(rows[::-1])  # the order of results.jsonl does not matter: pairs go by run
     difference = np.subtract(int8, fp32)
     assert (d.backbone, d.pairs, d.metric) == ("b", 4, "roc_auc")
@@ -99,7 +92,7 @@ def test_int8_difference_is_paired_by_run():
     assert d.p_student == pytest.approx(stats.ttest_ind(int8, fp32).pvalue)
     assert d.p_paired < d.p_student  # pairing removes the between-run spread
     same = int8_differences(
-        [_row("linear", r, v) for r, v in enumerate(fp32)] + [_row("linear-int8", r, v) for r, v in enumerate(fp32)]
+        [result_row("b", protocol, r, v) for protocol in ("linear", "linear-int8") for r, v in enumerate(fp32)]
     )
     assert same[0].mean == 0 and math.isnan(same[0].p_paired)  # no spread in the differences: undefined
 

@@ -31,6 +31,18 @@ MICRO_MUSCLE = {
 }
 
 
+def result_row(backbone: str, protocol: str, run: int, roc_auc: float, fraction: float = 1.0) -> dict:
+    """A `medhub evaluate` results.jsonl row of task `nodule`, with the fields its statistics read."""
+    return {
+        "task": "nodule",
+        "protocol": protocol,
+        "fraction": fraction,
+        "backbone": backbone,
+        "run": run,
+        "metrics": {"roc_auc": roc_auc},
+    }
+
+
 def xray_manifest(folder: Path, n_xray: int = 8) -> Path:
     return generate(folder, seed=0, n_xray=n_xray, n_ct=0, n_mri=0, n_pathology=0, progress=False)
 

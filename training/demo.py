@@ -36,6 +36,22 @@ MODELS_FILE = "models.txt"
 CT_VARIANT = "macl-unet3d-tiny"
 ENCODER, CLASSIFIER = "muscle-resnet18-tiny-xray", "muscle-resnet18-tiny-nodule-classifier"
 SEGMENTER, LIVER = "muscle-resnet18-tiny-lung-segmenter", f"{CT_VARIANT}-ct-liver"
+# The MUSCLE recipe's continual tasks on the X-ray phantoms, in their order of every round (nodule classification
+# first); benchmarks/fidelity_muscle.py trains on the same tasks.
+MUSCLE_TASKS = [
+    {
+        "name": "nodule-classification",
+        "kind": "classification",
+        "label": "nodule",
+        "class_names": ["no nodule", "nodule"],
+    },
+    {
+        "name": "lung-segmentation",
+        "kind": "segmentation",
+        "class_names": ["background", "lung", "nodule"],
+        "head": {"aspp_channels": 16},
+    },
+]
 
 
 @dataclass(frozen=True)
@@ -69,24 +85,7 @@ def _muscle_config(sizes: DemoSizes, progress: bool) -> dict:
     return {
         "engine": {"progress": progress, "checkpoint_every": 10_000, "log_every": 10},
         "moco": {"steps": sizes.moco_steps},
-        "continual": {
-            "rounds": sizes.rounds,
-            "steps_per_task": sizes.steps_per_task,
-            "tasks": [
-                {
-                    "name": "nodule-classification",
-                    "kind": "classification",
-                    "label": "nodule",
-                    "class_names": ["no nodule", "nodule"],
-                },
-                {
-                    "name": "lung-segmentation",
-                    "kind": "segmentation",
-                    "class_names": ["background", "lung", "nodule"],
-                    "head": {"aspp_channels": 16},
-                },
-            ],
-        },
+        "continual": {"rounds": sizes.rounds, "steps_per_task": sizes.steps_per_task, "tasks": MUSCLE_TASKS},
     }
 
 

@@ -310,11 +310,11 @@ def segmentation_loss(config: MuscleConfig, logits: torch.Tensor, labels: torch.
 @dataclass
 class MuscleObjectDetectionOutput(ModelOutput):
     """
-    loss: sum of the RPN and box-head losses (training mode with labels).
-    loss_dict: the four Faster R-CNN losses by name.
-    detections: eval mode only, a list with one dict per image (images keep their own sizes, so the counts differ):
+    loss: the sum of `loss_dict` (when the model computes losses; see its docstring).
+    loss_dict: the detector's losses by name.
+    detections: eval mode only, one dict per image (a list, not a tensor: the counts differ per image):
         `boxes` (N, 4) xyxy in input pixels, `scores` (N,), `labels` (N,) in `id2label` ids.
-    hidden_states: the encoder's stem and stage maps of the resized batch, when asked for.
+    hidden_states: the encoder's stem and stage maps of the batch it ran on (after any resizing), when asked for.
     """
 
     loss: torch.Tensor | None = None
@@ -327,9 +327,10 @@ class MuscleForObjectDetection(MusclePreTrainedModel):
     """Faster R-CNN (torchvision's RPN and RoI heads) on an FPN over the encoder's four stages.
 
     `labels` follow transformers' detection convention: one dict per image with `class_labels` (N,) in
-    `0..num_labels-1` and `boxes` (N, 4) as absolute xyxy pixels. Losses need `model.train()`; in eval mode the
-    model returns detections, a list of per-image dicts (not a tensor); `return_dict=False` gives the output's
-    tuple, `(loss, loss_dict)` in training and `(detections,)` in eval, then `hidden_states` when asked for.
+    `0..num_labels-1` and `boxes` (N, 4) as absolute xyxy pixels. Losses need `model.train()` (`loss_dict`: the
+    four Faster R-CNN losses, RPN and box head); in eval mode the model returns detections, a list of per-image
+    dicts (not a tensor); `return_dict=False` gives the output's tuple, `(loss, loss_dict)` in training and
+    `(detections,)` in eval, then `hidden_states` when asked for.
     """
 
     def __init__(self, config: MuscleConfig):

@@ -631,14 +631,15 @@ def _paired_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return intersection / (areas[0] + areas[1] - intersection).clamp_min(1e-6)
 
 
+# Copied from hub.models.muscle.modeling_muscle.MuscleObjectDetectionOutput with Muscle->Umedpt
 @dataclass
 class UmedptObjectDetectionOutput(ModelOutput):
     """
-    loss: sum of the FCOS losses (when labels are given).
-    loss_dict: `classification`, `bbox_regression`, `bbox_ctrness`.
-    detections: in eval mode, a list with one dict per image: `boxes` (N, 4) xyxy in input pixels, `scores` (N,),
-        `labels` (N,).
-    hidden_states: the encoder's stem and stage maps, when asked for.
+    loss: the sum of `loss_dict` (when the model computes losses; see its docstring).
+    loss_dict: the detector's losses by name.
+    detections: eval mode only, one dict per image (a list, not a tensor: the counts differ per image):
+        `boxes` (N, 4) xyxy in input pixels, `scores` (N,), `labels` (N,) in `id2label` ids.
+    hidden_states: the encoder's stem and stage maps of the batch it ran on (after any resizing), when asked for.
     """
 
     loss: torch.Tensor | None = None
@@ -654,6 +655,8 @@ class UmedptForObjectDetection(UmedptPreTrainedModel):
     sampling and scale ranges); detections keep, per level, the `detection_topk` points whose
     sqrt(class probability x centerness) passes `detection_score_threshold`, then class-wise NMS. `labels`: one
     dict per image with `class_labels` (N,) in `0..num_labels-1` and `boxes` (N, 4) as absolute xyxy pixels.
+    Losses are computed whenever `labels` are given, in either mode (`loss_dict`: `classification`,
+    `bbox_regression`, `bbox_ctrness`).
     """
 
     def __init__(self, config: UmedptConfig):
