@@ -9,11 +9,12 @@ import time
 
 import numpy as np
 import pytest
+from matplotlib.collections import PathCollection
 from scipy import stats
 from training_fixtures import MEDHUB, REPO_ROOT, result_row, write_config, xray_manifest
 
 from hub.data.manifest import load_manifest, write_manifest
-from training.evaluate.report import task_plot, write_report, write_summary_csv
+from training.evaluate.report import efficiency_plot, format_p, task_plot, write_report, write_summary_csv
 from training.evaluate.runner import read_results
 from training.evaluate.stats import holm, summarise
 from training.evaluate.study import load_study
@@ -81,6 +82,46 @@ def test_p_value_is_undefined_without_spread_or_runs_and_shown_as_n_a(tmp_path):
     assert constant_line.endswith(",n/a,n/a,n/a,True") and "nan" not in "".join(csv_lines)
 
 
+def _points(axes):
+    return [c.get_offsets() for c in axes.collections if isinstance(c, PathCollection)]
+
+
+def test_task_figure_shows_every_run_the_p_values_and_chance():
+    rows = [result_row("base", "linear", r, v) for r, v in enumerate([0.6, 0.7, 0.8])]
+    rows += [result_row("other", "linear", r, 0.9) for r in range(3)]
+    summaries = summarise(rows, "base")
+    axes = task_plot("nodule", summaries, rows).axes[0]
+    points = _points(axes)
+    assert [len(p) for p in points] == [3, 3]
+    identical = next(p for p in points if np.all(p[:, 1] == 0.9))
+    assert len(set(identical[:, 0])) == 3  # three identical runs stay three points, side by side
+    other = next(s for s in summaries if s.backbone == "other")
+    assert [t.get_text() for t in axes.texts] == [f"p {format_p(other.p_student)}"]  # none above the baseline
+    legend = axes.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["chance (AUC 0.5)", "base (baseline), n=3", "other, n=3"]
+    assert legend.get_bbox_to_anchor().x0 > axes.get_window_extent().x1  # outside the axes: it hides no bar
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["linear\n100% of labels"]
+    assert axes.get_ylim()[1] >= 0.9 * 1.12
+
+
+def test_label_efficiency_figure_has_a_panel_per_task_with_its_metric_and_the_fractions_as_ticks():
+    rows = [
+        result_row("muscle", protocol, r, value + 0.01 * r, fraction, task=task, metric=metric)
+        for task, metric in (("nodule", "roc_auc"), ("lung", "dice"))
+        for protocol in ("finetune", "linear")
+        for fraction, value in ((0.1, 0.6), (0.5, 0.7), (1.0, 0.8))
+        for r in range(2)
+    ]
+    figure = efficiency_plot("muscle", summarise(rows, "muscle"), rows)
+    lung, nodule = figure.axes
+    assert (lung.get_title(), lung.get_ylabel()) == ("lung", "test Dice")
+    assert (nodule.get_title(), nodule.get_ylabel()) == ("nodule", "test ROC AUC")
+    assert [t.get_text() for t in nodule.get_xticklabels()] == ["10%", "50%", "100%"]
+    assert [len(p) for p in _points(nodule)] == [2] * 6
+    lines = [np.asarray(c.lines[0].get_xdata(), dtype=float) for c in nodule.containers]
+    assert len(lines) == 2 and np.all(lines[0] < lines[1])  # the protocols nudged apart, no overlapping error bars
+
+
 @pytest.mark.slow
 def test_study_runs_resumes_and_reports(study_file, tmp_path, cli):
     out = tmp_path / "out"
@@ -134,12 +175,18 @@ def test_study_runs_resumes_and_reports(study_file, tmp_path, cli):
     assert (out / "task_nodule.png").stat().st_size > 1000
     axes = task_plot("nodule", summaries, rows).axes[0]
     assert axes.get_ylabel() == "test ROC AUC"
-    assert [t.get_text() for t in axes.get_xticklabels()] == ["finetune\n1 of labels", "frozen-head\n1 of labels"]
+    assert [t.get_text() for t in axes.get_xticklabels()] == [
+        "finetune\n100% of labels",
+        "frozen-head\n100% of labels",
+    ]
     bars = {c.get_label(): [p.get_height() for p in c.patches] for c in axes.containers if hasattr(c, "patches")}
-    expected = {b: [s.mean for s in summaries if s.backbone == b] for b in ("random", "seeded")}
+    expected = {
+        label: [s.mean for s in summaries if s.backbone == b]
+        for b, label in (("random", "random (baseline), n=3"), ("seeded", "seeded, n=3"))
+    }
     assert bars.keys() == expected.keys()
-    for backbone, heights in bars.items():
-        assert heights == pytest.approx(expected[backbone])
+    for label, heights in bars.items():
+        assert heights == pytest.approx(expected[label])
 
 
 @pytest.mark.slow

@@ -153,7 +153,7 @@ def test_linear_int8_study_reports_the_paired_difference(study_file, tmp_path, c
     report = (out / "report.md").read_text()
     assert "## int8 vs fp32 (linear probe)" in report
     cell = f"{difference.mean():+.4f} +- {difference.std(ddof=1):.4f}"
-    assert f"| nodule | seeded | 0.5 | ROC AUC | 3 | {cell} |" in report
+    assert f"| nodule | seeded | 50% | ROC AUC | 3 | {cell} |" in report
     assert f"| {format_p(paired)} | {format_p(student)} |" in report
 
     # linear's torch fp32 features are the served fp32 ONNX graph's up to float error, so int8 - linear is the

@@ -31,15 +31,23 @@ MICRO_MUSCLE = {
 }
 
 
-def result_row(backbone: str, protocol: str, run: int, roc_auc: float, fraction: float = 1.0) -> dict:
-    """A `medhub evaluate` results.jsonl row of task `nodule`, with the fields its statistics read."""
+def result_row(
+    backbone: str,
+    protocol: str,
+    run: int,
+    value: float,
+    fraction: float = 1.0,
+    task: str = "nodule",
+    metric: str = "roc_auc",
+) -> dict:
+    """A `medhub evaluate` results.jsonl row (`metric` = `value` on `task`), with the fields its statistics read."""
     return {
-        "task": "nodule",
+        "task": task,
         "protocol": protocol,
         "fraction": fraction,
         "backbone": backbone,
         "run": run,
-        "metrics": {"roc_auc": roc_auc},
+        "metrics": {metric: value},
     }
 
 

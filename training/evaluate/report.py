@@ -1,6 +1,6 @@
 """DIR/report.md (one table per task, backbone x protocol, mean +- std and p, best per column in bold),
-DIR/summary.csv and the figures: per task a bar chart with error bars and single runs as points; per backbone
-the label-efficiency curve (metric vs label fraction, log x)."""
+DIR/summary.csv and the figures: per task a bar chart with error bars, single runs as points and p above the bars;
+per backbone the label-efficiency curves (metric vs label fraction, log x, a panel per task)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 from .stats import PrecisionDifference, Summary, int8_differences
 
 METRIC_NAMES = {"roc_auc": "ROC AUC", "dice": "Dice", "accuracy": "accuracy"}
+
+
+def format_fraction(fraction: float) -> str:
+    """A label fraction as a percentage: 1.0 as 100%, 0.025 as 2.5%."""
+    return f"{100 * fraction:g}%"
 
 
 def format_p(value: float | None) -> str:
@@ -88,7 +94,7 @@ def int8_section(differences: list[PrecisionDifference]) -> list[str]:
     for d in differences:
         ci = "n/a" if math.isnan(d.ci_low) else f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]"
         lines.append(
-            f"| {d.task} | {d.backbone} | {d.fraction:g} | {METRIC_NAMES.get(d.metric, d.metric)} | "
+            f"| {d.task} | {d.backbone} | {format_fraction(d.fraction)} | {METRIC_NAMES.get(d.metric, d.metric)} | "
             f"{d.pairs} | {d.mean:+.4f} +- {d.std:.4f} | {ci} | {format_p(d.p_paired)} | "
             f"{format_p(d.p_student)} |"
         )
@@ -117,7 +123,7 @@ def write_report(
         lines += [
             f"## {task} ({metric})",
             "",
-            "| backbone | " + " | ".join(f"{p} @ {f:g} labels" for p, f in columns) + " |",
+            "| backbone | " + " | ".join(f"{p} @ {format_fraction(f)} labels" for p, f in columns) + " |",
             "|---" * (len(columns) + 1) + "|",
         ]
         best = {c: max(s.mean for s in rows if (s.protocol, s.fraction) == c) for c in columns}
@@ -146,69 +152,129 @@ def write_report(
 def task_figure(task: str, summaries: list[Summary], rows: list[dict[str, Any]], out: Path) -> Path:
     figure = task_plot(task, summaries, rows)
     path = out / f"task_{task}.png"
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
 
 
+def _runs(rows: list[dict[str, Any]], summary: Summary) -> list[float]:
+    """The single-run values behind one summary cell."""
+    return [
+        float(r["metrics"].get(summary.metric, math.nan))
+        for r in rows
+        if (r["task"], r["backbone"], r["protocol"], float(r["fraction"]))
+        == (summary.task, summary.backbone, summary.protocol, summary.fraction)
+    ]
+
+
+def _spread(count: int, width: float) -> np.ndarray:
+    """Evenly spaced offsets across `width` for `count` single-run points, so that repeated values stay countable."""
+    return np.linspace(-width / 2, width / 2, count) if count > 1 else np.zeros(count)
+
+
+def _run_counts(cells: list[Summary]) -> str:
+    counts = sorted({s.runs for s in cells})
+    return f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]}"
+
+
 def task_plot(task: str, summaries: list[Summary], rows: list[dict[str, Any]]) -> plt.Figure:
-    """Bars: mean per backbone, grouped by protocol (all label fractions side by side), sample std error bars,
-    single runs as points."""
+    """Bars: mean per backbone, grouped by protocol and label fraction, sample std error bars, single runs as points
+    spread across the bar (identical runs show as a flat row), Student's p against the baseline above each bar,
+    chance as a dashed line for ROC AUC; the legend outside the axes."""
     cells = [s for s in summaries if s.task == task]
     groups = sorted({(s.protocol, s.fraction) for s in cells})
     backbones = sorted({s.backbone for s in cells})
+    baseline = next((s.backbone for s in cells if s.p_student is None), None)
     width = 0.8 / len(backbones)
-    figure, axes = plt.subplots(figsize=(max(5, 2.2 * len(groups)), 4))
+    figure, axes = plt.subplots(figsize=(max(5, 2.2 * len(groups)) + 2, 4))
+    top = 0.0
     for b, backbone in enumerate(backbones):
         xs, means, stds = [], [], []
         for g, group in enumerate(groups):
             match = [s for s in cells if s.backbone == backbone and (s.protocol, s.fraction) == group]
             if not match:
                 continue
+            s = match[0]
             x = g + (b - (len(backbones) - 1) / 2) * width
+            std = 0.0 if math.isnan(s.std) else s.std
+            runs = _runs(rows, s)
             xs.append(x)
-            means.append(match[0].mean)
-            stds.append(0.0 if match[0].std != match[0].std else match[0].std)
-            runs = [
-                r["metrics"].get(match[0].metric)
-                for r in rows
-                if r["task"] == task and r["backbone"] == backbone and (r["protocol"], float(r["fraction"])) == group
-            ]
-            axes.scatter([x] * len(runs), runs, color="black", s=10, zorder=3)
-        axes.bar(xs, means, width, yerr=stds, capsize=3, label=backbone)
+            means.append(s.mean)
+            stds.append(std)
+            axes.scatter(x + _spread(len(runs), 0.6 * width), runs, color="black", s=8, zorder=3)
+            height = float(np.nanmax([s.mean + std, *runs]))
+            top = max(top, height)
+            if s.p_student is not None:
+                axes.annotate(
+                    f"p {format_p(s.p_student)}",
+                    (x, height),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+        role = " (baseline)" if backbone == baseline else ""
+        label = f"{backbone}{role}, {_run_counts([s for s in cells if s.backbone == backbone])}"
+        axes.bar(xs, means, width, yerr=stds, capsize=3, label=label)
     metric = METRIC_NAMES.get(cells[0].metric, cells[0].metric)
-    axes.set_xticks(range(len(groups)), [f"{p}\n{f:g} of labels" for p, f in groups])
+    if cells[0].metric == "roc_auc":
+        axes.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance (AUC 0.5)")
+    axes.set_ylim(0, 1.12 * top if top > 0 else 1)
+    axes.set_xticks(range(len(groups)), [f"{p}\n{format_fraction(f)} of labels" for p, f in groups])
     axes.set_ylabel(f"test {metric}")
-    axes.set_title(f"{task}: mean +- sample std over runs\n(points: single runs)")
-    axes.legend(title="backbone")
+    axes.set_title(
+        f"{task}: test {metric}, mean ± sample std over runs\n"
+        f"points: single runs; p: Student's t-test vs {baseline or 'the baseline'}"
+    )
+    axes.legend(title="backbone", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     figure.tight_layout()
     return figure
 
 
-def efficiency_figure(backbone: str, summaries: list[Summary], out: Path) -> Path:
-    """Metric vs label fraction (log x), one line per task and protocol, sample std error bars."""
-    cells = [s for s in summaries if s.backbone == backbone]
-    figure, axes = plt.subplots(figsize=(5, 4))
-    for task, protocol in sorted({(s.task, s.protocol) for s in cells}):
-        line = sorted((s for s in cells if (s.task, s.protocol) == (task, protocol)), key=lambda s: s.fraction)
-        axes.errorbar(
-            [s.fraction for s in line],
-            [s.mean for s in line],
-            yerr=[s.std for s in line],
-            marker="o",
-            capsize=3,
-            label=f"{task} / {protocol}",
-        )
-    axes.set_xscale("log")
-    axes.set_xlabel("fraction of training labels (log scale)")
-    axes.set_ylabel("test metric (ROC AUC or Dice)")
-    axes.set_title(f"{backbone}: label efficiency")
-    axes.legend()
-    figure.tight_layout()
+def efficiency_figure(backbone: str, summaries: list[Summary], rows: list[dict[str, Any]], out: Path) -> Path:
+    figure = efficiency_plot(backbone, summaries, rows)
     path = out / f"label_efficiency_{backbone}.png"
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def efficiency_plot(backbone: str, summaries: list[Summary], rows: list[dict[str, Any]]) -> plt.Figure:
+    """One panel per task (its own metric): test metric vs label fraction (log x, ticks at the fractions), a line per
+    protocol with sample std error bars and the single runs as faint points; protocols are nudged apart along x so
+    that their error bars do not overlap."""
+    cells = [s for s in summaries if s.backbone == backbone]
+    tasks = sorted({s.task for s in cells})
+    figure, panels = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 1.5, 4), squeeze=False)
+    for axes, task in zip(panels[0], tasks):
+        in_task = [s for s in cells if s.task == task]
+        protocols = sorted({s.protocol for s in in_task})
+        for p, protocol in enumerate(protocols):
+            line = sorted((s for s in in_task if s.protocol == protocol), key=lambda s: s.fraction)
+            nudge = 1.04 ** (p - (len(protocols) - 1) / 2)
+            drawn = axes.errorbar(
+                [s.fraction * nudge for s in line],
+                [s.mean for s in line],
+                yerr=[0.0 if math.isnan(s.std) else s.std for s in line],
+                marker="o",
+                capsize=3,
+                label=f"{protocol}, {_run_counts(line)}",
+            )
+            for s in line:
+                runs = _runs(rows, s)
+                axes.scatter([s.fraction * nudge] * len(runs), runs, color=drawn[0].get_color(), s=8, alpha=0.35)
+        fractions = sorted({s.fraction for s in in_task})
+        axes.set_xscale("log")
+        axes.set_xticks(fractions, [format_fraction(f) for f in fractions])
+        axes.minorticks_off()
+        axes.set_xlabel("share of the training labels (log scale)")
+        axes.set_ylabel(f"test {METRIC_NAMES.get(in_task[0].metric, in_task[0].metric)}")
+        axes.set_title(task)
+        axes.legend(title="protocol", fontsize=8)
+    figure.suptitle(f"{backbone}: label efficiency, mean ± sample std over runs (points: single runs)")
+    figure.tight_layout()
+    return figure
 
 
 def write_all(summaries: list[Summary], rows: list[dict[str, Any]], baseline: str, out: Path) -> list[Path]:
@@ -217,5 +283,5 @@ def write_all(summaries: list[Summary], rows: list[dict[str, Any]], baseline: st
     paths += [task_figure(task, summaries, rows, out) for task in sorted({s.task for s in summaries})]
     for backbone in sorted({s.backbone for s in summaries}):
         if len({s.fraction for s in summaries if s.backbone == backbone}) > 1:
-            paths.append(efficiency_figure(backbone, summaries, out))
+            paths.append(efficiency_figure(backbone, summaries, rows, out))
     return paths
