@@ -150,9 +150,11 @@ def write_report(
 
 
 def task_figure(task: str, summaries: list[Summary], rows: list[dict[str, Any]], out: Path) -> Path:
-    figure = task_plot(task, summaries, rows)
-    path = out / f"task_{task}.png"
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return _save(task_plot(task, summaries, rows), out / f"task_{task}.png")
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    figure.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps the legends placed outside the axes
     plt.close(figure)
     return path
 
@@ -233,11 +235,7 @@ def task_plot(task: str, summaries: list[Summary], rows: list[dict[str, Any]]) -
 
 
 def efficiency_figure(backbone: str, summaries: list[Summary], rows: list[dict[str, Any]], out: Path) -> Path:
-    figure = efficiency_plot(backbone, summaries, rows)
-    path = out / f"label_efficiency_{backbone}.png"
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return _save(efficiency_plot(backbone, summaries, rows), out / f"label_efficiency_{backbone}.png")
 
 
 def efficiency_plot(backbone: str, summaries: list[Summary], rows: list[dict[str, Any]]) -> plt.Figure:
