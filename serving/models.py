@@ -23,7 +23,7 @@ from hub.processing import MedicalImageProcessor
 
 from .batching import MicroBatcher
 from .onnx_export import available_tasks, export_onnx
-from .quantize import export_int8
+from .quantize import export_int8, saturation_free
 from .runtime import CUDA, active_provider, create_session, default_threads
 
 logger = logging.getLogger("medhub.serving")
@@ -286,9 +286,10 @@ def task_graph(
     wanted = folder / (f"{task}.int8.onnx" if int8 else f"{task}.fp16.onnx" if fp16 else f"{task}.onnx")
     for path in dict.fromkeys([fp32, wanted] if int8 else [wanted]):
         with FileLock(str(path) + ".lock"):  # several workers may start at once: one exports, the others wait
-            if path.is_file():
+            int8_graph = path.name.endswith(".int8.onnx")
+            if path.is_file() and not (int8_graph and not saturation_free(path)):
                 continue
-            if path.name.endswith(".int8.onnx"):
+            if int8_graph:
                 export_int8(
                     repo_dir,
                     task,

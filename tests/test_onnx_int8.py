@@ -145,6 +145,18 @@ def test_cache_holds_fp32_fp16_and_int8_side_by_side(tmp_path):
         name: {p.key: p.value for p in onnx.load(str(folder / name)).metadata_props}["precision"] for name in names
     }
     assert precisions == {"features.fp16.onnx": "fp16", "features.int8.onnx": "int8", "features.onnx": "fp32"}
+    # weights of 7 bits (|w| <= 64) cannot saturate VPMADDUBSW on CPUs without VNNI; an int8 graph cached with 8-bit
+    # weights (no `weight_bits` entry: an older medhub's) is rebuilt on load
+    graph = onnx.load(str(folder / "features.int8.onnx"))
+    weights = [onnx.numpy_helper.to_array(tensor) for tensor in graph.graph.initializer if tensor.data_type == 3]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+    stale = [entry for entry in graph.metadata_props if entry.key != "weight_bits"]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(stale)
+    onnx.save(graph, str(folder / "features.int8.onnx"))
+    load_served_model(str(repo), cache, device="cpu", int8=True)
+    rebuilt = {p.key: p.value for p in onnx.load(str(folder / "features.int8.onnx")).metadata_props}
+    assert rebuilt["weight_bits"] == "7"
 
 
 def test_residual_blocks_run_in_int8_end_to_end(tmp_path):
