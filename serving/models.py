@@ -287,7 +287,7 @@ def task_graph(
     for path in dict.fromkeys([fp32, wanted] if int8 else [wanted]):
         with FileLock(str(path) + ".lock"):  # several workers may start at once: one exports, the others wait
             int8_graph = path.name.endswith(".int8.onnx")
-            if path.is_file() and not (int8_graph and not saturation_free(path)):
+            if path.is_file() and (not int8_graph or saturation_free(path)):  # older int8 caches are rebuilt
                 continue
             if int8_graph:
                 export_int8(
