@@ -22,6 +22,11 @@ from hub.io import MedicalImage, ReadLimits, read_image
 
 UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TIMEOUT_S = 30
+# dicomweb_client retries every failed request, a refused connection included, 5 times with waits of 2, 4, 8 and
+# 16 s: a server that is down held each request 30 s. One retry after 0.5 s rides out a blip and lets the next
+# configured server answer at once.
+RETRY_ATTEMPTS = 2
+RETRY_WAIT_MULTIPLIER_MS = 250  # the n-th wait is multiplier * 2**n ms
 
 
 class DicomwebNotFoundError(InputError):
@@ -54,7 +59,9 @@ def _client(url: str, token: str | None) -> DICOMwebClient:
     session = requests.Session()
     session.request = _with_timeout(session.request)
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    return DICOMwebClient(url, session=session, headers=headers)
+    client = DICOMwebClient(url, session=session, headers=headers)
+    client.set_http_retry_params(max_attempts=RETRY_ATTEMPTS, wait_exponential_multiplier=RETRY_WAIT_MULTIPLIER_MS)
+    return client
 
 
 def _with_timeout(request):

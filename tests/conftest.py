@@ -8,7 +8,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants
 import pytest
@@ -44,6 +46,23 @@ def tiny_bottleneck_config() -> MuscleConfig:
     return MuscleConfig(
         depths=[1, 1, 1, 1], hidden_sizes=[4, 8, 16, 32], stem_width=8, block_type="bottleneck", image_size=64
     )
+
+
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory) -> Callable[[str, Callable[[Path], Any]], Any]:
+    """`built_once(key, build)`: `build(folder)` the first time a test asks for `key`, the same result after that.
+
+    For artefacts that several modules only read and that are slow to make (served repos and their ONNX cache: a
+    tiny Swin or ViT graph takes 15-25 s to export on a 2-core machine). Saved repos cannot share a cache by
+    content instead: safetensors writes its metadata in a different order on each save."""
+    made: dict[str, Any] = {}
+
+    def get(key: str, build: Callable[[Path], Any]) -> Any:
+        if key not in made:
+            made[key] = build(tmp_path_factory.mktemp(key))
+        return made[key]
+
+    return get
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +112,10 @@ def test_unknown_uid_unreachable_server_and_bad_reference(orthanc, series):
     with pytest.raises(DicomwebNotFoundError, match="no configured DICOMweb server holds"):
         fetch(f"{series['study']}/1.2.3.4", (orthanc["dicomweb"],), None, ReadLimits())
     dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    start = time.monotonic()
     with pytest.raises(DicomwebUnavailableError, match="could be reached"):
         fetch(f"{series['study']}/{series['series']}", (dead,), None, ReadLimits())
+    assert time.monotonic() - start < 10  # one retry after 0.5 s, not dicomweb_client's default 30 s of back-off
     # a dead first server is skipped for a live second one
     assert (
         fetch(f"{series['study']}/{series['series']}", (dead, orthanc["dicomweb"]), None, ReadLimits()).spatial_dims

@@ -12,44 +12,25 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx_fixtures import CASES, fp32_graph, head_repo
 
 from hub.catalogue import VARIANTS
-from hub.export import Provenance, export_variant
 from hub.models import get_family
 from serving.models import load_served_model, repo_revision
 from serving.onnx_export import FP16_PARITY_RTOL, PARITY_ATOL, TaskGraph, available_tasks, export_onnx
 from serving.runtime import create_session
 
 pytestmark = pytest.mark.slow
-HEADS = {
-    "features": "AutoModel",
-    "classification": "AutoModelForImageClassification",
-    "segmentation": "AutoModelForSemanticSegmentation",
-}
-CASES = [
-    (variant.id, task)
-    for variant in VARIANTS.values()
-    if variant.tiny
-    for task, auto_name in HEADS.items()
-    if auto_name in get_family(variant.family).auto_classes
-]
-
-
-def head_repo(tmp_path: Path, variant_id: str, task: str) -> tuple[torch.nn.Module, Path]:
-    variant = VARIANTS[variant_id]
-    config = variant.build_config(num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
-    model = get_family(variant.family).auto_classes[HEADS[task]](config).eval()
-    return model, export_variant(model, tmp_path / "repo", variant, Provenance("trained", "test"))
 
 
 @pytest.mark.parametrize(("variant_id", "task"), CASES, ids=[f"{v}-{t}" for v, t in CASES])
-def test_onnx_graph_matches_torch(tmp_path, variant_id, task):
-    _, repo = head_repo(tmp_path, variant_id, task)
+def test_onnx_graph_matches_torch(built_once, variant_id, task):
+    repo, result = fp32_graph(built_once, variant_id, task)  # made once: the int8 tests quantize the same graphs
     assert task in available_tasks(repo)
-    result = export_onnx(repo, task, tmp_path / "model.onnx", repo_id=f"org/{variant_id}", revision="0" * 40)
     assert result.max_abs_diff <= PARITY_ATOL == result.parity_limit and result.precision == "fp32"
     metadata = {prop.key: prop.value for prop in onnx.load(str(result.path)).metadata_props}
-    assert metadata["repo_id"] == f"org/{variant_id}" and metadata["task"] == task and metadata["precision"] == "fp32"
+    assert metadata["repo_id"] == str(repo) and metadata["revision"] == repo_revision(repo)
+    assert metadata["task"] == task and metadata["precision"] == "fp32"
     assert json.loads(metadata["input_spec"])["modality"] == VARIANTS[variant_id].processor_spec()["modality"]
     if task != "features":
         assert json.loads(metadata["labels"]) == {"0": "a", "1": "b"}

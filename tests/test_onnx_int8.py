@@ -2,6 +2,7 @@
 one constant image; the cache holds fp32, fp16 and int8 side by side."""
 
 import io
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx_fixtures import CASES, fp32_graph, head_repo  # every tiny preset's tasks
 from PIL import Image
-from test_onnx_export import CASES, head_repo  # every tiny preset's tasks
 
 from hub.data.phantoms import write_nifti
 from hub.io import ReadLimits
@@ -40,11 +41,13 @@ def test_gate_figures_are_exact_on_known_values():
 
 
 @pytest.mark.parametrize(("variant_id", "task"), CASES, ids=[f"{v}-{t}" for v, t in CASES])
-def test_int8_graph_of_every_tiny_preset_passes_the_gate_and_serves(tmp_path, variant_id, task):
-    repo = _repo(tmp_path, variant_id, task)
+def test_int8_graph_of_every_tiny_preset_passes_the_gate_and_serves(tmp_path, built_once, variant_id, task):
+    repo, fp32 = fp32_graph(built_once, variant_id, task)  # the float32 graph the export test checked, in the cache
     processor = MedicalImageProcessor.from_pretrained(repo)
     cache = tmp_path / "cache"
     folder = cache / repo_revision(repo)
+    folder.mkdir(parents=True)
+    shutil.copyfile(fp32.path, folder / f"{task}.onnx")
     if task == "segmentation":
         # random heads put most pixels on the decision boundary (logits near 0), where int8 noise flips labels: the
         # default Dice gate (0.98) refuses several of them, so these go into the cache through a looser gate
@@ -55,6 +58,7 @@ def test_int8_graph_of_every_tiny_preset_passes_the_gate_and_serves(tmp_path, va
             repo_id=str(repo),
             revision=repo_revision(repo),
             processor=processor,
+            fp32_path=fp32.path,
             gate=Gate(min_dice=SEGMENTATION_DICE),
             methods=("percentile",),
         )

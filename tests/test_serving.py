@@ -43,9 +43,8 @@ def tiny_head_repo(out: Path, head_class, labels: list[str], variant_id: str = "
     return export_variant(head_class(config), out, variant, Provenance("trained", "test"))
 
 
-@pytest.fixture(scope="module")
-def repos(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("serving")
+def served_repos(root: Path) -> dict[str, Path]:
+    """The tiny models the service tests serve (build with `built_once("served-repos", served_repos)`)."""
     return {
         **{variant: tiny_encoder_repo(root / variant, variant) for variant in ENCODERS_2D},
         "classifier": tiny_head_repo(root / "classifier", MuscleForImageClassification, ["normal", "nodule"]),
@@ -56,12 +55,24 @@ def repos(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def shared_onnx_cache(built_once) -> Path:
+    """The ONNX cache of the servers of `served_repos`: the first server to load a model exports its graphs."""
+    return built_once("served-onnx-cache", lambda folder: folder)
+
+
 @pytest.fixture(scope="module")
-def server(repos, tmp_path_factory, request):
-    """One server for the module: token on, 12 MiB body limit, at most 2 requests in flight."""
+def repos(built_once) -> dict[str, Path]:
+    """The served tiny models, made once for the modules that serve them (this one, DICOM SEG, privacy)."""
+    return built_once("served-repos", served_repos)
+
+
+@pytest.fixture(scope="module")
+def server(repos, built_once, tmp_path_factory, request):
+    """One server for the module: token on, 12 MiB body limit, at most 2 requests in flight. The modules that use
+    it share one ONNX cache, so the graphs are exported by the first server only."""
     root = tmp_path_factory.mktemp("server")
     env = {
-        "MEDHUB_ONNX_CACHE": str(root / "onnx"),
+        "MEDHUB_ONNX_CACHE": str(shared_onnx_cache(built_once)),
         "MEDHUB_API_TOKEN": TOKEN,
         "MEDHUB_MAX_BODY_MB": "12",
         "MEDHUB_MAX_CONCURRENCY": "2",

@@ -8,21 +8,19 @@ import psutil
 import pytest
 import SimpleITK as sitk
 from live_server import live_server
-from test_serving import AUTH, TOKEN, tiny_head_repo
-
-from hub.models.macl import MaclForSemanticSegmentation
+from test_serving import AUTH, TOKEN, served_repos, shared_onnx_cache
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="module")
-def slow_server(tmp_path_factory):
+def slow_server(tmp_path_factory, built_once):
     """A server for the 3D model only, with `MEDHUB_TIMEOUT` (what `medhub serve --timeout` sets) of 3 s."""
     root = tmp_path_factory.mktemp("deadline")
-    repo = tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["background", "liver"], "macl-unet3d-tiny")
+    repo = built_once("served-repos", served_repos)["volume"]
     env = {
-        "MEDHUB_ONNX_CACHE": str(root / "onnx"),
+        "MEDHUB_ONNX_CACHE": str(shared_onnx_cache(built_once)),
         "MEDHUB_API_TOKEN": TOKEN,
         "MEDHUB_TIMEOUT": str(TIMEOUT_S),
         "MEDHUB_THREADS": "1",

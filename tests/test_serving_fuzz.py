@@ -11,10 +11,7 @@ import collections
 import numpy as np
 import pytest
 from fuzzing import FORMATS, campaign, ready_status, seeds, serve, server_exceptions
-from test_serving import png_bytes, tiny_head_repo
-
-from hub.models.macl import MaclForSemanticSegmentation
-from hub.models.muscle import MuscleForImageClassification
+from test_serving import png_bytes, served_repos, shared_onnx_cache
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
@@ -27,13 +24,11 @@ PEAK_BOUND = 4 * GIB
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory):
+def fuzz_server(tmp_path_factory, built_once):
     root = tmp_path_factory.mktemp("fuzz")
-    models = {
-        "2d": tiny_head_repo(root / "classifier", MuscleForImageClassification, ["normal", "nodule"]),
-        "3d": tiny_head_repo(root / "volume", MaclForSemanticSegmentation, ["background", "liver"], "macl-unet3d-tiny"),
-    }
-    with serve(list(models.values()), root / "server") as server:
+    repos = built_once("served-repos", served_repos)
+    models = {"2d": repos["classifier"], "3d": repos["volume"]}
+    with serve(list(models.values()), root / "server", MEDHUB_ONNX_CACHE=str(shared_onnx_cache(built_once))) as server:
         warm = {"2d": png_bytes(np.zeros((64, 64), dtype=np.uint8)), "3d": seeds("nifti")[0]}
         for key, model in models.items():  # build each model's ONNX session before RSS is measured
             response = httpx.post(
