@@ -44,7 +44,7 @@ def tiny_head_repo(out: Path, head_class, labels: list[str], variant_id: str = "
 
 
 def served_repos(root: Path) -> dict[str, Path]:
-    """The tiny models the service tests serve (build with `built_once("served-repos", served_repos)`)."""
+    """The tiny models the service tests serve, built into `root`."""
     return {
         **{variant: tiny_encoder_repo(root / variant, variant) for variant in ENCODERS_2D},
         "classifier": tiny_head_repo(root / "classifier", MuscleForImageClassification, ["normal", "nodule"]),
@@ -55,6 +55,11 @@ def served_repos(root: Path) -> dict[str, Path]:
     }
 
 
+def shared_repos(built_once) -> dict[str, Path]:
+    """`served_repos`, built once for the modules that serve them (this one, DICOM SEG, privacy, fuzz, deadline)."""
+    return built_once("served-repos", served_repos)
+
+
 def shared_onnx_cache(built_once) -> Path:
     """The ONNX cache of the servers of `served_repos`: the first server to load a model exports its graphs."""
     return built_once("served-onnx-cache", lambda folder: folder)
@@ -62,8 +67,7 @@ def shared_onnx_cache(built_once) -> Path:
 
 @pytest.fixture(scope="module")
 def repos(built_once) -> dict[str, Path]:
-    """The served tiny models, made once for the modules that serve them (this one, DICOM SEG, privacy)."""
-    return built_once("served-repos", served_repos)
+    return shared_repos(built_once)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import psutil
 import pytest
 import SimpleITK as sitk
 from live_server import live_server
-from test_serving import AUTH, TOKEN, served_repos, shared_onnx_cache
+from test_serving import AUTH, TOKEN, shared_onnx_cache, shared_repos
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 3
@@ -18,7 +18,7 @@ TIMEOUT_S = 3
 def slow_server(tmp_path_factory, built_once):
     """A server for the 3D model only, with `MEDHUB_TIMEOUT` (what `medhub serve --timeout` sets) of 3 s."""
     root = tmp_path_factory.mktemp("deadline")
-    repo = built_once("served-repos", served_repos)["volume"]
+    repo = shared_repos(built_once)["volume"]
     env = {
         "MEDHUB_ONNX_CACHE": str(shared_onnx_cache(built_once)),
         "MEDHUB_API_TOKEN": TOKEN,

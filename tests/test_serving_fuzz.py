@@ -11,7 +11,7 @@ import collections
 import numpy as np
 import pytest
 from fuzzing import FORMATS, campaign, ready_status, seeds, serve, server_exceptions
-from test_serving import png_bytes, served_repos, shared_onnx_cache
+from test_serving import png_bytes, shared_onnx_cache, shared_repos
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
@@ -26,7 +26,7 @@ PEAK_BOUND = 4 * GIB
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory, built_once):
     root = tmp_path_factory.mktemp("fuzz")
-    repos = built_once("served-repos", served_repos)
+    repos = shared_repos(built_once)
     models = {"2d": repos["classifier"], "3d": repos["volume"]}
     with serve(list(models.values()), root / "server", MEDHUB_ONNX_CACHE=str(shared_onnx_cache(built_once))) as server:
         warm = {"2d": png_bytes(np.zeros((64, 64), dtype=np.uint8)), "3d": seeds("nifti")[0]}
