@@ -25,11 +25,16 @@ check: $(STAMP)
 fix-copies: $(STAMP)
 	$(BIN)/python scripts/check_copies.py --fix
 
+# Test modules run on TEST_WORKERS processes, each module whole on one (tests/conftest.py groups them). Two keep a
+# 2-core machine busy while a test waits on a subprocess or a server; more workers mean more copies of torch in memory.
+TEST_WORKERS ?= 2
+PYTEST := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

@@ -6,6 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import pickle
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from typing import Any
 
 import huggingface_hub.constants
 import pytest
+from filelock import FileLock
 
 import hub  # noqa: F401  (registers the families)
 from hub.catalogue import get_variant
@@ -48,18 +51,44 @@ def tiny_bottleneck_config() -> MuscleConfig:
     )
 
 
+# Modules that start a local Ray instance: two at once on one machine can pick the same ports.
+RAY_MODULES = {"test_evaluate.py", "test_embed_serving.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `pytest -n N --dist loadgroup` (`make test`) each module runs whole on one worker, so its module-scoped
+    fixtures are built once; the modules that start Ray share one worker."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.path.name
+            item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_MODULES else module))
+
+
 @pytest.fixture(scope="session")
 def built_once(tmp_path_factory) -> Callable[[str, Callable[[Path], Any]], Any]:
-    """`built_once(key, build)`: `build(folder)` the first time a test asks for `key`, the same result after that.
+    """`built_once(key, build)`: `build(folder)` the first time any test asks for `key`, the same result after that.
 
     For artefacts that several modules only read and that are slow to make (served repos and their ONNX cache: a
     tiny Swin or ViT graph takes 15-25 s to export on a 2-core machine). Saved repos cannot share a cache by
-    content instead: safetensors writes its metadata in a different order on each save."""
+    content instead: safetensors writes its metadata in a different order on each save. Under pytest-xdist the
+    workers share the run's temporary folder: the first to ask builds under a file lock and pickles the result,
+    the others wait for it and read it."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # each worker's basetemp is a folder of the run's
     made: dict[str, Any] = {}
 
     def get(key: str, build: Callable[[Path], Any]) -> Any:
         if key not in made:
-            made[key] = build(tmp_path_factory.mktemp(key))
+            folder, result = root / "built-once" / key, root / "built-once" / f"{key}.pickle"
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{folder}.lock"):
+                if not result.exists():
+                    shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+                    folder.mkdir()
+                    result.write_bytes(pickle.dumps(build(folder)))
+                made[key] = pickle.loads(result.read_bytes())
         return made[key]
 
     return get
