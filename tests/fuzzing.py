@@ -492,6 +492,19 @@ def send(client: httpx.Client, url: str, route: str, model: str, data: bytes, ti
     return response.status_code, response.text[:300]
 
 
+def send_case(
+    client: httpx.Client, server: Server, models: dict[str, str], fmt: str, index: int, seed: int, timeout: float
+) -> Outcome:
+    """The index-th input of `fmt` posted to the server and timed: 2D formats go to ``models["2d"]`` (alternating
+    /embed and /classify), NIfTI to ``models["3d"]`` (/embed)."""
+    mutation, data = case(fmt, seed, index)
+    model = models["3d"] if fmt == "nifti" else models["2d"]
+    route = "classify" if fmt != "nifti" and index % 2 else "embed"
+    start = time.perf_counter()
+    status, body = send(client, server.url, route, model, data, timeout)
+    return Outcome(fmt, index, mutation, status, time.perf_counter() - start, body)
+
+
 def campaign(
     server: Server,
     models: dict[str, str],
@@ -501,21 +514,14 @@ def campaign(
     timeout: float = 30.0,
     progress: Callable[[], None] | None = None,
 ) -> list[Outcome]:
-    """``per_format`` inputs of each format, sent by ``clients`` keep-alive clients; 2D formats go to
-    ``models["2d"]`` (alternating /embed and /classify), NIfTI to ``models["3d"]`` (/embed)."""
+    """``per_format`` inputs of each format (`send_case`), sent by ``clients`` keep-alive clients."""
     jobs = [(fmt, index) for index in range(per_format) for fmt in FORMATS]
     local = threading.local()
 
     def run(job: tuple[str, int]) -> Outcome:
-        fmt, index = job
         if not hasattr(local, "client"):
             local.client = httpx.Client()
-        mutation, data = case(fmt, seed, index)
-        model = models["3d"] if fmt == "nifti" else models["2d"]
-        route = "classify" if fmt != "nifti" and index % 2 else "embed"
-        start = time.perf_counter()
-        status, body = send(local.client, server.url, route, model, data, timeout)
-        outcome = Outcome(fmt, index, mutation, status, time.perf_counter() - start, body)
+        outcome = send_case(local.client, server, models, *job, seed, timeout)
         if progress is not None:
             progress()
         return outcome
