@@ -74,15 +74,16 @@ def built_once(tmp_path_factory) -> Callable[[str, Callable[[Path], Any]], Any]:
     content instead: safetensors writes its metadata in a different order on each save. Under pytest-xdist the
     workers share the run's temporary folder: the first to ask builds under a file lock and pickles the result,
     the others wait for it and read it."""
-    root = tmp_path_factory.getbasetemp()
+    run_folder = tmp_path_factory.getbasetemp()
     if "PYTEST_XDIST_WORKER" in os.environ:
-        root = root.parent  # each worker's basetemp is a folder of the run's
+        run_folder = run_folder.parent  # each worker's basetemp is a folder of the run's
+    shared = run_folder / "built-once"
+    shared.mkdir(exist_ok=True)
     made: dict[str, Any] = {}
 
     def get(key: str, build: Callable[[Path], Any]) -> Any:
         if key not in made:
-            folder, result = root / "built-once" / key, root / "built-once" / f"{key}.pickle"
-            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder, result = shared / key, shared / f"{key}.pickle"
             with FileLock(f"{folder}.lock"):
                 if not result.exists():
                     shutil.rmtree(folder, ignore_errors=True)  # what a failed build left

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
 
 PER_FORMAT = 300
+SEED = 0
+CLIENT_TIMEOUT_S = 30
 SLOWEST_S = 5.0
 GIB = 1024**3
 GROWTH_BOUND = 1 * GIB
@@ -46,7 +48,7 @@ def fuzz_server(tmp_path_factory, built_once):
 
 def test_mutated_uploads_never_get_5xx_hang_or_leak(fuzz_server):
     server, models = fuzz_server
-    outcomes = campaign(server, models, PER_FORMAT, seed=0, clients=2, timeout=30)
+    outcomes = campaign(server, models, PER_FORMAT, seed=SEED, clients=2, timeout=CLIENT_TIMEOUT_S)
     rss_end = server.rss()
 
     counts = {fmt: collections.Counter(o.status for o in outcomes if o.fmt == fmt) for fmt in FORMATS}
@@ -56,7 +58,7 @@ def test_mutated_uploads_never_get_5xx_hang_or_leak(fuzz_server):
         slow_alone = [
             again
             for o in slow
-            if (again := send_case(client, server, models, o.fmt, o.index, 0, 30)).seconds > SLOWEST_S
+            if (again := send_case(client, server, models, o.fmt, o.index, SEED, CLIENT_TIMEOUT_S)).seconds > SLOWEST_S
         ]
     report = (
         f"status counts {counts}; peak RSS {server.rss_peak >> 20} MiB; restarts "
