@@ -25,10 +25,10 @@ check: $(STAMP)
 fix-copies: $(STAMP)
 	$(BIN)/python scripts/check_copies.py --fix
 
-# Test modules run on TEST_WORKERS processes, each module whole on one (tests/conftest.py groups them). Two keep a
+# Test modules run on TEST_WORKERS processes, each module whole on one, the longest first (tests/conftest.py). Two keep a
 # 2-core machine busy while a test waits on a subprocess or a server; more workers mean more copies of torch in memory.
 TEST_WORKERS ?= 2
-PYTEST := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(PYTEST)

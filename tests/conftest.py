@@ -10,6 +10,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,16 +54,75 @@ def tiny_bottleneck_config() -> MuscleConfig:
 
 # Modules that start a local Ray instance: two at once on one machine can pick the same ports.
 RAY_MODULES = {"test_evaluate.py", "test_embed_serving.py"}
+# The longest modules, longest first (per-test times summed over a 2-worker run): a worker that starts one of them
+# late would run it alone while the other worker idles at the end of the run.
+LONGEST_MODULES = [
+    "test_plain_install.py",
+    "test_onnx_int8.py",
+    "test_readme.py",
+    "test_onnx_export.py",
+    "test_dicom_seg.py",
+    "test_families_common.py",
+    "test_embed_serving.py",
+    "test_evaluate.py",
+    "test_training_distributed.py",
+    "test_embed_cli.py",
+]
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under `pytest -n N --dist loadfile` (`make test`) each module runs whole on one worker, so its module-scoped
+    fixtures are built once, and the modules that start Ray share one worker."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return ModuleScheduling(config, log)
+
+
+def _scope(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return "ray" if Path(module).name in RAY_MODULES else module
+
+
+SCOPE_WORKERS: dict[str, set[str]] = defaultdict(set)
+"""The workers that ran each scope, as the xdist controller saw their reports."""
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    node = getattr(report, "node", None)  # the worker, on reports that reach the xdist controller
+    if node is not None:
+        SCOPE_WORKERS[_scope(report.nodeid)].add(node.gateway.id)
+
+
+def _split_scopes(config: pytest.Config) -> dict[str, list[str]]:
+    if config.getvalue("dist") != "loadfile":
+        return {}
+    return {scope: sorted(workers) for scope, workers in SCOPE_WORKERS.items() if len(workers) > 1}
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail a `--dist loadfile` run whose modules were split between workers: the Ray modules would then race for
+    ports, and module fixtures would be built twice. (xdist 3.8's own `loadgroup` splits them silently under pytest
+    9.2, whose node ids no longer carry the group.)"""
+    if _split_scopes(session.config):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if split := _split_scopes(config):
+        terminalreporter.write_sep("=", f"these modules ran on more than one worker: {split}", red=True)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under `pytest -n N --dist loadgroup` (`make test`) each module runs whole on one worker, so its module-scoped
-    fixtures are built once; the modules that start Ray share one worker."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = item.path.name
-            item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_MODULES else module))
+    """The longest modules first (with `--no-loadscope-reorder` the workers take modules in this order)."""
+    rank = {module: index for index, module in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")
