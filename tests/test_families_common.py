@@ -11,9 +11,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from hub.catalogue import VARIANTS
 from hub.models import get_family
 
-# Heads that take 8-50 s a test on 2 CPU cores (Faster R-CNN resizes to 512 px; FCOS; MACL's two-branch views).
+# Heads that take several seconds a test on 2 CPU cores (FCOS; MACL's two-branch views).
 SLOW_HEADS = {
-    ("muscle", "AutoModelForObjectDetection"),
     ("umedpt", "AutoModelForObjectDetection"),
     ("macl", "AutoModelForPreTraining"),
 }

@@ -184,7 +184,6 @@ def test_detection_settings_are_config_fields():
 
 def test_detection_head_losses_and_detections(tiny_config):
     tiny_config.num_labels = 2
-    tiny_config.detection_min_size, tiny_config.detection_max_size, tiny_config.fpn_channels = 64, 64, 16
     model = MuscleForObjectDetection(tiny_config).train()
     outputs = model(torch.rand(2, 3, 64, 64), labels=detection_labels())
     assert set(outputs.loss_dict) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
@@ -229,7 +228,6 @@ HEADS = [
 @pytest.mark.parametrize(("model_class", "auto_class"), HEADS, ids=[cls.__name__ for cls, _ in HEADS])
 def test_save_then_load_reproduces_outputs_bit_for_bit(tmp_path, tiny_config, model_class, auto_class):
     tiny_config.num_labels = 2
-    tiny_config.detection_min_size, tiny_config.detection_max_size = 64, 64
     model = model_class(tiny_config).eval()
     model.save_pretrained(tmp_path)
     loaded = auto_class.from_pretrained(str(tmp_path)).eval()

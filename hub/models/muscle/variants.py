@@ -46,6 +46,9 @@ VARIANTS: tuple[Variant, ...] = (
         stem_width=8,
         block_type="basic",
         image_size=64,
+        fpn_channels=16,
+        detection_min_size=64,  # Faster R-CNN at the preset's own side, not resized to 512 px
+        detection_max_size=64,
     ),
 )
 
