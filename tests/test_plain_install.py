@@ -36,8 +36,13 @@ def test_plain_install_runs_finetune_on_phantoms(tmp_path, venv):
     )
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_CACHE=str(tmp_path / "hf"))
+    # --no-compile: pip byte-compiles every installed module (torch's included); the commands below compile only
+    # the ones they import. This test took 254 s instead of 302 s on a 2-core machine.
     pip = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "--quiet", str(source)], env=env, capture_output=True, text=True
+        [str(venv / "bin" / "pip"), "install", "--quiet", "--no-compile", str(source)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert pip.returncode == 0, pip.stderr[-3000:]
 
