@@ -1,4 +1,5 @@
-"""The `medhub embed` command as users run it: a real process, its exit code, output, progress bar and errors."""
+"""The `medhub embed` command as users run it: a real process, its exit code, output, progress bar and errors (the
+error paths that need no fresh interpreter run the same `main` in this process, through the `cli` fixture)."""
 
 import json
 import os
@@ -68,18 +69,19 @@ def test_writes_the_dataset_and_its_info_with_a_progress_bar(setup):
     assert len(pq.read_table(out / "data")) == 4
 
 
-def test_strict_stops_at_the_first_unreadable_file(setup):
+def test_strict_stops_at_the_first_unreadable_file(setup, cli, monkeypatch):
+    monkeypatch.setenv("MEDHUB_ONNX_CACHE", str(setup["root"] / "onnx"))  # in this process: errors need no new one
     out = setup["root"] / "strict"
-    done = medhub_embed(setup, setup["repo"], "--data", setup["corrupt"], "--out", out, "--strict", "--no-progress")
-    assert done.returncode == 1
-    assert done.stderr.startswith("medhub embed: error: a/broken.png: ") and done.stderr.count("\n") == 1
-    assert "img/s" not in done.stderr
+    done = cli("embed", setup["repo"], "--data", setup["corrupt"], "--out", out, "--strict", "--no-progress")
+    assert done.code == 1
+    assert done.err.startswith("medhub embed: error: a/broken.png: ") and done.err.count("\n") == 1
+    assert "img/s" not in done.err
 
-    lenient = medhub_embed(
-        setup, setup["repo"], "--data", setup["corrupt"], "--out", setup["root"] / "lenient", "--no-progress"
+    lenient = cli(
+        "embed", setup["repo"], "--data", setup["corrupt"], "--out", setup["root"] / "lenient", "--no-progress"
     )
-    assert lenient.returncode == 0, lenient.stderr
-    assert "img/s" not in lenient.stderr
+    assert lenient.code == 0, lenient.err
+    assert "img/s" not in lenient.err
     errors = pq.read_table(setup["root"] / "lenient" / "errors.parquet").to_pylist()
     assert [e["id"] for e in errors] == ["a/broken.png"]
 
@@ -91,14 +93,14 @@ def test_strict_stops_at_the_first_unreadable_file(setup):
         ("repo", "missing-data", "does not exist"),
     ],
 )
-def test_a_bad_model_or_data_is_one_line(setup, model, data, expected):
+def test_a_bad_model_or_data_is_one_line(setup, cli, model, data, expected):
     root = setup["root"]
     model_arg = setup["repo"] if model == "repo" else root / model
     data_arg = setup["images"] if data == "images" else root / data
-    done = medhub_embed(setup, model_arg, "--data", data_arg, "--out", root / "bad", "--no-progress")
-    assert done.returncode == 1
-    assert done.stderr.startswith("medhub embed: error: ") and done.stderr.count("\n") == 1
-    assert expected in done.stderr
+    done = cli("embed", model_arg, "--data", data_arg, "--out", root / "bad", "--no-progress")
+    assert done.code == 1
+    assert done.err.startswith("medhub embed: error: ") and done.err.count("\n") == 1
+    assert expected in done.err
 
 
 class DoubledTorch:
