@@ -2,7 +2,9 @@
 
 Goal (issue 3): a 2D radiograph costs at most 25% of the ResNet-50 forward. The table also prints the time to
 inflate the radiograph PNG's compressed stream alone (zlib, no unfiltering, no preprocessing): no PNG decoder can
-be faster than that on this machine. Run: python benchmarks/bench_io.py
+be faster than that on this machine. Last, the cost of refusing a small upload that declares a volume whose
+sliding-window tiles are over the array budget: from its header (what the readers do) beside decoding it first.
+Run: python benchmarks/bench_io.py
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import torch
 import torchvision
 from PIL import Image
 
+from hub.catalogue import get_variant
 from hub.data.phantoms import chest_xray, ct_volume, write_nifti
-from hub.io import read_image
+from hub.errors import LimitExceededError
+from hub.io import ReadLimits, read_image
 from hub.processing import MedicalImageProcessor, preset
 
 
@@ -117,6 +121,31 @@ def main() -> None:
         )
         ratio = results[cases[0][0]] / forward
         print(f"radiograph / ResNet-50 = {ratio:.0%} (goal <= 25%: {'met' if ratio <= 0.25 else 'not met'})")
+        _refusals(folder)
+
+
+def _refusals(folder: Path) -> None:
+    """A 512 x 512 x 400 int16 volume of zeros (105 M voxels, inside the default voxel budget) as .nii.gz, sent to
+    the 3D segmenter's processor: 23,064 tiles of 32^3 float32 values (2.9 GiB), over the 512 MiB array budget."""
+    data = write_nifti(np.zeros((400, 512, 512), np.int16), folder / "bomb.nii.gz", (1.0, 1.0, 1.0)).read_bytes()
+    processor, limits = get_variant("macl-unet3d-tiny").build_processor(), ReadLimits()
+
+    def refused(source_of: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                processor.tile(source_of(), limits)
+            except LimitExceededError:
+                return
+            raise AssertionError("the volume was not refused")
+
+        return run
+
+    header = _median_ms(refused(lambda: data), 5)
+    decoded = _median_ms(refused(lambda: read_image(data, limits)), 3)  # the reader without the processor's check
+    print(
+        f"refusing a {len(data) // 1024} KB .nii.gz declaring 512x512x400 int16 (tiles over the array budget): "
+        f"from its header {header:.1f} ms, decoding it first {decoded:.0f} ms ({decoded / header:.0f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from hub.embed import model_inputs, pool_tiles
 from hub.errors import InputError, MedhubError, RepoError
 from hub.export.resolve import read_config, repo_revision, resolve_repo
 from hub.io import ImageSource, ReadLimits, read_image
+from hub.io.declared import DeclaredVolume
 from hub.io.dicom_seg import Algorithm, build_segmentation, dicom_bytes
 from hub.io.dicom_sr import build_classification_sr
 from hub.io.image import MedicalImage
@@ -95,21 +96,34 @@ class ServedModel:
         chunks = [run(pixel_values[i : i + TILE_BATCH]) for i in range(0, len(pixel_values), TILE_BATCH)]
         return [np.concatenate(parts) for parts in zip(*chunks)]
 
-    def _image(self, data: ImageSource, limits: ReadLimits) -> MedicalImage:
-        image = read_image(data, limits)
-        wanted = self.processor.spatial_dims
-        if image.spatial_dims != wanted:
-            raise DimensionalityError(
-                f"the upload is a {image.spatial_dims}D image but model {self.id} takes {wanted}D input"
-            )
+    def _image(self, data: ImageSource, limits: ReadLimits, tiled: bool = False) -> MedicalImage:
+        """The upload, refused from its header where that can tell (a volume for a 2D model, or one whose
+        float32 copy or, with ``tiled``, sliding-window tiles would exceed ``limits``) before it is decoded."""
+
+        def inspect(declared: DeclaredVolume) -> None:
+            self._check_dims(3)
+            self.processor.check_declared(declared, limits, tiled)
+
+        image = read_image(data, limits, inspect)
+        self._check_dims(image.spatial_dims)
         return image
+
+    def _check_dims(self, spatial_dims: int) -> None:
+        wanted = self.processor.spatial_dims
+        if spatial_dims != wanted:
+            raise DimensionalityError(
+                f"the upload is a {spatial_dims}D image but model {self.id} takes {wanted}D input"
+            )
 
     def embed(self, data: ImageSource, limits: ReadLimits, layers: list[int] | None = None) -> dict[str, Any]:
         """The pooled embedding and any wanted hidden states, as float32 arrays (the service writes them as JSON);
         a 3D volume's sliding-window tiles are pooled by their mean, as in `medhub embed`."""
         outputs = [
             pool_tiles(output)
-            for output in self._run("features", model_inputs(self.processor, self._image(data, limits), limits))
+            for output in self._run(
+                "features",
+                model_inputs(self.processor, self._image(data, limits, self.processor.tiles_volumes), limits),
+            )
         ]
         result: dict[str, Any] = {"embedding": outputs[0], "dim": int(outputs[0].shape[0])}
         if layers:
@@ -149,7 +163,7 @@ class ServedModel:
         self, data: ImageSource, limits: ReadLimits, deadline: float | None = None
     ) -> tuple[np.ndarray, MedicalImage]:
         """Labels on the input's grid: argmax over classes (foreground > 0 for a single-channel head)."""
-        image = self._image(data, limits)
+        image = self._image(data, limits, self.processor.tiles_volumes)
         logits, image = self.processor.predict(image, self._dense(deadline), limits=limits)
         return label_mask(logits), image
 
@@ -160,7 +174,7 @@ class ServedModel:
     def segmentation_dicom(self, data: ImageSource, limits: ReadLimits, deadline: float | None = None) -> bytes:
         """A DICOM SEG of the input's mask (binary; fractional probabilities where the repo's config says
         `"dicom_seg_type": "fractional"`, with coded concepts from its `label_codes`)."""
-        image = self._image(data, limits)
+        image = self._image(data, limits, self.processor.tiles_volumes)
         logits, image = self.processor.predict(image, self._dense(deadline), limits=limits)
         if logits.shape[0] == 1:
             foreground = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))

@@ -1,4 +1,5 @@
-"""Tiny files whose headers make the decode or the resampling allocate gigabytes are refused (issue 13, item 1)."""
+"""Tiny files whose headers make the decode or the resampling allocate gigabytes are refused (issue 13, item 1),
+and volumes that processing would refuse are refused from their headers, before they are decoded."""
 
 import struct
 import subprocess
@@ -10,9 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from io_fixtures import PYDICOM_TEST_FILES, dicom_file
 
 from hub.errors import LimitExceededError
 from hub.io import ReadLimits, read_image
+from hub.io import dicom as dicom_module
+from hub.io import read as read_module
+from hub.io.declared import declared_volume
 from hub.processing import MedicalImageProcessor, spatial
 from hub.processing.intensity import apply_intensity, normalize_spec
 
@@ -134,7 +139,7 @@ def test_damaged_encapsulated_dicom_is_refused_before_gdcm_allocates(tmp_path):
 _UNKNOWN_META_VR_GROWTH = """
 import resource, sys
 sys.path.insert(0, sys.argv[1])
-from io_fixtures import PYDICOM_TEST_FILES
+from io_fixtures import PYDICOM_TEST_FILES, dicom_file
 from hub.errors import CorruptFileError
 from hub.io import read_image
 data = (PYDICOM_TEST_FILES / "CT_small.dcm").read_bytes()
@@ -201,3 +206,110 @@ def test_tiles_over_the_byte_budget_are_refused_before_the_resampling_runs(monke
     with pytest.raises(LimitExceededError, match=r"sliding-window tiles of a \(64, 64, 64\) volume"):
         processor.tile(image, limits=ReadLimits(max_array_bytes=2 * 2**20))
     assert calls == []
+
+
+# ----- refused from the header, before decoding ---------------------------------------------------------------
+
+_DIRECTIONS = {
+    "identity": (1, 0, 0, 0, 1, 0, 0, 0, 1),
+    "flipped": (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+    "permuted": (0, 0, 1, 1, 0, 0, 0, -1, 0),
+    "oblique": (0.8, -0.6, 0, 0.6, 0.8, 0, 0, 0, 1),
+}
+
+
+@pytest.mark.parametrize("direction", _DIRECTIONS.values(), ids=_DIRECTIONS.keys())
+@pytest.mark.parametrize("orientation", [None, "RAS", "LPS", "SAR"])
+@pytest.mark.parametrize("target", [None, (2.0, 0.7, 1.3)])
+def test_the_planned_size_is_the_size_of_the_reoriented_and_resampled_volume(direction, orientation, target):
+    image = sitk.GetImageFromArray(np.zeros((9, 7, 5), np.int16))
+    image.SetSpacing((0.8, 1.1, 2.5))
+    image.SetDirection([float(value) for value in direction])
+    moved = spatial.resample_spacing(spatial.reorient(image, orientation), target)
+    planned = spatial.planned_size(image.GetSize(), image.GetSpacing(), image.GetDirection(), orientation, target)
+    assert planned == tuple(reversed(moved.GetSize()))
+
+
+def _nifti_gz(path: Path, shape: tuple[int, ...], spacing: tuple[float, ...]) -> bytes:
+    image = sitk.GetImageFromArray(np.zeros(shape, np.int16))
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return path.read_bytes()
+
+
+def _decoding_fails(monkeypatch) -> list:
+    """Make every NIfTI decode and GDCM read fail the test; returns the list of attempts."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise AssertionError("the volume was decoded")
+
+    monkeypatch.setattr(read_module.nifti, "read_nifti", refuse)
+    monkeypatch.setattr(dicom_module, "_execute", refuse)
+    return attempts
+
+
+def test_a_nifti_whose_tiles_are_over_the_budget_is_refused_from_its_header(tmp_path, monkeypatch):
+    """160 x 128 x 96 int16 zeros (3.9 MB decoded, a few KB as .nii.gz) resampled to 2 mm and cut into 8^3 tiles at
+    overlap 0.5: the same refusal as after decoding, but the voxels are never inflated or decoded."""
+    data = _nifti_gz(tmp_path / "zeros.nii.gz", (96, 128, 160), (1.0, 1.0, 1.0))
+    assert len(data) < 20_000
+    processor = MedicalImageProcessor(
+        modality="ct", spatial_dims=3, in_channels=1, size=8, intensity="none", target_spacing=[2.0, 2.0, 2.0]
+    )
+    limits = ReadLimits(max_array_bytes=2 * 2**20)
+    with pytest.raises(LimitExceededError) as after_decoding:
+        processor.tile(read_image(data), limits=limits)
+    assert "sliding-window tiles of a (48, 64, 80) volume" in str(after_decoding.value)
+    attempts = _decoding_fails(monkeypatch)
+    for source in (data, str(tmp_path / "zeros.nii.gz")):
+        with pytest.raises(LimitExceededError) as from_header:
+            processor.tile(source, limits=limits)
+        assert str(from_header.value) == str(after_decoding.value)
+    assert attempts == []
+    with pytest.raises(AssertionError, match="decoded"):  # within the budget, the volume goes on to be decoded
+        processor.tile(data, limits=ReadLimits())
+    assert len(attempts) == 1
+
+
+def test_a_nifti_whose_float32_copy_is_over_the_budget_is_refused_from_its_header(tmp_path, monkeypatch):
+    """``prepare`` makes no tiles; its float32 copy of the resampled volume is what the header can refuse."""
+    data = _nifti_gz(tmp_path / "zeros.nii.gz", (64, 64, 64), (0.5, 0.5, 0.5))
+    processor = MedicalImageProcessor(
+        modality="ct", spatial_dims=3, in_channels=1, size=8, intensity="none", target_spacing=[0.25, 0.5, 1.0]
+    )
+    attempts = _decoding_fails(monkeypatch)
+    with pytest.raises(LimitExceededError, match=r"float32 copy of a \(128, 64, 32\) volume .* 1048576 bytes"):
+        processor.prepare(data, limits=ReadLimits(max_array_bytes=2**20 - 1))
+    assert attempts == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        dicom_file("emri_small_RLE.dcm"),
+        dicom_file("eCT_Supplemental.dcm"),  # GDCM's header says -10 mm between frames, the decoded volume 10 mm
+        PYDICOM_TEST_FILES / "rtdose.dcm",
+        PYDICOM_TEST_FILES / "SC_rgb_rle_2frame.dcm",
+    ],
+    ids=lambda path: path.name,
+)
+def test_a_multiframe_dicom_declares_the_grid_it_decodes_to(path):
+    path = str(path)
+    declared, image = declared_volume(path, "GDCMImageIO"), read_image(path)
+    channels = (declared.channels,) if declared.channels > 1 else ()
+    assert tuple(reversed(declared.size)) + channels == image.array.shape
+    np.testing.assert_allclose(declared.spacing, image.spacing)
+
+
+def test_a_multiframe_dicom_whose_tiles_are_over_the_budget_is_refused_before_gdcm_decodes_it(monkeypatch):
+    """emri_small_RLE.dcm: 10 RLE frames of 64 x 64 in 8^3 tiles at overlap 0.5 are 2 x 15 x 15 tiles, 921,600 bytes
+    of float32."""
+    processor = MedicalImageProcessor(modality="mri", spatial_dims=3, in_channels=1, size=8, intensity="none")
+    path = str(dicom_file("emri_small_RLE.dcm"))
+    assert processor.tile(path, limits=ReadLimits(max_array_bytes=921_600)).tiles.nbytes == 921_600
+    attempts = _decoding_fails(monkeypatch)
+    with pytest.raises(LimitExceededError, match=r"tiles of a \(10, 64, 64\) volume .* 921600 bytes, over the limit"):
+        processor.tile(path, limits=ReadLimits(max_array_bytes=921_599))
+    assert attempts == []

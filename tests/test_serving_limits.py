@@ -1,6 +1,8 @@
 """A served model applies the service's read limits to processing too (`MEDHUB_MAX_ARRAY_MB`), not only to the
 read: a volume whose sliding-window tiles are over the service's array budget is refused."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -10,6 +12,7 @@ from hub.catalogue import get_variant
 from hub.errors import LimitExceededError
 from hub.export import Provenance, export_repo
 from hub.io import ReadLimits
+from hub.io import read as read_module
 from hub.models.macl import MaclForSemanticSegmentation
 from serving.models import load_served_model
 
@@ -51,3 +54,15 @@ def test_the_array_budget_of_the_limits_reaches_processing(served, volume):
     for run in (served.embed, served.segment):
         with pytest.raises(LimitExceededError, match="sliding-window tiles"):
             run(volume, tight)
+
+
+def test_an_upload_over_the_array_budget_is_refused_from_its_header(served, volume, monkeypatch):
+    """The same refusal as above for the bytes of an upload, before the NIfTI is inflated or decoded."""
+    tight = ReadLimits(max_array_bytes=served.processor.tile(volume).tiles.nbytes - 1)
+    data = Path(volume).read_bytes()
+    decoded = []
+    monkeypatch.setattr(read_module.nifti, "read_nifti", lambda *args: decoded.append(args))
+    for run in (served.embed, served.segment):
+        with pytest.raises(LimitExceededError, match=r"sliding-window tiles of a \(40, 40, 40\) volume"):
+            run(data, tight)
+    assert decoded == []

@@ -15,7 +15,7 @@ from hub.processing import MedicalImageProcessor
 def model_inputs(processor: MedicalImageProcessor, source: Any, limits: ReadLimits | None = None) -> np.ndarray:
     """(N, C, *size) float32: the preprocessed image (N = 1), or for a 3D processor without ``resize`` the
     volume's sliding-window tiles, as in :meth:`MedicalImageProcessor.predict`."""
-    if processor.spatial_dims == 3 and processor.resize is None:
+    if processor.tiles_volumes:
         return processor.tile(source, limits).tiles
     return processor.prepare(source, limits).pixel_values[None]
 

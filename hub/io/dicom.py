@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from hub.errors import CorruptFileError, InputError, UnsupportedFormatError
+from hub.io.declared import Inspect, declared_volume
 from hub.io.image import MONOCHROME2, RGB, MedicalImage
 from hub.io.limits import ReadLimits
 
@@ -309,14 +310,17 @@ def _execute(reader: sitk.ImageFileReader | sitk.ImageSeriesReader, source: str)
         raise CorruptFileError(f"{source} could not be decoded as DICOM pixel data ({reason})") from exc
 
 
-def read_dicom_file(path: str, limits: ReadLimits, source: str) -> MedicalImage:
-    """Read one DICOM file (single or multi-frame) from disk."""
+def read_dicom_file(path: str, limits: ReadLimits, source: str, inspect: Inspect | None = None) -> MedicalImage:
+    """Read one DICOM file (single or multi-frame) from disk; ``inspect`` sees a multi-frame file's declared grid
+    before its frames are decoded."""
     ds = _header(path, source)
     frames, rows, cols, samples = _declared_shape(ds, source)
     if frames == 1:
         limits.check_pixels((rows, cols), source)
     else:
         limits.check_voxels((frames, rows, cols, samples), source)
+        if inspect is not None and (declared := declared_volume(path, "GDCMImageIO")) is not None:
+            inspect(declared)
     decoded = _decoded_by_pydicom(path, ds, frames, samples, source)
     if decoded is not None:
         return decoded

@@ -12,6 +12,7 @@ from PIL import Image
 
 from hub.errors import CorruptFileError, InputError, UnsupportedFormatError
 from hub.io import dicom, nifti, raster, reader_warnings
+from hub.io.declared import Inspect, declared_nifti
 from hub.io.image import MONOCHROME2, RGB, MedicalImage, identity_geometry
 from hub.io.limits import DEFAULT_LIMITS, ReadLimits
 from hub.io.sniff import DICOM, HEAD_BYTES, JPEG, NIFTI, NIFTI_GZ, PNG, gunzip_head, sniff
@@ -21,12 +22,15 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image |
 _EXPECTED = "expected PNG, JPEG, DICOM or NIfTI (.nii/.nii.gz)"
 
 
-def read_image(source: ImageSource, limits: ReadLimits | None = None) -> MedicalImage:
+def read_image(source: ImageSource, limits: ReadLimits | None = None, inspect: Inspect | None = None) -> MedicalImage:
     """Decode ``source`` into a :class:`MedicalImage`, checking ``limits`` before anything is decoded.
 
     Accepts a file path (PNG, JPEG, DICOM, NIfTI), a folder holding one DICOM series, the bytes of such a file,
     a PIL image, a numpy array ((H, W), (H, W, 3|4) colour, (D, H, W) volume, (D, H, W, C)), a SimpleITK image,
     or a MedicalImage (returned unchanged). Raises :class:`~hub.errors.InputError` subclasses.
+
+    ``inspect`` gets the grid that the header of a NIfTI volume or a multi-frame DICOM file declares
+    (:class:`~hub.io.declared.DeclaredVolume`) before its voxels are inflated or decoded, and may raise to refuse it.
 
     Decoder warnings (which can quote DICOM header values) are swallowed; their number is kept in
     ``meta["reader_warnings"]`` when there were any.
@@ -34,17 +38,17 @@ def read_image(source: ImageSource, limits: ReadLimits | None = None) -> Medical
     if isinstance(source, MedicalImage):
         return source
     with reader_warnings.captured() as count:
-        image = _read(source, limits or DEFAULT_LIMITS)
+        image = _read(source, limits or DEFAULT_LIMITS, inspect)
     if count.n:
         image.meta["reader_warnings"] = count.n
     return image
 
 
-def _read(source: ImageSource, limits: ReadLimits) -> MedicalImage:
+def _read(source: ImageSource, limits: ReadLimits, inspect: Inspect | None) -> MedicalImage:
     if isinstance(source, (str, os.PathLike)):
-        return _read_path(Path(source), limits)
+        return _read_path(Path(source), limits, inspect)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _read_bytes(bytes(source), limits, "uploaded data")
+        return _read_bytes(bytes(source), limits, "uploaded data", inspect)
     if isinstance(source, Image.Image):
         return raster.from_pil(source, limits, "PIL image")
     if isinstance(source, np.ndarray):
@@ -94,7 +98,7 @@ def _from_sitk(image: sitk.Image, limits: ReadLimits) -> MedicalImage:
         raise InputError(f"SimpleITK image: {exc}") from exc
 
 
-def _read_path(path: Path, limits: ReadLimits) -> MedicalImage:
+def _read_path(path: Path, limits: ReadLimits, inspect: Inspect | None) -> MedicalImage:
     source = f"file {path.name!r}"
     if path.is_dir():
         return dicom.read_dicom_series(path, limits)
@@ -110,15 +114,14 @@ def _read_path(path: Path, limits: ReadLimits) -> MedicalImage:
     if fmt in (PNG, JPEG):
         return raster.read_raster(str(path), limits, source, fmt, head)
     if fmt == DICOM:
-        return dicom.read_dicom_file(str(path), limits, source)
+        return dicom.read_dicom_file(str(path), limits, source, inspect)
     if fmt in (NIFTI, NIFTI_GZ):
-        header = nifti.parse_header(gunzip_head(head) if fmt == NIFTI_GZ else head, source)
-        nifti.check(header, limits, source, None if fmt == NIFTI_GZ else size)
+        header = _checked_nifti(head, fmt, size, limits, source, inspect)
         return nifti.read_nifti(str(path), fmt == NIFTI_GZ, header, source)
     raise UnsupportedFormatError(f"{source} is not a recognised image format; {_EXPECTED}")
 
 
-def _read_bytes(data: bytes, limits: ReadLimits, source: str) -> MedicalImage:
+def _read_bytes(data: bytes, limits: ReadLimits, source: str, inspect: Inspect | None) -> MedicalImage:
     limits.check_bytes(len(data), source)
     if not data:
         raise CorruptFileError(f"{source} is empty; {_EXPECTED}")
@@ -129,11 +132,24 @@ def _read_bytes(data: bytes, limits: ReadLimits, source: str) -> MedicalImage:
     if fmt is None:
         raise UnsupportedFormatError(f"{source} is not a recognised image format; {_EXPECTED}")
     if fmt in (NIFTI, NIFTI_GZ):
-        header = nifti.parse_header(gunzip_head(head) if fmt == NIFTI_GZ else head, source)
-        nifti.check(header, limits, source, None if fmt == NIFTI_GZ else len(data))
+        header = _checked_nifti(head, fmt, len(data), limits, source, inspect)
         return nifti.read_nifti(data, fmt == NIFTI_GZ, header, source)
     with tempfile.TemporaryDirectory(prefix="medhub-") as tmp:
         path = os.path.join(tmp, "input.dcm")
         with open(path, "wb") as f:
             f.write(data)
-        return dicom.read_dicom_file(path, limits, source)
+        return dicom.read_dicom_file(path, limits, source, inspect)
+
+
+def _checked_nifti(
+    head: bytes, fmt: str, size: int, limits: ReadLimits, source: str, inspect: Inspect | None
+) -> nifti.NiftiHeader:
+    """The header of a NIfTI input of ``size`` bytes that starts with ``head``, checked against ``limits`` and
+    passed by ``inspect``."""
+    if fmt == NIFTI_GZ:
+        head = gunzip_head(head)
+    header = nifti.parse_header(head, source)
+    nifti.check(header, limits, source, None if fmt == NIFTI_GZ else size)
+    if inspect is not None and (declared := declared_nifti(head)) is not None:
+        inspect(declared)
+    return header

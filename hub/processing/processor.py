@@ -21,6 +21,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from hub.errors import InputError
 from hub.io import DEFAULT_LIMITS, MedicalImage, ReadLimits, read_image
+from hub.io.declared import DeclaredVolume
 from hub.processing import channels, spatial, tiling
 from hub.processing import intensity as policies
 from hub.processing.spatial import Grid
@@ -195,8 +196,38 @@ class MedicalImageProcessor(BaseImageProcessor):
 
     # ----- per-image steps -------------------------------------------------------------------------------
 
-    def _read(self, source: Any, limits: ReadLimits | None) -> MedicalImage:
-        image = read_image(source, limits)
+    @property
+    def tiles_volumes(self) -> bool:
+        """Whether 3D inputs go through sliding-window tiles (there is no ``resize``) in :meth:`predict` and in
+        :func:`hub.embed.model_inputs`."""
+        return self.spatial_dims == 3 and self.resize is None
+
+    def check_declared(self, declared: DeclaredVolume, limits: ReadLimits | None = None, tiled: bool = False) -> None:
+        """Refuse, from a volume's header alone, what this processor would refuse once it is decoded: its resampled
+        voxels or its float32 copy over ``limits``, and with ``tiled`` its sliding-window tiles. The ``inspect``
+        callback of :func:`hub.io.read_image`, so that a small upload declaring a huge volume costs milliseconds
+        rather than the seconds of inflating and decoding it."""
+        if self.spatial_dims != 3:
+            return
+        limits = limits or DEFAULT_LIMITS
+        try:
+            shape = spatial.planned_size(
+                declared.size,
+                declared.spacing,
+                declared.direction,
+                self.orientation,
+                self.target_spacing,
+                declared.channels,
+                limits.max_voxels,
+            )
+        except RuntimeError:  # SimpleITK refused the declared direction; the decoder will say what is wrong
+            return
+        self._check_float_copy(shape + ((declared.channels,) if declared.channels > 1 else ()), limits)
+        if tiled:
+            self._check_tiles(shape, limits)
+
+    def _read(self, source: Any, limits: ReadLimits | None, tiled: bool = False) -> MedicalImage:
+        image = read_image(source, limits, lambda declared: self.check_declared(declared, limits, tiled))
         if image.spatial_dims != self.spatial_dims:
             kind = "2D image" if image.spatial_dims == 2 else "3D volume"
             raise InputError(
@@ -233,15 +264,23 @@ class MedicalImageProcessor(BaseImageProcessor):
     def _values(self, image: MedicalImage, limits: ReadLimits | None = None) -> np.ndarray:
         """Photometric and intensity steps: returns (source channels, *spatial) float32."""
         if self.spatial_dims == 3:
-            (limits or DEFAULT_LIMITS).check_array(
-                image.array.shape, 4, f"the float32 copy of a {image.array.shape} volume"
-            )
+            self._check_float_copy(image.array.shape, limits or DEFAULT_LIMITS)
         bits = policies.bit_depth_of(image.array, image.bit_depth)
         array = image.array
         if self.invert_monochrome1:
             array = policies.to_monochrome2(array, image.photometric, bits)
         array = policies.apply_intensity(array, self.intensity, bits)
         return channels.channels_first(array, self.spatial_dims)
+
+    @staticmethod
+    def _check_float_copy(shape: tuple[int, ...], limits: ReadLimits) -> None:
+        limits.check_array(shape, 4, f"the float32 copy of a {shape} volume")
+
+    def _check_tiles(self, shape: tuple[int, ...], limits: ReadLimits) -> None:
+        plan = tiling.plan_tiles(shape, tuple(self.size), self.tile_overlap)
+        limits.check_array(
+            (len(plan), self.in_channels, *plan.patch), 4, f"the sliding-window tiles of a {shape} volume"
+        )
 
     def _model_channels(self, values: np.ndarray) -> np.ndarray:
         """Channel policy, then ``image_mean``/``image_std``; done after resizing, on the fewest pixels."""
@@ -289,14 +328,12 @@ class MedicalImageProcessor(BaseImageProcessor):
 
     def tile(self, source: Any, limits: ReadLimits | None = None) -> Tiled:
         """Cut a (resampled, normalised) volume into overlapping ``size`` tiles for sliding-window inference; the
-        tiles' bytes are checked against ``limits.max_array_bytes`` before the intensity steps or the tiles run."""
-        image = self._read(source, limits)
+        tiles' bytes are checked against ``limits.max_array_bytes`` before the intensity steps or the tiles run (from
+        the header, before decoding, where the reader can tell the volume's grid from it)."""
+        image = self._read(source, limits, tiled=True)
 
         def check_tiles(shape: tuple[int, ...]) -> None:  # before the resampling runs, from its output size
-            plan = tiling.plan_tiles(shape, tuple(self.size), self.tile_overlap)
-            (limits or DEFAULT_LIMITS).check_array(
-                (len(plan), self.in_channels, *plan.patch), 4, f"the sliding-window tiles of a {shape} volume"
-            )
+            self._check_tiles(shape, limits or DEFAULT_LIMITS)
 
         moved, input_grid, processed_grid = self._resampled(image, limits, check_tiles)
         plan = tiling.plan_tiles(moved.spatial_shape, tuple(self.size), self.tile_overlap)
@@ -335,7 +372,7 @@ class MedicalImageProcessor(BaseImageProcessor):
         3D volumes larger than ``size`` (and not resized) go through sliding-window tiling.
         Returns (logits (K, *input_shape), the image as read).
         """
-        if self.spatial_dims == 3 and self.resize is None:
+        if self.tiles_volumes:
             tiled = self.tile(source, limits)
             outputs = [model(tiled.tiles[i : i + batch_size]) for i in range(0, len(tiled.tiles), batch_size)]
             return self.stitch(np.concatenate(outputs), tiled), tiled.image

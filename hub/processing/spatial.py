@@ -81,6 +81,31 @@ def reorient(image: sitk.Image, orientation: str | None) -> sitk.Image:
     return sitk.DICOMOrient(image, orientation)
 
 
+def planned_size(
+    size: tuple[int, ...],
+    spacing: tuple[float, ...],
+    direction: tuple[float, ...],
+    orientation: str | None,
+    spacing_zyx: tuple[float, ...] | None,
+    components: int = 1,
+    max_voxels: int = DEFAULT_LIMITS.max_voxels,
+) -> tuple[int, ...]:
+    """The (z, y, x) size that :func:`reorient` then :func:`resample_spacing` would give a volume of this (x, y, z)
+    ``size``, ``spacing``, row-major ``direction`` and ``components`` values per voxel, worked out without its
+    voxels (with the same refusal over ``max_voxels``)."""
+    if orientation:  # DICOMOrient only permutes and flips axes: its permutation, found on a one-voxel image
+        probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+        probe.SetDirection(direction)
+        orient = sitk.DICOMOrientImageFilter()
+        orient.SetDesiredCoordinateOrientation(orientation)
+        orient.Execute(probe)
+        order = orient.GetPermuteOrder()
+        size, spacing = tuple(size[i] for i in order), tuple(spacing[i] for i in order)
+    if not spacing_zyx or np.allclose(_xyz(spacing_zyx), spacing):
+        return tuple(reversed(size))
+    return tuple(reversed(_resampled_size(size, spacing, components, spacing_zyx, max_voxels)))
+
+
 def resample_spacing(
     image: sitk.Image,
     spacing_zyx: tuple[float, ...] | None,
@@ -94,32 +119,48 @@ def resample_spacing(
     (z, y, x) size first too, so that a caller can refuse what it would build from it before the resampling runs.
     """
     pixel_type = sitk.sitkVectorFloat32 if image.GetNumberOfComponentsPerPixel() > 1 else sitk.sitkFloat32
-    spacing = tuple(float(s) for s in reversed(spacing_zyx)) if spacing_zyx else None
-    if spacing is None or np.allclose(spacing, image.GetSpacing()):
+    if not spacing_zyx or np.allclose(_xyz(spacing_zyx), image.GetSpacing()):
         if check_output is not None:
             check_output(tuple(reversed(image.GetSize())))
         return sitk.Cast(image, pixel_type)
-    scaled = np.maximum(1.0, np.rint(np.asarray(image.GetSize()) * np.asarray(image.GetSpacing()) / spacing))
-    if not np.prod(scaled) * image.GetNumberOfComponentsPerPixel() <= max_voxels:  # also refuses inf and nan
-        raise LimitExceededError(
-            f"the volume of {'x'.join(map(str, reversed(image.GetSize())))} voxels of "
-            f"{'x'.join(f'{s:g}' for s in reversed(image.GetSpacing()))} mm resampled to {spacing_zyx} mm would hold "
-            f"{'x'.join(f'{n:g}' for n in reversed(scaled))} voxels, over the limit of {max_voxels}"
-        )
-    size = [int(n) for n in scaled]
+    components = image.GetNumberOfComponentsPerPixel()
+    size = _resampled_size(image.GetSize(), image.GetSpacing(), components, spacing_zyx, max_voxels)
     if check_output is not None:
         check_output(tuple(reversed(size)))
     return sitk.Resample(
         sitk.Cast(image, pixel_type),
-        size,
+        list(size),
         sitk.Transform(),
         sitk.sitkLinear,
         image.GetOrigin(),
-        spacing,
+        _xyz(spacing_zyx),
         image.GetDirection(),
         0.0,
         pixel_type,
     )
+
+
+def _xyz(spacing_zyx: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(float(s) for s in reversed(spacing_zyx))
+
+
+def _resampled_size(
+    size: tuple[int, ...],
+    spacing: tuple[float, ...],
+    components: int,
+    spacing_zyx: tuple[float, ...],
+    max_voxels: int,
+) -> tuple[int, ...]:
+    """The (x, y, z) size of a grid of ``size`` x ``spacing`` (x, y, z) resampled to ``spacing_zyx``, refused when
+    its values (voxels x ``components``) would exceed ``max_voxels``."""
+    scaled = np.maximum(1.0, np.rint(np.asarray(size) * np.asarray(spacing) / _xyz(spacing_zyx)))
+    if not np.prod(scaled) * components <= max_voxels:  # also refuses inf and nan
+        raise LimitExceededError(
+            f"the volume of {'x'.join(map(str, reversed(size)))} voxels of "
+            f"{'x'.join(f'{s:g}' for s in reversed(spacing))} mm resampled to {spacing_zyx} mm would hold "
+            f"{'x'.join(f'{n:g}' for n in reversed(scaled))} voxels, over the limit of {max_voxels}"
+        )
+    return tuple(int(n) for n in scaled)
 
 
 def resample_channels(array: np.ndarray, source: Grid, target: Grid, nearest: bool = False) -> np.ndarray:
