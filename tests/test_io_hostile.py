@@ -175,3 +175,9 @@ def test_a_non_finite_frame_count_is_corrupt_without_quoting_it():
     with pytest.raises(CorruptFileError, match="unreadable image size") as caught:
         read_image(data)
     assert "inf" not in str(caught.value)
+
+
+def test_a_4d_nifti_of_rgb_voxels_is_refused():
+    rgb = np.zeros((10, 10, 10, 2), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    with pytest.raises(UnsupportedFormatError, match="4D NIfTI of 3-component voxels; expected scalar"):
+        read_image(nib.Nifti1Image(rgb, np.eye(4)).to_bytes())

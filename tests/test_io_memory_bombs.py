@@ -18,7 +18,7 @@ from hub.io import ReadLimits, read_image
 from hub.io import dicom as dicom_module
 from hub.io import read as read_module
 from hub.io.declared import declared_volume
-from hub.processing import MedicalImageProcessor, spatial
+from hub.processing import MedicalImageProcessor, spatial, tiling
 from hub.processing.intensity import apply_intensity, normalize_spec
 
 
@@ -313,3 +313,13 @@ def test_a_multiframe_dicom_whose_tiles_are_over_the_budget_is_refused_before_gd
     with pytest.raises(LimitExceededError, match=r"tiles of a \(10, 64, 64\) volume .* 921600 bytes, over the limit"):
         processor.tile(path, limits=ReadLimits(max_array_bytes=921_599))
     assert attempts == []
+
+
+def test_tiles_are_counted_not_listed_before_the_budget_refuses_them(tmp_path, monkeypatch):
+    """1 x 32767 x 2400 voxels (343 KB as .nii.gz) in 8^3 tiles at overlap 0.5 are 4.9 million tiles: listing their
+    starts took 2.5 s and 1.2 GB before the check; they are counted."""
+    data = _nifti_gz(tmp_path / "thin.nii.gz", (2400, 32767, 1), (1.0, 1.0, 1.0))
+    processor = MedicalImageProcessor(modality="ct", spatial_dims=3, in_channels=1, size=8, intensity="none")
+    monkeypatch.setattr(tiling, "plan_tiles", lambda *args: pytest.fail("the tiles were listed"))
+    with pytest.raises(LimitExceededError, match=r"4906409x1x8x8x8 values"):
+        processor.tile(data)

@@ -3,7 +3,7 @@ import pytest
 import SimpleITK as sitk
 
 from hub.processing import MedicalImageProcessor, extract_tiles, plan_tiles, stitch_tiles
-from hub.processing.tiling import tile_weight
+from hub.processing.tiling import count_tiles, tile_weight
 
 
 def test_plan_covers_every_voxel_with_the_requested_overlap():
@@ -76,3 +76,22 @@ def test_sliding_window_with_resampling_returns_to_the_input_grid():
     inner = (slice(0, 9), slice(1, 23), slice(1, 23))  # linear data: exact away from the far edges
     np.testing.assert_allclose(logits[0][inner], volume[inner], atol=1e-3)
     np.testing.assert_allclose(logits[1][inner], -volume[inner], atol=1e-3)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.9])
+def test_counted_tiles_are_the_planned_tiles(overlap):
+    for shape in [(1, 1, 1), (8, 8, 8), (9, 17, 33), (3, 100, 7), (64, 1, 250)]:
+        for patch in [(8, 8, 8), (4, 16, 2), (1, 1, 1)]:
+            assert count_tiles(shape, patch, overlap) == len(plan_tiles(shape, patch, overlap)), (shape, patch)
+
+
+def test_a_volume_resampled_to_one_slice_stays_a_volume():
+    """Two 1 mm slices resampled to 3 mm are one slice: still a volume, tiled and mapped back onto both slices."""
+    volume = np.full((2, 20, 20), 5.0, np.float32)
+    processor = MedicalImageProcessor(
+        modality="ct", spatial_dims=3, in_channels=1, intensity="none", target_spacing=[3.0, 1.0, 1.0], size=[8, 8, 8]
+    )
+    tiled = processor.tile(volume)
+    assert tiled.plan.shape == (1, 20, 20) and tiled.tiles.shape == (16, 1, 8, 8, 8)
+    logits, _ = processor.predict(volume, lambda batch: batch)
+    assert logits.shape == (1, 2, 20, 20) and np.all(logits[0, :, 1:19, 1:19] == 5.0)

@@ -89,17 +89,23 @@ class MedicalImage:
 
     @classmethod
     def from_sitk(
-        cls, image: sitk.Image | sitk.ImageFileReader, array: np.ndarray | None = None, **facts: Any
+        cls,
+        image: sitk.Image | sitk.ImageFileReader,
+        array: np.ndarray | None = None,
+        *,
+        keep_volume: bool = False,
+        **facts: Any,
     ) -> MedicalImage:
-        """Wrap a SimpleITK image, dropping a trailing singleton z axis of 2D slices. `image` may instead be a
-        reader after ``ReadImageInformation()``, with the pixels, in SimpleITK's (z, y, x) order, in `array`."""
+        """Wrap a SimpleITK image, dropping a trailing singleton z axis of 2D slices unless ``keep_volume`` (a
+        volume resampled to one slice stays a volume). `image` may instead be a reader after
+        ``ReadImageInformation()``, with the pixels, in SimpleITK's (z, y, x) order, in `array`."""
         dims = image.GetDimension()
         if dims not in (2, 3):
             raise ValueError(f"SimpleITK image of dimension {dims} is not 2D or 3D")
         if array is None:
             array = sitk.GetArrayFromImage(image)
         spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
-        if dims == 3 and image.GetSize()[2] == 1:
+        if dims == 3 and image.GetSize()[2] == 1 and not keep_volume:
             array = array[0]
             dims = 2
             spacing, origin = spacing[:2], origin[:2]

@@ -156,6 +156,11 @@ def read_nifti_file(path: str, source: str) -> MedicalImage:
         raise CorruptFileError(f"{source} could not be decoded as NIfTI ({reason})") from exc
     facts = {"modality": None, "photometric": MONOCHROME2, "bit_depth": None, "meta": {"format": "nifti"}}
     if image.GetDimension() == 4:
+        if image.GetNumberOfComponentsPerPixel() > 1:
+            raise UnsupportedFormatError(
+                f"{source} is a 4D NIfTI of {image.GetNumberOfComponentsPerPixel()}-component voxels; expected scalar "
+                "voxels in a 4D NIfTI (its 4th axis becomes the channels)"
+            )
         array = np.moveaxis(sitk.GetArrayFromImage(image), 0, -1)
         direction = np.asarray(image.GetDirection()).reshape(4, 4)[:3, :3].ravel()
         if array.shape[-1] == 1:

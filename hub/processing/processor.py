@@ -254,6 +254,7 @@ class MedicalImageProcessor(BaseImageProcessor):
         )
         after = MedicalImage.from_sitk(
             moved,
+            keep_volume=True,
             modality=image.modality,
             photometric=image.photometric,
             bit_depth=image.bit_depth,
@@ -277,10 +278,8 @@ class MedicalImageProcessor(BaseImageProcessor):
         limits.check_array(shape, 4, f"the float32 copy of a {shape} volume")
 
     def _check_tiles(self, shape: tuple[int, ...], limits: ReadLimits) -> None:
-        plan = tiling.plan_tiles(shape, tuple(self.size), self.tile_overlap)
-        limits.check_array(
-            (len(plan), self.in_channels, *plan.patch), 4, f"the sliding-window tiles of a {shape} volume"
-        )
+        count = tiling.count_tiles(shape, tuple(self.size), self.tile_overlap)
+        limits.check_array((count, self.in_channels, *self.size), 4, f"the sliding-window tiles of a {shape} volume")
 
     def _model_channels(self, values: np.ndarray) -> np.ndarray:
         """Channel policy, then ``image_mean``/``image_std``; done after resizing, on the fewest pixels."""
