@@ -96,13 +96,14 @@ class ServedModel:
         chunks = [run(pixel_values[i : i + TILE_BATCH]) for i in range(0, len(pixel_values), TILE_BATCH)]
         return [np.concatenate(parts) for parts in zip(*chunks)]
 
-    def _image(self, data: ImageSource, limits: ReadLimits, tiled: bool = False) -> MedicalImage:
+    def _image(self, data: ImageSource, limits: ReadLimits, dense: bool = False) -> MedicalImage:
         """The upload, refused from its header where that can tell (a volume for a 2D model, or one whose
-        float32 copy or, with ``tiled``, sliding-window tiles would exceed ``limits``) before it is decoded."""
+        float32 copy or, for a ``dense`` route over the whole volume, sliding-window tiles would exceed
+        ``limits``) before it is decoded."""
 
         def inspect(declared: DeclaredVolume) -> None:
             self._check_dims(3)
-            self.processor.check_declared(declared, limits, tiled)
+            self.processor.check_declared(declared, limits, dense and self.processor.tiles_volumes)
 
         image = read_image(data, limits, inspect)
         self._check_dims(image.spatial_dims)
@@ -122,7 +123,7 @@ class ServedModel:
             pool_tiles(output)
             for output in self._run(
                 "features",
-                model_inputs(self.processor, self._image(data, limits, self.processor.tiles_volumes), limits),
+                model_inputs(self.processor, self._image(data, limits, dense=True), limits),
             )
         ]
         result: dict[str, Any] = {"embedding": outputs[0], "dim": int(outputs[0].shape[0])}
@@ -163,7 +164,7 @@ class ServedModel:
         self, data: ImageSource, limits: ReadLimits, deadline: float | None = None
     ) -> tuple[np.ndarray, MedicalImage]:
         """Labels on the input's grid: argmax over classes (foreground > 0 for a single-channel head)."""
-        image = self._image(data, limits, self.processor.tiles_volumes)
+        image = self._image(data, limits, dense=True)
         logits, image = self.processor.predict(image, self._dense(deadline), limits=limits)
         return label_mask(logits), image
 
@@ -174,7 +175,7 @@ class ServedModel:
     def segmentation_dicom(self, data: ImageSource, limits: ReadLimits, deadline: float | None = None) -> bytes:
         """A DICOM SEG of the input's mask (binary; fractional probabilities where the repo's config says
         `"dicom_seg_type": "fractional"`, with coded concepts from its `label_codes`)."""
-        image = self._image(data, limits, self.processor.tiles_volumes)
+        image = self._image(data, limits, dense=True)
         logits, image = self.processor.predict(image, self._dense(deadline), limits=limits)
         if logits.shape[0] == 1:
             foreground = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypedDict
 
 import numpy as np
@@ -330,10 +331,7 @@ class MedicalImageProcessor(BaseImageProcessor):
         tiles' bytes are checked against ``limits.max_array_bytes`` before the intensity steps or the tiles run (from
         the header, before decoding, where the reader can tell the volume's grid from it)."""
         image = self._read(source, limits, tiled=True)
-
-        def check_tiles(shape: tuple[int, ...]) -> None:  # before the resampling runs, from its output size
-            self._check_tiles(shape, limits or DEFAULT_LIMITS)
-
+        check_tiles = partial(self._check_tiles, limits=limits or DEFAULT_LIMITS)  # told the size before resampling
         moved, input_grid, processed_grid = self._resampled(image, limits, check_tiles)
         plan = tiling.plan_tiles(moved.spatial_shape, tuple(self.size), self.tile_overlap)
         whole = self._whole(image, moved, input_grid, processed_grid, limits)

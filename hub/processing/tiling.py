@@ -27,13 +27,13 @@ class TilingPlan:
         return len(self.starts)
 
 
-def _step(patch: int, overlap: float) -> int:
-    return max(1, int(patch * (1.0 - overlap)))
+def _axis_range(length: int, patch: int, overlap: float) -> range:
+    """The regular starts along one axis; a last tile ending at ``length`` is added where they stop short of it."""
+    return range(0, length - patch + 1, max(1, int(patch * (1.0 - overlap))))
 
 
 def _axis_starts(length: int, patch: int, overlap: float) -> list[int]:
-    step = _step(patch, overlap)
-    starts = list(range(0, length - patch + 1, step))
+    starts = list(_axis_range(length, patch, overlap))
     if starts[-1] != length - patch:
         starts.append(length - patch)
     return starts
@@ -44,8 +44,8 @@ def count_tiles(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float =
     millions of tile starts (a 1 x 32767 x 2400 volume in 8^3 tiles has 4.9 million)."""
     count = 1
     for length, p in zip(_padded(shape, patch, overlap), patch):
-        step = _step(p, overlap)
-        count *= (length - p) // step + 1 + ((length - p) % step != 0)
+        starts = _axis_range(length, p, overlap)  # a range's length is arithmetic: nothing is listed
+        count *= len(starts) + (starts[-1] != length - p)
     return count
 
 
